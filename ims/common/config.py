@@ -1,0 +1,228 @@
+"""BMI configuration: INI file as the original (``BMI_CONFIG`` or /etc/bmi/bmiconfig.cfg).
+
+Sections ``[bmi] [db] [fs] [iscsi] [net_isolator] [rpc] [tftp] [rest_api] [logs]``.
+Every key has a default except the site-specific ones (``[bmi] uid``,
+``[net_isolator] url``, ``[iscsi] ip``).  Path keys do not need a trailing ``/``.
+A missing or invalid value raises :class:`ConfigError` naming file, section and key.
+"""
+from __future__ import annotations
+
+import configparser
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from ims.common.errors import ConfigError
+
+DEFAULT_LOCATION = "/etc/bmi/bmiconfig.cfg"
+ENV_VAR = "BMI_CONFIG"
+
+_REQUIRED = object()
+
+# section -> key -> (type, default).  type is one of str, int, float, bool, "list", "path".
+SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
+    "bmi": {
+        "uid": (str, _REQUIRED),
+        "snapshot": (str, "snapshot"),
+        "service": (bool, False),
+        "admin_users": ("list", []),
+        "lock_dir": ("path", "/var/lib/bmi/locks"),
+    },
+    "db": {
+        # ``url`` wins; ``path`` is the original's key (an SQLite file).
+        "url": (str, ""),
+        "path": ("path", "/var/lib/bmi/bmi.db"),
+        "busy_timeout_ms": (int, 30000),
+    },
+    "fs": {
+        "driver": (str, "ceph"),
+        "id": (str, "admin"),
+        "pool": (str, "rbd"),
+        "conf_file": ("path", "/etc/ceph/ceph.conf"),
+        "keyring": ("path", ""),
+        "path": ("path", "/var/lib/bmi/images"),  # file driver
+    },
+    "iscsi": {
+        "driver": (str, "tgt"),
+        "ip": (str, _REQUIRED),
+        "port": (int, 3260),
+        "lun": (int, 1),
+        "iqn_prefix": (str, "iqn.2017-10.org.moc.bmi:"),
+        "initiator_iqn_prefix": (str, "iqn.2017-10.org.moc.bmi.node:"),
+        # "node": bind each target to its node's own initiator name (set in the node's
+        # iPXE script); "ALL": any initiator; else a comma list of addresses/CIDRs.
+        "initiator_address": (str, "node"),
+        "conf_dir": ("path", "/etc/tgt/conf.d"),
+        "control_port": (int, 0),
+        "tgtadm": (str, "tgtadm"),
+        "timeout": (float, 30.0),
+    },
+    "net_isolator": {
+        "driver": (str, "hil"),
+        "url": (str, _REQUIRED),
+        "timeout": (float, 10.0),
+        "action_timeout": (float, 60.0),
+        "channel": (str, "vlan/native"),
+        "auth_cache_seconds": (float, 30.0),
+    },
+    "rpc": {
+        "name_server_ip": (str, "127.0.0.1"),
+        "name_server_port": (int, 10000),
+        "rpc_server_ip": (str, "127.0.0.1"),
+        "rpc_server_port": (int, 10001),
+        "workers": (int, 2),
+        "hmac_key": (str, ""),
+        "insecure": (bool, False),
+        "timeout": (float, 600.0),
+    },
+    "tftp": {
+        "pxelinux_path": ("path", "/var/lib/tftpboot/pxelinux.cfg"),
+        "ipxe_path": ("path", "/var/lib/tftpboot"),
+        "boot_interface": (str, "net0"),
+        "leases_file": ("path", "/var/lib/misc/dnsmasq.leases"),
+    },
+    "rest_api": {
+        "ip": (str, "127.0.0.1"),
+        "port": (int, 9000),
+        "threads": (int, 8),
+    },
+    "logs": {
+        "path": ("path", "/var/log/bmi"),
+        "debug": (bool, False),
+        "verbose": (bool, False),
+    },
+}
+
+
+@dataclass
+class Section:
+    name: str
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self.__dict__["values"][key]
+        except KeyError:
+            raise AttributeError(f"no option {key!r} in section [{self.__dict__['name']}]") from None
+
+
+class BMIConfig:
+    """Parsed configuration; ``cfg.iscsi.ip`` style access."""
+
+    def __init__(self, path: str, sections: dict[str, Section]) -> None:
+        self.path = path
+        self._sections = sections
+
+    def __getattr__(self, name: str) -> Section:
+        try:
+            return self.__dict__["_sections"][name]
+        except KeyError:
+            raise AttributeError(f"no section [{name}]") from None
+
+    def section(self, name: str) -> Section:
+        return self._sections[name]
+
+    @property
+    def db_url(self) -> str:
+        return self.db.url or f"sqlite:///{self.db.path}"
+
+
+def _convert(path: str, section: str, key: str, kind: Any, raw: str) -> Any:
+    raw = raw.strip()
+    try:
+        if kind is bool:
+            low = raw.lower()
+            if low in ("true", "yes", "on", "1"):
+                return True
+            if low in ("false", "no", "off", "0"):
+                return False
+            raise ValueError("expected true or false")
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        if kind == "list":
+            return [item.strip() for item in raw.split(",") if item.strip()]
+        if kind == "path":
+            return raw.rstrip("/") if raw not in ("", "/") else raw
+        return raw
+    except ValueError as exc:
+        raise ConfigError(f"{path}: invalid value {raw!r} for [{section}] {key}: {exc}") from None
+
+
+def parse(path: str, text: str | None = None) -> BMIConfig:
+    """Parse a config file (or ``text``) into a :class:`BMIConfig`."""
+    parser = configparser.ConfigParser(interpolation=None)
+    if text is None:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                parser.read_file(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"cannot load config file {path}: file not found "
+                              f"(set {ENV_VAR} or create {DEFAULT_LOCATION})") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot load config file {path}: {exc.strerror}") from None
+        except configparser.Error as exc:
+            raise ConfigError(f"cannot parse config file {path}: {exc}") from None
+    else:
+        try:
+            parser.read_string(text)
+        except configparser.Error as exc:
+            raise ConfigError(f"cannot parse config file {path}: {exc}") from None
+    sections: dict[str, Section] = {}
+    for sec_name, keys in SCHEMA.items():
+        values: dict[str, Any] = {}
+        for key, (kind, default) in keys.items():
+            if parser.has_option(sec_name, key):
+                values[key] = _convert(path, sec_name, key, kind, parser.get(sec_name, key))
+            elif default is _REQUIRED:
+                raise ConfigError(f"{path}: missing required option '{key}' in section [{sec_name}]")
+            else:
+                values[key] = default
+        sections[sec_name] = Section(sec_name, values)
+    # Unknown sections (e.g. [tests]) are kept as plain strings.
+    for sec_name in parser.sections():
+        if sec_name not in SCHEMA:
+            sections[sec_name] = Section(sec_name, dict(parser.items(sec_name)))
+        else:
+            for key, value in parser.items(sec_name):
+                sections[sec_name].values.setdefault(key, value)
+    cfg = BMIConfig(path, sections)
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: BMIConfig) -> None:
+    from ims.common.names import NAME_RE
+
+    if not NAME_RE.match(cfg.bmi.uid) or "img" in cfg.bmi.uid:
+        raise ConfigError(f"{cfg.path}: invalid value {cfg.bmi.uid!r} for [bmi] uid: "
+                          "use letters and digits only, without the word 'img'")
+    if not NAME_RE.match(cfg.bmi.snapshot):
+        raise ConfigError(f"{cfg.path}: invalid value {cfg.bmi.snapshot!r} for [bmi] snapshot")
+    if cfg.fs.driver not in ("ceph", "file"):
+        raise ConfigError(f"{cfg.path}: invalid value {cfg.fs.driver!r} for [fs] driver: use ceph or file")
+    if cfg.iscsi.driver not in ("tgt",):
+        raise ConfigError(f"{cfg.path}: invalid value {cfg.iscsi.driver!r} for [iscsi] driver: use tgt")
+    if cfg.net_isolator.driver not in ("hil",):
+        raise ConfigError(f"{cfg.path}: invalid value {cfg.net_isolator.driver!r} for [net_isolator] driver")
+    if not 0 < cfg.iscsi.lun < 256:
+        raise ConfigError(f"{cfg.path}: invalid value {cfg.iscsi.lun} for [iscsi] lun: use 1-255 "
+                          "(LUN 0 is tgt's controller)")
+    if cfg.rpc.workers < 1:
+        raise ConfigError(f"{cfg.path}: invalid value {cfg.rpc.workers} for [rpc] workers")
+
+
+def config_path() -> str:
+    return os.environ.get(ENV_VAR) or DEFAULT_LOCATION
+
+
+_CACHED: BMIConfig | None = None
+
+
+def load(force: bool = False, path: str | None = None) -> BMIConfig:
+    """Load (once per process) the config from ``path``, ``$BMI_CONFIG`` or the default."""
+    global _CACHED
+    if _CACHED is None or force or path is not None:
+        _CACHED = parse(path or config_path())
+    return _CACHED

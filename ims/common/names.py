@@ -1,0 +1,49 @@
+"""Allow-list validation of every name before it reaches a path, a file, a command or Ceph."""
+from __future__ import annotations
+
+import re
+
+from ims.common.errors import InvalidInput, InvalidName
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MAC_RE = re.compile(r"^[0-9a-f]{2}([:-])[0-9a-f]{2}(\1[0-9a-f]{2}){4}$")
+# iSCSI qualified names: iqn.yyyy-mm.reverse.domain[:anything-safe]
+IQN_PREFIX_RE = re.compile(r"^(iqn\.\d{4}-\d{2}\.[a-z0-9.-]+[:.]?)?$")
+
+KINDS = ("project", "node", "image", "snapshot", "network", "nic", "disk", "user")
+
+
+def validate_name(value: object, kind: str = "name") -> str:
+    """Return ``value`` if it is an acceptable BMI name, else raise InvalidName (400).
+
+    Allowed: 1-64 characters of ``A-Z a-z 0-9 . _ -``, starting with a letter or digit.
+    That rules out path separators, ``..`` as a whole name, whitespace, newlines and
+    every shell or PXE-file metacharacter.
+    """
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        shown = repr(value) if isinstance(value, str) and len(value) <= 80 else f"<{type(value).__name__}>"
+        raise InvalidName(
+            f"invalid {kind} name {shown}: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit")
+    return value
+
+
+def validate_names(**kwargs: object) -> None:
+    """validate_names(project=p, node=n) validates each value as that kind."""
+    for kind, value in kwargs.items():
+        validate_name(value, kind)
+
+
+def normalize_mac(value: object) -> str:
+    """Lower-case, colon-separated MAC address, or InvalidInput (400)."""
+    if not isinstance(value, str):
+        raise InvalidInput("invalid MAC address")
+    mac = value.strip().lower()
+    if not MAC_RE.match(mac):
+        raise InvalidInput(f"invalid MAC address {value!r}")
+    return mac.replace("-", ":")
+
+
+def pxe_mac_filename(mac: str) -> str:
+    """PXELINUX per-MAC file name: ``01-aa-bb-cc-dd-ee-ff`` (ARP type 1, lower case)."""
+    return "01-" + normalize_mac(mac).replace(":", "-")

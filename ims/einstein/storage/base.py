@@ -1,0 +1,108 @@
+"""The storage driver interface.
+
+Image and snapshot names given to a driver have already been validated by
+``ims.common.names`` (the operations layer does that); drivers may still assert.
+
+Error contract (every driver):
+  * ImageNotFound / SnapshotNotFound (404) - the image or snapshot does not exist
+  * ImageExists / SnapshotExists (409)     - the name is taken
+  * ImageBusy (409)                        - has snapshots, clones, watchers, or snapshot protected
+  * StorageError (503)                     - the back-end failed or cannot be reached
+Messages name the driver-level image; the operations layer rewrites them into
+BMI names before they reach a user.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Backing:
+    """How an iSCSI target reaches an image: tgt ``bs-type``, ``backing-store`` and ``bsopts``."""
+
+    bstype: str            # "rbd" or "rdwr"
+    path: str              # "pool/image" or an absolute file path
+    bsopts: str | None = None  # e.g. "conf=/etc/ceph/ceph.conf;id=admin"
+
+
+class Storage(abc.ABC):
+    """A pool of block images with snapshots, protection, copy-on-write clones and flatten."""
+
+    name: str = "base"
+
+    # --- images ---------------------------------------------------------------
+    @abc.abstractmethod
+    def list_images(self) -> list[str]:
+        """Names of all images in the pool."""
+
+    @abc.abstractmethod
+    def image_exists(self, image: str) -> bool: ...
+
+    @abc.abstractmethod
+    def create_image(self, image: str, size: int) -> None:
+        """Create an empty (sparse) image of ``size`` bytes. :raises ImageExists:"""
+
+    @abc.abstractmethod
+    def remove_image(self, image: str) -> None:
+        """Delete an image. :raises ImageNotFound: :raises ImageBusy: if it has snapshots or watchers."""
+
+    @abc.abstractmethod
+    def image_size(self, image: str) -> int: ...
+
+    @abc.abstractmethod
+    def read(self, image: str, offset: int, length: int) -> bytes: ...
+
+    @abc.abstractmethod
+    def write(self, image: str, offset: int, data: bytes) -> None: ...
+
+    # --- snapshots ------------------------------------------------------------
+    @abc.abstractmethod
+    def list_snapshots(self, image: str) -> list[str]: ...
+
+    @abc.abstractmethod
+    def create_snapshot(self, image: str, snap: str) -> None:
+        """:raises SnapshotExists: :raises ImageNotFound:"""
+
+    @abc.abstractmethod
+    def remove_snapshot(self, image: str, snap: str) -> None:
+        """:raises SnapshotNotFound: :raises ImageBusy: if protected."""
+
+    @abc.abstractmethod
+    def protect_snapshot(self, image: str, snap: str) -> None:
+        """Idempotent. :raises SnapshotNotFound:"""
+
+    @abc.abstractmethod
+    def unprotect_snapshot(self, image: str, snap: str) -> None:
+        """Idempotent. :raises SnapshotNotFound: :raises ImageBusy: if it has clones."""
+
+    @abc.abstractmethod
+    def is_protected(self, image: str, snap: str) -> bool: ...
+
+    # --- clones ---------------------------------------------------------------
+    @abc.abstractmethod
+    def clone(self, parent: str, snap: str, child: str) -> None:
+        """Copy-on-write clone of ``parent@snap`` (must be protected) as ``child``.
+
+        :raises ImageNotFound: :raises SnapshotNotFound: :raises ImageExists:
+        :raises ImageBusy: if the snapshot is not protected.
+        """
+
+    @abc.abstractmethod
+    def list_children(self, image: str, snap: str) -> list[str]: ...
+
+    @abc.abstractmethod
+    def parent_info(self, image: str) -> tuple[str, str] | None:
+        """``(parent_image, parent_snap)`` for a clone that is not flattened, else None."""
+
+    @abc.abstractmethod
+    def flatten(self, image: str) -> None:
+        """Make a clone independent of its parent (no-op for a non-clone)."""
+
+    # --- export ---------------------------------------------------------------
+    @abc.abstractmethod
+    def backing(self, image: str) -> Backing:
+        """How tgt should export ``image``."""
+
+    def close(self) -> None:
+        """Release connections (called at process exit)."""
