@@ -195,10 +195,10 @@ def parse(path: str, text: str | None = None) -> BMIConfig:
 def _validate(cfg: BMIConfig) -> None:
     from ims.common.names import NAME_RE
 
-    if not NAME_RE.match(cfg.bmi.uid) or "img" in cfg.bmi.uid:
+    if not NAME_RE.fullmatch(cfg.bmi.uid) or "img" in cfg.bmi.uid:
         raise ConfigError(f"{cfg.path}: invalid value {cfg.bmi.uid!r} for [bmi] uid: "
                           "use letters and digits only, without the word 'img'")
-    if not NAME_RE.match(cfg.bmi.snapshot):
+    if not NAME_RE.fullmatch(cfg.bmi.snapshot):
         raise ConfigError(f"{cfg.path}: invalid value {cfg.bmi.snapshot!r} for [bmi] snapshot")
     if cfg.fs.driver not in ("ceph", "file"):
         raise ConfigError(f"{cfg.path}: invalid value {cfg.fs.driver!r} for [fs] driver: use ceph or file")

@@ -20,7 +20,7 @@ def validate_name(value: object, kind: str = "name") -> str:
     That rules out path separators, ``..`` as a whole name, whitespace, newlines and
     every shell or PXE-file metacharacter.
     """
-    if not isinstance(value, str) or not NAME_RE.match(value):
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
         shown = repr(value) if isinstance(value, str) and len(value) <= 80 else f"<{type(value).__name__}>"
         raise InvalidName(
             f"invalid {kind} name {shown}: use 1-64 letters, digits, '.', '_' or '-', "
@@ -39,7 +39,7 @@ def normalize_mac(value: object) -> str:
     if not isinstance(value, str):
         raise InvalidInput("invalid MAC address")
     mac = value.strip().lower()
-    if not MAC_RE.match(mac):
+    if not MAC_RE.fullmatch(mac):
         raise InvalidInput(f"invalid MAC address {value!r}")
     return mac.replace("-", ":")
 

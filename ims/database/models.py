@@ -1,0 +1,97 @@
+"""BMI's tables.
+
+``project`` and ``image`` are the original's (Id, Name, Project, Public, Snapshot,
+Parent; unique (project, name)); ids are AUTOINCREMENT so a deleted id is never
+handed out again and Ceph names ``<uid>img<id>`` never collide.  ``provision``
+records which node boots which clone (MAC, NIC, network) so deprovision and
+reconcile never depend on HIL still knowing the node.  ``operation`` is the
+journal and ``lock`` holds per-node / per-image locks across processes.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (Boolean, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Project(Base):
+    __tablename__ = "project"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    provision_network: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+    images: Mapped[list[Image]] = relationship(back_populates="project")
+
+
+class Image(Base):
+    __tablename__ = "image"
+    __table_args__ = (
+        UniqueConstraint("project_id", "name", name="_project_id_image_name_unique_constraint"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), nullable=False)
+    is_public: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    is_snapshot: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    project_id: Mapped[int] = mapped_column(ForeignKey("project.id"), nullable=False)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("image.id", ondelete="SET NULL"), nullable=True)
+    # "golden" (import/copy), "node" (guide's provision clone), "disk" (split API clone), "snapshot"
+    kind: Mapped[str] = mapped_column(String(16), nullable=False, default="golden")
+
+    project: Mapped[Project] = relationship(back_populates="images")
+    parent: Mapped[Image | None] = relationship(remote_side="Image.id", back_populates="children")
+    children: Mapped[list[Image]] = relationship(back_populates="parent")
+
+
+class Provision(Base):
+    """A node that boots from a clone (a 'node' row in the guide's mode, a 'disk' in the split API)."""
+
+    __tablename__ = "provision"
+
+    node: Mapped[str] = mapped_column(String(64), primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("project.id"), nullable=False)
+    image_id: Mapped[int] = mapped_column(ForeignKey("image.id"), nullable=False)
+    nic: Mapped[str] = mapped_column(String(64), nullable=False)
+    mac: Mapped[str] = mapped_column(String(17), nullable=False)
+    network: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Operation(Base):
+    """Journal of a multi-step operation: its completed steps and how to undo them."""
+
+    __tablename__ = "operation"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(32), nullable=False)
+    args: Mapped[str] = mapped_column(Text, nullable=False, default="{}")       # JSON
+    steps: Mapped[str] = mapped_column(Text, nullable=False, default="[]")      # JSON list
+    # running -> done | rolled_back | rolled_forward | failed
+    state: Mapped[str] = mapped_column(String(16), nullable=False, default="running")
+    committed: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    owner: Mapped[str] = mapped_column(String(128), nullable=False)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class Lock(Base):
+    __tablename__ = "lock"
+
+    name: Mapped[str] = mapped_column(String(160), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128), nullable=False)
+    purpose: Mapped[str] = mapped_column(String(64), nullable=False)
+    acquired_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

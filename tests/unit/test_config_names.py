@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import pytest
+
+from ims.common import config, names
+from ims.common.errors import ConfigError, InvalidInput, InvalidName
+
+MINIMAL = """
+[bmi]
+uid = 5
+[iscsi]
+ip = 10.0.0.1
+[net_isolator]
+url = http://127.0.0.1:7000
+"""
+
+
+def test_defaults_fill_everything_but_site_values():
+    cfg = config.parse("x.cfg", MINIMAL)
+    assert cfg.bmi.uid == "5"
+    assert cfg.bmi.snapshot == "snapshot"
+    assert cfg.iscsi.port == 3260 and cfg.iscsi.lun == 1
+    assert cfg.tftp.boot_interface == "net0"
+    assert cfg.rpc.workers == 2
+    assert cfg.db_url == "sqlite:////var/lib/bmi/bmi.db"
+
+
+@pytest.mark.parametrize("section,key", [("bmi", "uid"), ("iscsi", "ip"), ("net_isolator", "url")])
+def test_missing_required_key_names_file_section_and_key(section, key):
+    text = "\n".join(line for line in MINIMAL.splitlines() if not line.startswith(key + " ="))
+    with pytest.raises(ConfigError) as err:
+        config.parse("/etc/bmi/site.cfg", text)
+    msg = str(err.value)
+    assert "/etc/bmi/site.cfg" in msg and f"[{section}]" in msg and f"'{key}'" in msg
+
+
+def test_invalid_values_are_reported():
+    with pytest.raises(ConfigError, match=r"\[logs\] debug"):
+        config.parse("c", MINIMAL + "[logs]\ndebug = maybe\n")
+    with pytest.raises(ConfigError, match=r"\[iscsi\] port"):
+        config.parse("c", MINIMAL.replace("ip = 10.0.0.1", "ip = 10.0.0.1\nport = many"))
+    with pytest.raises(ConfigError, match="lun"):
+        config.parse("c", MINIMAL.replace("ip = 10.0.0.1", "ip = 10.0.0.1\nlun = 0"))
+    with pytest.raises(ConfigError, match="driver"):
+        config.parse("c", MINIMAL + "[fs]\ndriver = nfs\n")
+    with pytest.raises(ConfigError, match="uid"):
+        config.parse("c", MINIMAL.replace("uid = 5", "uid = ../x"))
+
+
+def test_paths_do_not_need_trailing_slash_and_missing_file_is_clear(tmp_path):
+    cfg = config.parse("c", MINIMAL + "[tftp]\nipxe_path = /srv/tftp/\npxelinux_path = /srv/tftp/pxelinux.cfg\n")
+    assert cfg.tftp.ipxe_path == "/srv/tftp"
+    with pytest.raises(ConfigError, match="not found"):
+        config.parse(str(tmp_path / "nope.cfg"))
+
+
+def test_load_uses_env(tmp_path, monkeypatch):
+    path = tmp_path / "bmi.cfg"
+    path.write_text(MINIMAL)
+    monkeypatch.setenv("BMI_CONFIG", str(path))
+    assert config.load(force=True).path == str(path)
+
+
+@pytest.mark.parametrize("good", ["bmi_infra", "cirros-0.3.0-x86_64-disk.img", "a", "A9._-", "x" * 64])
+def test_good_names(good):
+    assert names.validate_name(good, "image") == good
+
+
+@pytest.mark.parametrize("bad", ["", "../etc", "a/b", "a b", "a\nb", ".hidden", "-x", "x" * 65, "a;b", "a$b",
+                                 "`x`", "ü", "trailing\n", None, 5])
+def test_bad_names_are_refused(bad):
+    with pytest.raises(InvalidName) as err:
+        names.validate_name(bad, "node")
+    assert err.value.status == 400 and "invalid node name" in str(err.value)
+
+
+def test_mac_normalization():
+    assert names.normalize_mac("52:54:00:AA:bb:01") == "52:54:00:aa:bb:01"
+    assert names.normalize_mac("52-54-00-AA-BB-01") == "52:54:00:aa:bb:01"
+    assert names.pxe_mac_filename("52:54:00:AA:BB:01") == "01-52-54-00-aa-bb-01"
+    for bad in ("52:54:00:aa:bb", "52:54:00:aa:bb:zz", "52:54-00:aa:bb:01", "x"):
+        with pytest.raises(InvalidInput):
+            names.normalize_mac(bad)

@@ -1,0 +1,451 @@
+"""Operations against in-memory drivers: the guide's workflow, every error path, fault injection at every
+step, crash recovery and locks.  The same scenarios run against real Ceph/tgt in tests/integration."""
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import pytest
+from sqlalchemy import select
+
+from ims.common import config
+from ims.common.errors import BMIError, NodeBusy
+from ims.database.models import Image, Operation, Provision
+from ims.einstein.boot import BootFiles
+from ims.einstein.operations import Operations
+from tests.support.fakes import FakeHIL, FakeIscsi, FakeStorage
+
+UID = "112233445566778899"
+USER = {"username": "haas", "password": "secret"}
+ADMIN = {"username": "haasadmin", "password": "admin1234"}
+OTHER = {"username": "tenant2", "password": "secret2"}
+MAC = "52:54:00:AA:BB:01"
+
+
+class Env:
+    def __init__(self, tmp_path):
+        tftp = tmp_path / "tftp"
+        (tftp / "pxelinux.cfg").mkdir(parents=True)
+        text = f"""
+[bmi]
+uid = {UID}
+admin_users = haasadmin
+[db]
+path = {tmp_path}/bmi.db
+[iscsi]
+ip = 10.77.0.1
+[net_isolator]
+url = http://127.0.0.1:1
+auth_cache_seconds = 0
+[tftp]
+pxelinux_path = {tftp}/pxelinux.cfg
+ipxe_path = {tftp}
+leases_file = {tmp_path}/leases
+"""
+        self.cfg = config.parse("test.cfg", text)
+        self.tftp = tftp
+        self.storage = FakeStorage()
+        self.iscsi = FakeIscsi()
+        self.hil = FakeHIL()
+        self.hil.add_user("haas", "secret", ["bmi_infra"])
+        self.hil.add_user("haasadmin", "admin1234", [], admin=True)
+        self.hil.add_user("tenant2", "secret2", ["other_project"])
+        self.hil.add_node("bmi_node", "bmi_infra", {"bmi_port": MAC, "other_port": "52:54:00:aa:bb:99"})
+        self.hil.add_node("node2", "bmi_infra", {"bmi_port": "52:54:00:aa:bb:02"})
+        self.hil.add_node("foreign", "other_project", {"eth0": "52:54:00:aa:bb:03"})
+        boot = BootFiles(self.cfg.tftp.pxelinux_path, self.cfg.tftp.ipxe_path, "10.77.0.1")
+        self.ops = Operations(self.cfg, self.storage, self.iscsi, boot, self.hil.client)
+        self.ops.create_project(ADMIN, "bmi_infra", "bmi_network")
+        self.ops.create_project(ADMIN, "other_project")
+        self.storage.create_image("bmi-test-image", 4096)
+        self.storage.write("bmi-test-image", 0, b"golden-bytes")
+        self.storage.create_image("cirros", 4096)
+
+    def state(self):
+        """Everything an operation may touch, as comparable plain data."""
+        with self.ops.journal.session() as s:
+            rows = sorted((r.id, r.name, r.project_id, r.parent_id, r.is_snapshot, r.kind)
+                          for r in s.scalars(select(Image)).all())
+            provs = sorted((p.node, p.mac) for p in s.scalars(select(Provision)).all())
+        imgs = {n: (bytes(i.data), sorted(i.snaps), sorted(i.protected), i.parent)
+                for n, i in self.storage.images.items()}
+        files = sorted(str(p.relative_to(self.tftp)) for p in self.tftp.rglob("*") if p.is_file())
+        nets = {(n, k): dict(v["networks"]) for n, d in self.hil.nodes.items() for k, v in d["nics"].items()}
+        return {"rows": rows, "provs": provs, "images": imgs, "targets": sorted(self.iscsi.targets),
+                "files": files, "nets": nets}
+
+
+@pytest.fixture
+def env(tmp_path):
+    e = Env(tmp_path)
+    yield e
+    e.ops.close()
+
+
+def ceph(i):
+    return f"{UID}img{i}"
+
+
+def test_guide_workflow(env):
+    ops = env.ops
+    ops.import_image(USER, "bmi_infra", "cirros")
+    ops.import_image(USER, "bmi_infra", "bmi-test-image")
+    # the golden source is untouched: no snapshot left on it, same bytes
+    assert env.storage.list_snapshots("bmi-test-image") == []
+    assert env.storage.read(ceph(2), 0, 12) == b"golden-bytes"
+    assert env.storage.parent_info(ceph(2)) is None  # flattened
+    assert env.storage.is_protected(ceph(2), "snapshot")
+    assert ops.list_images(USER, "bmi_infra") == ["cirros", "bmi-test-image"]
+    assert ops.db_list(USER) == [
+        [1, "cirros", "bmi_infra", ceph(1), False, False, ""],
+        [2, "bmi-test-image", "bmi_infra", ceph(2), False, False, ""],
+    ]
+
+    ops.provision(USER, "bmi_infra", "bmi_node", "bmi-test-image", "bmi_network", "bmi_port")
+    assert ops.db_list(USER)[2] == [3, "bmi_node", "bmi_infra", ceph(3), False, False, "bmi-test-image"]
+    assert env.storage.parent_info(ceph(3)) == (ceph(2), "snapshot")
+    target = env.iscsi.targets[ceph(3)]
+    assert target["names"] == ["iqn.2017-10.org.moc.bmi.node:bmi_node"] and target["initiators"] is None
+    ipxe = (env.tftp / "bmi_node.ipxe").read_text()
+    assert f"iscsi:10.77.0.1:tcp:3260:1:iqn.2017-10.org.moc.bmi:{ceph(3)}" in ipxe
+    pxe = (env.tftp / "pxelinux.cfg" / "01-52-54-00-aa-bb-01").read_text()
+    assert "INITRD bmi_node.ipxe" in pxe and "bmi-test-image" in pxe
+    assert env.hil.nodes["bmi_node"]["nics"]["bmi_port"]["networks"] == {"vlan/native": "bmi_network"}
+    assert ops.list_provisioned(USER, "bmi_infra") == [["bmi_node", "bmi-test-image"]]
+
+    ops.create_snapshot(USER, "bmi_infra", "bmi_node", "bmi-test-image-snapshot")
+    assert ops.db_list(USER)[3] == [4, "bmi-test-image-snapshot", "bmi_infra", ceph(4), False, True,
+                                    "bmi-test-image"]
+    assert env.storage.list_snapshots(ceph(3)) == []  # transient snapshot removed
+    assert env.storage.is_protected(ceph(4), "snapshot") and env.storage.parent_info(ceph(4)) is None
+    assert ops.list_snapshots(USER, "bmi_infra") == [["bmi-test-image-snapshot", "bmi-test-image"]]
+
+    ops.deprovision(USER, "bmi_infra", "bmi_node", "bmi_network", "bmi_port")
+    assert [r[0] for r in ops.db_list(USER)] == [1, 2, 4]
+    assert not env.storage.image_exists(ceph(3)) and env.iscsi.targets == {}
+    assert not (env.tftp / "bmi_node.ipxe").exists()
+    assert not (env.tftp / "pxelinux.cfg" / "01-52-54-00-aa-bb-01").exists()
+    assert env.hil.nodes["bmi_node"]["nics"]["bmi_port"]["networks"] == {}
+
+    ops.remove_image(USER, "bmi_infra", "bmi-test-image-snapshot")
+    ops.remove_image(USER, "bmi_infra", "bmi-test-image")
+    assert ops.db_list(USER) == [[1, "cirros", "bmi_infra", ceph(1), False, False, ""]]
+    assert sorted(env.storage.images) == sorted(["bmi-test-image", "cirros", ceph(1)])
+    # ids are never reused
+    ops.import_image(USER, "bmi_infra", "bmi-test-image")
+    assert ops.db_list(USER)[-1][0] == 5
+
+
+def test_provision_from_a_snapshot_and_split_api(env):
+    ops = env.ops
+    ops.import_image(USER, "bmi_infra", "bmi-test-image")
+    ops.provision(USER, "bmi_infra", "bmi_node", "bmi-test-image", "bmi_network", "bmi_port")
+    env.storage.write(ceph(2), 0, b"node-wrote")
+    ops.create_snapshot(USER, "bmi_infra", "bmi_node", "snap1")
+    ops.provision(USER, "bmi_infra", "node2", "snap1", "bmi_network", "bmi_port")
+    clone = ceph(4)
+    assert env.storage.read(clone, 0, 10) == b"node-wrote"
+    assert env.storage.read(ceph(1), 0, 12) == b"golden-bytes"  # golden stayed pristine
+    ops.deprovision(USER, "bmi_infra", "node2", "bmi_network", "bmi_port")
+    ops.deprovision(USER, "bmi_infra", "bmi_node", "bmi_network", "bmi_port")
+
+    target = ops.create_disk(USER, "bmi_infra", "disk1", "bmi-test-image")
+    assert target == ceph(5) and env.iscsi.target_exists(target)
+    ops.provision_disk(USER, "bmi_infra", "node2", "disk1", "bmi_port")
+    assert (env.tftp / "node2.ipxe").exists()
+    assert ops.list_disks(USER, "bmi_infra") == [["disk1", "bmi-test-image"]]
+    with pytest.raises(BMIError) as err:
+        ops.delete_disk(USER, "bmi_infra", "disk1")
+    assert err.value.status == 409
+    ops.deprovision_disk(USER, "bmi_infra", "node2", "bmi_port")
+    assert not (env.tftp / "node2.ipxe").exists()
+    ops.delete_disk(USER, "bmi_infra", "disk1")
+    assert not env.storage.image_exists(target) and not env.iscsi.target_exists(target)
+
+
+def test_copy_move_export_iscsi_node_ip(env, tmp_path):
+    ops = env.ops
+    ops.import_image(USER, "bmi_infra", "bmi-test-image")
+    ops.copy_image(USER, "bmi_infra", "bmi-test-image", "bmi_infra", "copy1")
+    assert env.storage.read(ceph(2), 0, 12) == b"golden-bytes"
+    with pytest.raises(BMIError) as err:
+        ops.copy_image(USER, "bmi_infra", "copy1", "other_project")
+    assert err.value.status == 403
+    ops.copy_image(ADMIN, "bmi_infra", "copy1", "other_project")
+    assert ops.list_images(OTHER, "other_project") == ["copy1"]
+    ops.move_image(USER, "bmi_infra", "copy1", "bmi_infra", "renamed")
+    assert "renamed" in ops.list_images(USER, "bmi_infra")
+    ops.export_image(USER, "bmi_infra", "renamed", "exported")
+    assert env.storage.read("exported", 0, 12) == b"golden-bytes" and env.storage.parent_info("exported") is None
+    with pytest.raises(BMIError) as err:
+        ops.export_image(USER, "bmi_infra", "renamed", "exported")
+    assert err.value.status == 409
+    iqn = ops.iscsi_create(ADMIN, "bmi_infra", "renamed")
+    assert ops.iscsi_list(USER, "bmi_infra") == [["renamed", iqn]]
+    ops.iscsi_remove(ADMIN, "bmi_infra", "renamed")
+    assert ops.iscsi_list(USER, "bmi_infra") == []
+    with pytest.raises(BMIError) as err:
+        ops.node_ip(USER, "bmi_infra", "bmi_node")
+    assert err.value.status == 404
+    (tmp_path / "leases").write_text("1700000000 52:54:00:aa:bb:99 10.77.0.5 host *\n")
+    assert ops.node_ip(USER, "bmi_infra", "bmi_node") == "10.77.0.5"  # any NIC of the node with a lease
+    with open(tmp_path / "leases", "a") as fh:
+        fh.write("1700000000 52:54:00:aa:bb:01 10.77.0.10 bmi_node 01:52:54:00:aa:bb:01\n")
+    ops.provision(USER, "bmi_infra", "bmi_node", "bmi-test-image", "bmi_network", "bmi_port")
+    assert ops.node_ip(USER, "bmi_infra", "bmi_node") == "10.77.0.10"  # the provisioned NIC
+
+
+def test_admin_operations(env):
+    ops = env.ops
+    with pytest.raises(BMIError) as err:
+        ops.create_project(USER, "newproj")
+    assert err.value.status == 403
+    ops.create_project(ADMIN, "newproj", "net1", id=42)
+    assert [42, "newproj", "net1"] in ops.list_projects(ADMIN)
+    with pytest.raises(BMIError) as err:
+        ops.create_project(ADMIN, "newproj")
+    assert err.value.status == 409
+    ops.db_create(ADMIN, "newproj", "row1", id=100, public=True)
+    assert ops.db_list(ADMIN, public=True) == [[100, "row1", "newproj", ceph(100), True, False, ""]]
+    with pytest.raises(BMIError) as err:
+        ops.remove_project(ADMIN, "newproj")
+    assert err.value.status == 409
+    ops.db_remove(ADMIN, "newproj", "row1")
+    ops.remove_project(ADMIN, "newproj")
+    assert "newproj" not in [p[1] for p in ops.list_projects(ADMIN)]
+    # a tenant only sees rows of projects HIL lets them access
+    ops.import_image(OTHER, "other_project", "cirros")
+    assert ops.db_list(USER) == [] and len(ops.db_list(OTHER)) == 1 and len(ops.db_list(ADMIN)) == 1
+
+
+@pytest.mark.parametrize("call,status", [
+    (lambda o: o.import_image(USER, "nope", "cirros"), 404),
+    (lambda o: o.import_image(USER, "bmi_infra", "missing-in-ceph"), 404),
+    (lambda o: o.import_image({"username": "haas", "password": "bad"}, "bmi_infra", "cirros"), 401),
+    (lambda o: o.import_image({"username": "nobody", "password": "x"}, "bmi_infra", "cirros"), 401),
+    (lambda o: o.import_image({}, "bmi_infra", "cirros"), 401),
+    (lambda o: o.import_image(OTHER, "bmi_infra", "cirros"), 401),
+    (lambda o: o.import_image(USER, "bmi_infra", "../../etc/passwd"), 400),
+    (lambda o: o.import_image(USER, "bmi_infra", "cirros", snap="nosuch"), 404),
+    (lambda o: o.provision(USER, "bmi_infra", "bmi_node", "unknown", "bmi_network", "bmi_port"), 404),
+    (lambda o: o.provision(USER, "bmi_infra", "bmi_node", "bmi-test-image", "bmi_network", "nope"), 404),
+    (lambda o: o.provision(USER, "bmi_infra", "ghost", "bmi-test-image", "bmi_network", "bmi_port"), 404),
+    (lambda o: o.provision(USER, "bmi_infra", "foreign", "bmi-test-image", "bmi_network", "eth0"), 401),
+    (lambda o: o.provision(USER, "bmi_infra", "bmi_node\n", "bmi-test-image", "bmi_network", "bmi_port"), 400),
+    (lambda o: o.deprovision(USER, "bmi_infra", "bmi_node", "bmi_network", "bmi_port"), 404),
+    (lambda o: o.create_snapshot(USER, "bmi_infra", "bmi_node", "s"), 404),
+    (lambda o: o.remove_image(USER, "bmi_infra", "nope"), 404),
+    (lambda o: o.list_images(USER, "bmi_infra;rm"), 400),
+    (lambda o: o.db_create(USER, "bmi_infra", "x"), 403),
+    (lambda o: o.delete_disk(USER, "bmi_infra", "nodisk"), 404),
+])
+def test_errors_change_nothing(env, call, status):
+    env.ops.import_image(USER, "bmi_infra", "bmi-test-image")
+    before = env.state()
+    with pytest.raises(BMIError) as err:
+        call(env.ops)
+    assert err.value.status == status, err.value
+    assert env.state() == before
+
+
+def test_conflicts(env):
+    ops = env.ops
+    ops.import_image(USER, "bmi_infra", "bmi-test-image")
+    with pytest.raises(BMIError) as err:
+        ops.import_image(USER, "bmi_infra", "bmi-test-image")
+    assert err.value.status == 409
+    ops.provision(USER, "bmi_infra", "bmi_node", "bmi-test-image", "bmi_network", "bmi_port")
+    before = env.state()
+    for call in (lambda: ops.provision(USER, "bmi_infra", "bmi_node", "bmi-test-image", "bmi_network", "bmi_port"),
+                 lambda: ops.remove_image(USER, "bmi_infra", "bmi-test-image"),
+                 lambda: ops.remove_image(USER, "bmi_infra", "bmi_node"),
+                 lambda: ops.create_disk(USER, "bmi_infra", "bmi_node", "bmi-test-image")):
+        with pytest.raises(BMIError) as err:
+            call()
+        assert err.value.status == 409, err.value
+        assert env.state() == before
+    ops.create_snapshot(USER, "bmi_infra", "bmi_node", "s1")
+    with pytest.raises(BMIError) as err:
+        ops.create_snapshot(USER, "bmi_infra", "bmi_node", "s1")
+    assert err.value.status == 409
+
+
+def test_error_messages_use_bmi_names(env):
+    env.ops.import_image(USER, "bmi_infra", "bmi-test-image")
+    env.storage.images[ceph(1)].snaps.clear()  # drift: the golden copy lost its snapshot
+    env.storage.images[ceph(1)].protected.clear()
+    with pytest.raises(BMIError) as err:
+        env.ops.provision(USER, "bmi_infra", "bmi_node", "bmi-test-image", "bmi_network", "bmi_port")
+    assert err.value.status == 404
+    assert "bmi-test-image" in str(err.value) and ceph(1) not in str(err.value)
+
+
+def shape(state):
+    """A state with ids and Ceph names replaced by their order (a retried operation gets new ids)."""
+    import re
+
+    state = dict(state, nets={"/".join(k): v for k, v in state["nets"].items()},
+                 images={k: [v[0].hex(), v[1], v[2], v[3]] for k, v in state["images"].items()})
+    text = json.dumps(state, sort_keys=True)
+    ids = sorted({int(m) for m in re.findall(UID + r"img(\d+)", text)})
+    for rank, i in enumerate(sorted(ids, reverse=True)):
+        text = text.replace(f"{UID}img{i}", f"CEPH#{len(ids) - rank}")
+    data = json.loads(text)
+    data["rows"] = [row[1:] for row in data["rows"]]
+    return data
+
+
+class Boom(Exception):
+    pass
+
+
+def _steps_of(env, run):
+    """Run once with a recording hook to learn the operation's step names."""
+    seen = []
+    env.ops.journal.fault_hook = lambda name, phase: seen.append((name, phase))
+    run()
+    env.ops.journal.fault_hook = None
+    return seen
+
+
+SCENARIOS = {
+    "import": (lambda o: None, lambda o: o.import_image(USER, "bmi_infra", "bmi-test-image")),
+    "provision": (lambda o: o.import_image(USER, "bmi_infra", "bmi-test-image"),
+                  lambda o: o.provision(USER, "bmi_infra", "bmi_node", "bmi-test-image", "bmi_network", "bmi_port")),
+    "snapshot": (lambda o: (o.import_image(USER, "bmi_infra", "bmi-test-image"),
+                            o.provision(USER, "bmi_infra", "bmi_node", "bmi-test-image", "bmi_network", "bmi_port")),
+                 lambda o: o.create_snapshot(USER, "bmi_infra", "bmi_node", "snap1")),
+    "deprovision": (lambda o: (o.import_image(USER, "bmi_infra", "bmi-test-image"),
+                               o.provision(USER, "bmi_infra", "bmi_node", "bmi-test-image", "bmi_network",
+                                           "bmi_port")),
+                    lambda o: o.deprovision(USER, "bmi_infra", "bmi_node", "bmi_network", "bmi_port")),
+    "remove": (lambda o: o.import_image(USER, "bmi_infra", "bmi-test-image"),
+               lambda o: o.remove_image(USER, "bmi_infra", "bmi-test-image")),
+    "create_disk": (lambda o: o.import_image(USER, "bmi_infra", "bmi-test-image"),
+                    lambda o: o.create_disk(USER, "bmi_infra", "disk1", "bmi-test-image")),
+}
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_fault_at_every_step_leaves_before_or_after_state(tmp_path, scenario):
+    setup, run = SCENARIOS[scenario]
+    probe = Env(tmp_path / "probe")
+    setup(probe.ops)
+    steps = _steps_of(probe, lambda: run(probe.ops))
+    after = probe.state()
+    probe.ops.close()
+    assert len(steps) >= 3, steps
+    for i, (name, phase) in enumerate(steps):
+        env = Env(tmp_path / f"run{i}")
+        setup(env.ops)
+        before = env.state()
+
+        def hook(n, p, target=(name, phase)):
+            if (n, p) == target:
+                raise Boom(f"injected at {n}/{p}")
+
+        env.ops.journal.fault_hook = hook
+        with pytest.raises(Boom):
+            run(env.ops)
+        env.ops.journal.fault_hook = None
+        state = env.state()
+        committed = any(n == "commit" for n, _ in steps[:i + 1])
+        expected = after if committed else before
+        assert state == expected, f"fault at {name}/{phase}"
+        with env.ops.journal.session() as s:
+            ops = s.scalars(select(Operation)).all()
+            assert ops[-1].state == ("rolled_forward" if committed else "rolled_back")
+        # and the operation can simply be retried
+        if not committed:
+            run(env.ops)
+            assert shape(env.state()) == shape(after)
+        env.ops.close()
+
+
+@pytest.mark.parametrize("scenario", ["import", "provision", "snapshot", "deprovision"])
+def test_crash_mid_operation_is_recovered(tmp_path, scenario):
+    """A process that dies mid-way leaves a 'running' journal row; recover() restores a consistent state."""
+    setup, run = SCENARIOS[scenario]
+    probe = Env(tmp_path / "probe")
+    setup(probe.ops)
+    steps = _steps_of(probe, lambda: run(probe.ops))
+    after = probe.state()
+    probe.ops.close()
+    for i, (name, phase) in enumerate(steps):
+        env = Env(tmp_path / f"crash{i}")
+        setup(env.ops)
+        before = env.state()
+
+        class Crash(BaseException):
+            pass
+
+        def hook(n, p, target=(name, phase)):
+            if (n, p) == target:
+                raise Crash()
+
+        env.ops.journal.fault_hook = hook
+        env.ops.journal._finish_failed = lambda tx, exc: None  # the process "dies": no in-process rollback
+        with pytest.raises(Crash):
+            run(env.ops)
+        with env.ops.journal.session() as s:
+            op = s.scalars(select(Operation)).all()[-1]
+            assert op.state == "running"
+            op.owner = "%s:999999999:1" % os.uname().nodename  # a dead process on this host
+            for lock in s.scalars(select(__import__("ims.database.models", fromlist=["Lock"]).Lock)).all():
+                lock.owner = op.owner
+        env.ops.journal.fault_hook = None
+        summary = env.ops.recover(USER)
+        committed = any(n == "commit" for n, _ in steps[:i + 1])
+        assert env.state() == (after if committed else before), f"crash at {name}/{phase}: {json.dumps(summary)}"
+        # locks of the dead process are gone: the node can be used again
+        run(env.ops) if not committed else None
+        env.ops.close()
+
+
+def test_concurrent_provisions_one_wins_one_conflicts(env):
+    env.ops.import_image(USER, "bmi_infra", "bmi-test-image")
+    gate = threading.Event()
+    results = []
+    original = env.storage.clone
+
+    def slow_clone(*a):
+        gate.wait(5)
+        return original(*a)
+
+    env.storage.clone = slow_clone
+
+    def worker():
+        try:
+            env.ops.provision(USER, "bmi_infra", "bmi_node", "bmi-test-image", "bmi_network", "bmi_port")
+            results.append(200)
+        except BMIError as exc:
+            results.append(exc.status)
+            gate.set()
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert sorted(results) == [200, 409]
+    with pytest.raises(NodeBusy):
+        with env.ops.journal.lock(["node:x"], "a"):
+            with env.ops.journal.lock(["node:x"], "b"):
+                pass
+
+
+def test_reconcile_reports_and_repairs_drift(env):
+    ops = env.ops
+    ops.import_image(USER, "bmi_infra", "bmi-test-image")
+    ops.provision(USER, "bmi_infra", "bmi_node", "bmi-test-image", "bmi_network", "bmi_port")
+    assert ops.reconcile(ADMIN)["missing_targets"] == []
+    del env.iscsi.targets[ceph(2)]
+    env.storage.create_image(ceph(77), 10)
+    report = ops.reconcile(ADMIN)
+    assert report["missing_targets"] == [ceph(2)] and report["images_without_row"] == [ceph(77)]
+    ops.reconcile(ADMIN, repair=True)
+    assert env.iscsi.target_exists(ceph(2))
+    with pytest.raises(BMIError) as err:
+        ops.reconcile(USER)
+    assert err.value.status == 403
