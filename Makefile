@@ -1,0 +1,22 @@
+# BMI: the two commands a newcomer runs on a fresh Debian 12 machine.
+#   make demo   install everything, bring up a throwaway stack, run the user's guide workflow
+#   make test   install everything and run every test suite against real daemons
+.PHONY: install test demo lint stack-up stack-down
+
+install:
+	bash scripts/install-deps
+
+test: install
+	bash scripts/run-tests
+
+demo: install
+	bash scripts/demo
+
+lint: install
+	.venv/bin/ruff check ims tests benchmarks
+
+stack-up: install
+	scripts/bmi-stack up
+
+stack-down:
+	scripts/bmi-stack down

@@ -1,0 +1,93 @@
+"""The CLI's only way to BMI: HTTP to Picasso's /v1 JSON API.  No Ceph, DB or Einstein imports here."""
+from __future__ import annotations
+
+import configparser
+import os
+from typing import Any
+
+import click
+import requests
+
+DEFAULT_URL = "http://127.0.0.1:9000"
+DEFAULT_CONFIG = "/etc/bmi/bmiconfig.cfg"
+USER_VARS = ("HIL_USERNAME", "HAAS_USERNAME")
+PASSWORD_VARS = ("HIL_PASSWORD", "HAAS_PASSWORD")
+TIMEOUT_SECONDS = 3600.0  # provisioning and imports can be slow; never hang forever
+
+
+def server_url() -> str:
+    """BMI_URL, else the config file's [rest_api] ip/port, else the default."""
+    url = os.environ.get("BMI_URL")
+    if url:
+        return url.rstrip("/")
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read(os.environ.get("BMI_CONFIG") or DEFAULT_CONFIG, encoding="utf-8")
+    except (configparser.Error, OSError, UnicodeDecodeError):
+        return DEFAULT_URL
+    if parser.has_section("rest_api"):
+        ip = parser.get("rest_api", "ip", fallback="127.0.0.1").strip() or "127.0.0.1"
+        port = parser.get("rest_api", "port", fallback="9000").strip() or "9000"
+        host = f"[{ip}]" if ":" in ip else ip
+        return f"http://{host}:{port}"
+    return DEFAULT_URL
+
+
+def _env(names: tuple[str, ...]) -> str | None:
+    for name in names:
+        value = os.environ.get(name)
+        if value:
+            return value
+    return None
+
+
+def credentials() -> tuple[str, str]:
+    user = _env(USER_VARS)
+    if user is None:
+        raise click.ClickException("HIL_USERNAME is not set (export your HIL username as HIL_USERNAME; "
+                                   "HAAS_USERNAME is accepted too)")
+    password = _env(PASSWORD_VARS)
+    if password is None:
+        raise click.ClickException("HIL_PASSWORD is not set (export your HIL password as HIL_PASSWORD; "
+                                   "HAAS_PASSWORD is accepted too)")
+    return user, password
+
+
+class Api:
+    """Calls /v1; returns the ``result`` of a 2xx answer, raises ClickException (exit 1) otherwise."""
+
+    def __init__(self, url: str, auth: tuple[str, str]) -> None:
+        self.url = url
+        self.auth = auth
+        self.session = requests.Session()
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None,
+                params: dict[str, Any] | None = None) -> Any:
+        try:
+            resp = self.session.request(method, f"{self.url}/v1{path}", json=body, params=params, auth=self.auth,
+                                        timeout=TIMEOUT_SECONDS)
+        except requests.ConnectionError:
+            raise click.ClickException(f"cannot reach BMI at {self.url} (is Picasso running? "
+                                       "set BMI_URL or [rest_api] in the config)") from None
+        except requests.Timeout:
+            raise click.ClickException(f"BMI at {self.url} did not answer in time") from None
+        if resp.status_code == 204:
+            return None
+        try:
+            data = resp.json()
+        except ValueError:
+            data = None
+        if 200 <= resp.status_code < 300:
+            return data.get("result") if isinstance(data, dict) else data
+        if isinstance(data, dict) and isinstance(data.get("error"), dict):
+            raise click.ClickException(str(data["error"].get("message") or f"HTTP {resp.status_code}"))
+        raise click.ClickException(f"BMI at {self.url} answered HTTP {resp.status_code}")
+
+    def get(self, path: str, params: dict[str, Any] | None = None) -> Any:
+        return self.request("GET", path, params=params)
+
+    def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
+        return self.request("POST", path, body=body or {})
+
+    def delete(self, path: str) -> Any:
+        return self.request("DELETE", path)

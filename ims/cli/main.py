@@ -1,0 +1,374 @@
+"""The ``bmi`` command: the user's guide command tree, talking only to Picasso over HTTP."""
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+import click
+
+from ims.cli import output
+from ims.cli.api import Api, credentials, server_url
+
+
+class Ctx:
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self._api: Api | None = None
+
+    @property
+    def api(self) -> Api:
+        # Built on first use so `--help` and usage errors never need credentials.
+        if self._api is None:
+            self._api = Api(server_url(), credentials())
+        return self._api
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+def q(name: str) -> str:
+    """One URL path segment.  The server validates names; this only keeps a name from changing the route
+    ('/' is quoted, and '.'/'..' would be collapsed by URL normalisation into another resource)."""
+    if name in ("", ".", ".."):
+        raise click.ClickException(f"invalid name {name!r}")
+    return quote(name, safe="")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables (for scripts).")
+@click.pass_context
+def cli(ctx: click.Context, as_json: bool) -> None:
+    """The Bare Metal Imaging (BMI) is a core component of the Massachusetts Open Cloud and an image
+    management system (ims) that (1) provisions numerous nodes as quickly as possible while preserving
+    support for multitenancy using the Hardware Isolation Layer (HIL) and (2) introduces the image
+    management techniques that are supported by virtual machines, with little to no impact on
+    application performance.
+
+    Credentials: HIL_USERNAME / HIL_PASSWORD (HAAS_* accepted).  Server: BMI_URL, else [rest_api] of
+    BMI_CONFIG (or /etc/bmi/bmiconfig.cfg), else http://127.0.0.1:9000.
+    """
+    ctx.obj = Ctx(as_json)
+
+
+# --- images --------------------------------------------------------------------------------------
+@cli.command("import")
+@click.argument("project")
+@click.argument("img")
+@click.option("--snap", default=None, help="Import this snapshot of the Ceph image instead of its head.")
+@click.option("--protect", is_flag=True, help="Protect the snapshot if it is not yet protected.")
+@pass_ctx
+def import_(c: Ctx, project: str, img: str, snap: str | None, protect: bool) -> None:
+    """Import a Ceph image (or one of its snapshots) into PROJECT as IMG."""
+    c.api.post(f"/projects/{q(project)}/images", {"name": img, "snapshot": snap, "protect": protect})
+    output.success(c.as_json)
+
+
+@cli.command("ls")
+@click.argument("project")
+@pass_ctx
+def ls(c: Ctx, project: str) -> None:
+    """List the images of PROJECT."""
+    names = c.api.get(f"/projects/{q(project)}/images")
+    output.rows(["Image"], [[n] for n in names], c.as_json)
+
+
+@cli.command("rm")
+@click.argument("project")
+@click.argument("img")
+@pass_ctx
+def rm(c: Ctx, project: str, img: str) -> None:
+    """Remove image IMG from PROJECT."""
+    c.api.delete(f"/projects/{q(project)}/images/{q(img)}")
+    output.success(c.as_json)
+
+
+@cli.command("export")
+@click.argument("project")
+@click.argument("img")
+@click.argument("name")
+@pass_ctx
+def export(c: Ctx, project: str, img: str, name: str) -> None:
+    """Export IMG of PROJECT to a new Ceph image NAME."""
+    c.api.post(f"/projects/{q(project)}/images/{q(img)}/export", {"name": name})
+    output.success(c.as_json)
+
+
+def _transfer(c: Ctx, verb: str, src_project: str, img1: str, dest_project: str, img2: str | None) -> None:
+    c.api.post(f"/projects/{q(src_project)}/images/{q(img1)}/{verb}",
+               {"dest_project": dest_project, "dest_name": img2})
+    output.success(c.as_json)
+
+
+@cli.command("cp")
+@click.argument("src_project")
+@click.argument("img1")
+@click.argument("dest_project")
+@click.argument("img2", required=False)
+@pass_ctx
+def cp(c: Ctx, src_project: str, img1: str, dest_project: str, img2: str | None) -> None:
+    """Copy IMG1 of SRC_PROJECT to DEST_PROJECT (as IMG2)."""
+    _transfer(c, "copy", src_project, img1, dest_project, img2)
+
+
+@cli.command("mv")
+@click.argument("src_project")
+@click.argument("img1")
+@click.argument("dest_project")
+@click.argument("img2", required=False)
+@pass_ctx
+def mv(c: Ctx, src_project: str, img1: str, dest_project: str, img2: str | None) -> None:
+    """Move IMG1 of SRC_PROJECT to DEST_PROJECT (as IMG2)."""
+    _transfer(c, "move", src_project, img1, dest_project, img2)
+
+
+# --- nodes ---------------------------------------------------------------------------------------
+@cli.command("pro")
+@click.argument("project")
+@click.argument("node")
+@click.argument("img")
+@click.argument("network")
+@click.argument("nic")
+@pass_ctx
+def pro(c: Ctx, project: str, node: str, img: str, network: str, nic: str) -> None:
+    """Provision NODE of PROJECT with IMG, connecting NIC to NETWORK."""
+    c.api.post(f"/projects/{q(project)}/nodes/{q(node)}/provision", {"image": img, "network": network, "nic": nic})
+    output.success(c.as_json)
+
+
+@cli.command("dpro")
+@click.argument("project")
+@click.argument("node")
+@click.argument("network")
+@click.argument("nic")
+@pass_ctx
+def dpro(c: Ctx, project: str, node: str, network: str, nic: str) -> None:
+    """Deprovision NODE of PROJECT, detaching NIC from NETWORK."""
+    c.api.post(f"/projects/{q(project)}/nodes/{q(node)}/deprovision", {"network": network, "nic": nic})
+    output.success(c.as_json)
+
+
+@cli.command("showpro")
+@click.argument("project")
+@pass_ctx
+def showpro(c: Ctx, project: str) -> None:
+    """List the provisioned nodes of PROJECT."""
+    output.rows(["Node", "Provisioned Image"], c.api.get(f"/projects/{q(project)}/nodes"), c.as_json)
+
+
+@cli.group("node")
+def node() -> None:
+    """Node information."""
+
+
+@node.command("ip")
+@click.argument("project")
+@click.argument("node_name", metavar="NODE")
+@pass_ctx
+def node_ip(c: Ctx, project: str, node_name: str) -> None:
+    """Print the IP address of NODE."""
+    output.value(c.api.get(f"/projects/{q(project)}/nodes/{q(node_name)}/ip"), c.as_json)
+
+
+# --- snapshots -----------------------------------------------------------------------------------
+@cli.group("snap")
+def snap() -> None:
+    """Snapshots of provisioned nodes."""
+
+
+@snap.command("create")
+@click.argument("project")
+@click.argument("node_name", metavar="NODE")
+@click.argument("snap_name")
+@pass_ctx
+def snap_create(c: Ctx, project: str, node_name: str, snap_name: str) -> None:
+    """Snapshot NODE's disk as SNAP_NAME.  WARNING: The Node must be in a powered down state."""
+    c.api.post(f"/projects/{q(project)}/nodes/{q(node_name)}/snapshots", {"name": snap_name})
+    output.success(c.as_json)
+
+
+@snap.command("ls")
+@click.argument("project")
+@pass_ctx
+def snap_ls(c: Ctx, project: str) -> None:
+    """List the snapshots of PROJECT."""
+    output.rows(["Snapshot", "Parent"], c.api.get(f"/projects/{q(project)}/snapshots"), c.as_json)
+
+
+@snap.command("rm")
+@click.argument("project")
+@click.argument("snap_name")
+@pass_ctx
+def snap_rm(c: Ctx, project: str, snap_name: str) -> None:
+    """Remove snapshot SNAP_NAME of PROJECT."""
+    c.api.delete(f"/projects/{q(project)}/snapshots/{q(snap_name)}")
+    output.success(c.as_json)
+
+
+# --- projects ------------------------------------------------------------------------------------
+@cli.group("project")
+def project() -> None:
+    """Projects (create and rm: administrators only)."""
+
+
+@project.command("ls")
+@pass_ctx
+def project_ls(c: Ctx) -> None:
+    """List projects."""
+    output.rows(["Id", "Name", "Provision Network"], c.api.get("/projects"), c.as_json)
+
+
+@project.command("create")
+@click.argument("project_name", metavar="PROJECT")
+@click.argument("network", required=False)
+@click.option("--id", "id_", type=int, default=None, help="Use this project id.")
+@pass_ctx
+def project_create(c: Ctx, project_name: str, network: str | None, id_: int | None) -> None:
+    """Create PROJECT with provisioning NETWORK."""
+    c.api.post("/projects", {"name": project_name, "network": network, "id": id_})
+    output.success(c.as_json)
+
+
+@project.command("rm")
+@click.argument("project_name", metavar="PROJECT")
+@pass_ctx
+def project_rm(c: Ctx, project_name: str) -> None:
+    """Remove PROJECT."""
+    c.api.delete(f"/projects/{q(project_name)}")
+    output.success(c.as_json)
+
+
+# --- the image database ----------------------------------------------------------------------------
+@cli.group("db")
+def db() -> None:
+    """The image database (create and rm: administrators only)."""
+
+
+@db.command("ls")
+@click.option("-s", "--snapshots", is_flag=True, help="Show snapshots.")
+@click.option("-c", "--clones", is_flag=True, help="Show clones.")
+@click.option("-p", "--public", is_flag=True, help="Show public images.")
+@click.option("--project", default=None, help="Only this project.")
+@click.option("--name", default=None, help="Only images with this name.")
+@click.option("--ceph", default=None, help="Only the image with this Ceph name.")
+@pass_ctx
+def db_ls(c: Ctx, snapshots: bool, clones: bool, public: bool, project: str | None, name: str | None,
+          ceph: str | None) -> None:
+    """List image records."""
+    params: dict[str, Any] = {"snapshots": str(snapshots).lower(), "clones": str(clones).lower(),
+                              "public": str(public).lower()}
+    params.update({k: v for k, v in (("project", project), ("name", name), ("ceph", ceph)) if v is not None})
+    output.rows(["Id", "Name", "Project", "Ceph", "Public", "Snapshot", "Parent"], c.api.get("/db/images", params),
+                c.as_json)
+
+
+@db.command("create")
+@click.argument("project_name", metavar="PROJECT")
+@click.argument("img")
+@click.option("--id", "id_", type=int, default=None, help="Use this image id.")
+@click.option("--snap", is_flag=True, help="The record is a snapshot.")
+@click.option("--parent", default=None, help="Name of the parent image.")
+@click.option("--public", is_flag=True, help="The image is public.")
+@pass_ctx
+def db_create(c: Ctx, project_name: str, img: str, id_: int | None, snap: bool, parent: str | None,
+              public: bool) -> None:
+    """Add an image record (database only)."""
+    c.api.post("/db/images", {"project": project_name, "name": img, "id": id_, "snapshot": snap, "parent": parent,
+                              "public": public})
+    output.success(c.as_json)
+
+
+@db.command("rm")
+@click.argument("project_name", metavar="PROJECT")
+@click.argument("img")
+@pass_ctx
+def db_rm(c: Ctx, project_name: str, img: str) -> None:
+    """Remove an image record (database only)."""
+    c.api.delete(f"/db/images/{q(project_name)}/{q(img)}")
+    output.success(c.as_json)
+
+
+# --- iSCSI -------------------------------------------------------------------------------------------
+@cli.group("iscsi")
+def iscsi() -> None:
+    """iSCSI targets of images."""
+
+
+@iscsi.command("create")
+@click.argument("project_name", metavar="PROJECT")
+@click.argument("img")
+@pass_ctx
+def iscsi_create(c: Ctx, project_name: str, img: str) -> None:
+    """Export IMG as an iSCSI target."""
+    iqn = c.api.post(f"/projects/{q(project_name)}/iscsi", {"image": img})
+    output.success(c.as_json, iqn)
+
+
+@iscsi.command("rm")
+@click.argument("project_name", metavar="PROJECT")
+@click.argument("img")
+@pass_ctx
+def iscsi_rm(c: Ctx, project_name: str, img: str) -> None:
+    """Remove IMG's iSCSI target."""
+    c.api.delete(f"/projects/{q(project_name)}/iscsi/{q(img)}")
+    output.success(c.as_json)
+
+
+@iscsi.command("ls")
+@click.argument("project_name", metavar="PROJECT")
+@pass_ctx
+def iscsi_ls(c: Ctx, project_name: str) -> None:
+    """List the iSCSI targets of PROJECT."""
+    output.rows(["Image", "Target"], c.api.get(f"/projects/{q(project_name)}/iscsi"), c.as_json)
+
+
+# --- disks (split API) ---------------------------------------------------------------------------------
+@cli.group("disk")
+def disk() -> None:
+    """Disks: a clone of an image exported over iSCSI, provisioned separately."""
+
+
+@disk.command("create")
+@click.argument("project_name", metavar="PROJECT")
+@click.argument("img")
+@click.argument("disk_name")
+@pass_ctx
+def disk_create(c: Ctx, project_name: str, img: str, disk_name: str) -> None:
+    """Create DISK_NAME from IMG; prints the target name."""
+    target = c.api.post(f"/projects/{q(project_name)}/disks", {"name": disk_name, "image": img})
+    output.value(target, c.as_json)
+
+
+@disk.command("delete")
+@click.argument("project_name", metavar="PROJECT")
+@click.argument("disk_name")
+@pass_ctx
+def disk_delete(c: Ctx, project_name: str, disk_name: str) -> None:
+    """Delete DISK_NAME."""
+    c.api.delete(f"/projects/{q(project_name)}/disks/{q(disk_name)}")
+    output.success(c.as_json)
+
+
+@cli.command("showdisks")
+@click.argument("project_name", metavar="PROJECT")
+@pass_ctx
+def showdisks(c: Ctx, project_name: str) -> None:
+    """List the disks of PROJECT."""
+    output.rows(["Disk", "Source Image"], c.api.get(f"/projects/{q(project_name)}/disks"), c.as_json)
+
+
+# --- administration --------------------------------------------------------------------------------------
+@cli.command("reconcile")
+@pass_ctx
+def reconcile(c: Ctx) -> None:
+    """Compare database, storage, targets and boot files; repair or report drift (administrators)."""
+    import json
+
+    click.echo(json.dumps(c.api.post("/admin/reconcile"), indent=2, sort_keys=True))
+
+
+def main() -> None:
+    cli(prog_name="bmi")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Every error Picasso answers is JSON ``{"error": {"status", "type", "message"}}`` — never HTML."""
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Response, jsonify
+from werkzeug.exceptions import HTTPException
+
+from ims.common.errors import BMIError
+
+LOG = logging.getLogger(__name__)
+
+_HTTP_TYPES = {400: "InvalidInput", 401: "AuthenticationFailed", 403: "Forbidden", 404: "NotFound",
+               405: "MethodNotAllowed", 409: "Conflict", 413: "InvalidInput", 415: "InvalidInput",
+               503: "ServiceUnavailable"}
+
+
+def error_response(status: int, type_: str, message: str) -> Response:
+    resp = jsonify({"error": {"status": status, "type": type_, "message": message}})
+    resp.status_code = status
+    if status == 401:
+        resp.headers["WWW-Authenticate"] = 'Basic realm="BMI"'
+    return resp
+
+
+def _bmi_error(exc: BMIError) -> Response:
+    status = exc.status if 400 <= exc.status <= 599 else 500
+    if status >= 500 and status != 503:
+        LOG.error("request failed: %s: %s", type(exc).__name__, exc)
+    return error_response(status, type(exc).__name__, exc.message)
+
+
+def _http_error(exc: HTTPException) -> Response:
+    code = exc.code or 500
+    resp = error_response(code, _HTTP_TYPES.get(code, "InternalError" if code >= 500 else "InvalidInput"),
+                          exc.description or exc.name)
+    valid = getattr(exc, "valid_methods", None)
+    if code == 405 and valid:
+        resp.headers["Allow"] = ", ".join(valid)
+    return resp
+
+
+def _unexpected(exc: Exception) -> Response:
+    LOG.exception("unhandled error in Picasso")
+    return error_response(500, "InternalError", "internal error; see the BMI server log")
+
+
+def register(app: Flask) -> None:
+    app.register_error_handler(BMIError, _bmi_error)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected)

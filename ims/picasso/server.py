@@ -1,0 +1,34 @@
+"""Serve Picasso with waitress on ``[rest_api] ip:port`` (never Flask's development server)."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+import waitress
+
+from ims.common import config as bmi_config
+from ims.common.errors import ConfigError
+from ims.picasso.app import create_app
+
+LOG = logging.getLogger(__name__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="picasso_server", description="Run the BMI REST API (Picasso).")
+    parser.add_argument("--config", help="config file (default: $BMI_CONFIG or /etc/bmi/bmiconfig.cfg)")
+    opts = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s picasso %(levelname)s %(message)s")
+    try:
+        cfg = bmi_config.load(path=opts.config)
+    except ConfigError as exc:
+        LOG.error("%s", exc)
+        return 1
+    app = create_app(cfg)
+    LOG.info("Picasso listening on http://%s:%d/", cfg.rest_api.ip, cfg.rest_api.port)
+    waitress.serve(app, host=cfg.rest_api.ip, port=cfg.rest_api.port, threads=cfg.rest_api.threads,
+                   ident="bmi-picasso")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

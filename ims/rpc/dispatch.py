@@ -1,0 +1,50 @@
+"""The one object Einstein exposes over Pyro4: ``call(method, args, kwargs) -> dict``."""
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+import Pyro4
+
+from ims.common.errors import BMIError, InvalidInput, to_wire
+from ims.rpc.methods import ALLOWED_METHODS
+
+LOG = logging.getLogger(__name__)
+
+
+def _unknown() -> dict[str, Any]:
+    return {"ok": False, "error": InvalidInput("unknown operation").to_dict()}
+
+
+@Pyro4.expose
+class EinsteinEndpoint:
+    """Wraps an operations object; errors come back as plain data, never a traceback."""
+
+    def __init__(self, ops: Any) -> None:
+        self._ops = ops
+
+    def call(self, method: str, args: list[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(method, str) or method not in ALLOWED_METHODS:
+            LOG.warning("refused RPC call to unknown operation %.64r", method)
+            return _unknown()
+        if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
+            return {"ok": False, "error": InvalidInput("malformed call").to_dict()}
+        func = getattr(self._ops, method)
+        try:
+            # Check the arity before calling so a TypeError raised inside an operation is
+            # not mistaken for a bad call (and vice versa).
+            inspect.signature(func).bind(*args, **kwargs)
+        except TypeError as exc:
+            LOG.info("%s called with wrong arguments: %s", method, exc)
+            return {"ok": False, "error": InvalidInput(f"wrong arguments for {method}").to_dict()}
+        try:
+            result = func(*args, **kwargs)
+        except BMIError as exc:
+            # Expected failures: log one line (no traceback, no arguments: they hold credentials).
+            LOG.info("%s failed: %s (%s)", method, type(exc).__name__, exc.status)
+            return {"ok": False, "error": to_wire(exc)}
+        except Exception as exc:
+            LOG.exception("%s crashed", method)
+            return {"ok": False, "error": to_wire(exc)}
+        return {"ok": True, "result": result}

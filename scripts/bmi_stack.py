@@ -1,0 +1,341 @@
+"""bmi-stack: a throwaway single-machine BMI ecosystem (the guide's section 2.2, done right).
+
+    scripts/bmi-stack up [--boot] [--dir DIR]   start Ceph, tgtd, the HIL simulator, Einstein, Picasso
+    scripts/bmi-stack status [--dir DIR]        show what runs
+    scripts/bmi-stack down [--dir DIR]          stop exactly what `up` started
+    scripts/bmi-stack env [--dir DIR]           print the path of the env file to `source`
+
+With --boot the stack also creates a private boot network (a network namespace with a
+bridge, dnsmasq for DHCP+TFTP) with tgtd's portal on that bridge, and nodes backed by
+qemu VMs, so that a HIL power cycle really network-boots a node from its clone.
+
+Everything lives in DIR (default: <repo>/run/stack): pid files, logs, the BMI config
+(DIR/bmiconfig.cfg), the env file (DIR/env), the tftp root and the database.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PY = str(REPO / ".venv" / "bin" / "python")
+SCRIPTS = REPO / "scripts"
+UID = "112233445566778899"
+ADMIN = ("haasadmin", "admin1234")
+TENANT = ("haas", "secret")
+
+
+def log(msg: str) -> None:
+    print(f"bmi-stack: {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def alive(pid_file: Path) -> bool:
+    try:
+        pid = int(pid_file.read_text().strip())
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, ValueError):
+        return False
+
+
+def run(*argv: str, env: dict[str, str] | None = None, timeout: float = 300) -> str:
+    proc = subprocess.run(list(argv), capture_output=True, text=True, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout
+
+
+def spawn(name: str, argv: list[str], d: Path, env: dict[str, str] | None = None) -> int:
+    logf = open(d / "logs" / f"{name}.log", "ab")
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                            env=env, start_new_session=True, cwd=str(REPO))
+    (d / "pids" / f"{name}.pid").write_text(str(proc.pid))
+    return proc.pid
+
+
+def wait_http(url: str, timeout: float, name: str, d: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except urllib.error.HTTPError:
+            return  # it answers
+        except (urllib.error.URLError, OSError):
+            if not alive(d / "pids" / f"{name}.pid"):
+                break
+            time.sleep(0.2)
+    tail = (d / "logs" / f"{name}.log").read_text(errors="replace")[-3000:]
+    raise RuntimeError(f"{name} did not come up at {url}:\n{tail}")
+
+
+def inventory(boot: dict[str, str] | None, d: Path) -> dict:
+    """The guide's HIL objects (project bmi_infra, node bmi_node/bmi_port, network bmi_network) and a few more."""
+    inv = json.loads((REPO / "config" / "hil-inventory.example.json").read_text())
+    if boot:
+        for i, node in enumerate(n for n in inv["nodes"] if n["project"] == "bmi_infra"):
+            node["vm"] = {"netns": boot["BOOTNET_NETNS"], "bridge": boot["BOOTNET_BRIDGE"],
+                          "console_log": str(d / "consoles" / f"{node['name']}.log"),
+                          "workdir": str(d / "vms" / node["name"])}
+    return inv
+
+
+def write_config(d: Path, ceph_conf: str, tgt: dict[str, str], hil_url: str, boot: dict[str, str] | None) -> Path:
+    portal_ip, _, portal_port = tgt["TGT_PORTAL"].rpartition(":")
+    tftp = Path(boot["BOOTNET_TFTP_ROOT"]) if boot else d / "tftp"
+    (tftp / "pxelinux.cfg").mkdir(parents=True, exist_ok=True)
+    ns_port, rpc_port, rest_port = free_port(), free_port(), free_port()
+    leases = boot["BOOTNET_LEASES"] if boot else str(d / "dnsmasq.leases")
+    cfg = f"""# Written by scripts/bmi-stack for a throwaway stack; see docs/configuration.md
+[bmi]
+uid = {UID}
+snapshot = snapshot
+admin_users = {ADMIN[0]}
+lock_dir = {d}/locks
+
+[db]
+path = {d}/bmi.db
+
+[fs]
+driver = ceph
+pool = rbd
+id = admin
+conf_file = {ceph_conf}
+keyring = {Path(ceph_conf).parent / 'keyring'}
+
+[iscsi]
+ip = {portal_ip}
+port = {portal_port}
+conf_dir = {d}/tgt-conf.d
+control_port = {tgt['TGT_CONTROL_PORT']}
+
+[net_isolator]
+url = {hil_url}
+
+[rpc]
+name_server_ip = 127.0.0.1
+name_server_port = {ns_port}
+rpc_server_ip = 127.0.0.1
+rpc_server_port = {rpc_port}
+workers = 2
+hmac_key = {secrets.token_hex(32)}
+
+[tftp]
+pxelinux_path = {tftp}/pxelinux.cfg
+ipxe_path = {tftp}
+leases_file = {leases}
+
+[rest_api]
+ip = 127.0.0.1
+port = {rest_port}
+
+[logs]
+path = {d}/logs
+debug = false
+"""
+    (d / "tgt-conf.d").mkdir(exist_ok=True)
+    path = d / "bmiconfig.cfg"
+    path.write_text(cfg)
+    path.chmod(0o600)  # holds the RPC key
+    return path
+
+
+def read_env(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line.startswith("export "):
+            line = line[len("export "):]
+        if "=" in line and not line.startswith("#"):
+            k, v = line.split("=", 1)
+            out[k] = v.strip().strip('"').strip("'")
+    return out
+
+
+def up(d: Path, boot_net: bool) -> None:
+    if (d / "env").exists() and all(alive(p) for p in (d / "pids").glob("*.pid")) and \
+            list((d / "pids").glob("*.pid")):
+        log(f"already up (source {d / 'env'}); run `scripts/bmi-stack down` first to start afresh")
+        return
+    if (d / "pids").exists():
+        log("a previous stack left pieces behind; stopping them first")
+        down(d)
+    for sub in ("pids", "logs", "consoles", "vms"):
+        (d / sub).mkdir(parents=True, exist_ok=True)
+    (d / "state").write_text(json.dumps({"boot": boot_net}))
+    try:
+        t0 = time.monotonic()
+        boot = None
+        if boot_net:
+            log("starting the boot network (netns, bridge, dnsmasq)")
+            run(str(SCRIPTS / "bootnet"), "up", str(d / "bootnet"))
+            boot = read_env(d / "bootnet" / "env")
+        log("starting a throwaway Ceph cluster")
+        ceph_conf = run(str(SCRIPTS / "ceph-dev"), "start", str(d / "ceph")).strip().splitlines()[-1]
+        log("starting tgtd")
+        tgt_env = dict(os.environ)
+        portal_ip = "127.0.0.1"
+        if boot:
+            tgt_env["TGT_NETNS"] = boot["BOOTNET_NETNS"]
+            portal_ip = boot["BOOTNET_IP"]
+        run(str(SCRIPTS / "tgtd-dev"), "start", str(d / "tgt"), portal_ip, env=tgt_env)
+        tgt = read_env(d / "tgt" / "env")
+        log("starting the HIL simulator")
+        inv_path = d / "hil-inventory.json"
+        inv_path.write_text(json.dumps(inventory(boot, d), indent=1))
+        hil_port = free_port()
+        spawn("hil-simulator", [PY, "-m", "ims.hilsim", "--inventory", str(inv_path), "--port", str(hil_port)], d)
+        hil_url = f"http://127.0.0.1:{hil_port}"
+        wait_http(hil_url + "/v0/nodes/free", 30, "hil-simulator", d)
+        cfg = write_config(d, ceph_conf, tgt, hil_url, boot)
+        env = dict(os.environ, BMI_CONFIG=str(cfg), CEPH_CONF=ceph_conf)
+        log("starting Einstein and Picasso")
+        spawn("einstein", [PY, str(SCRIPTS / "einstein_server"), "--config", str(cfg)], d, env)
+        spawn("picasso", [PY, str(SCRIPTS / "picasso_server"), "--config", str(cfg)], d, env)
+        rest = read_env_ini(cfg)
+        url = f"http://127.0.0.1:{rest}"
+        wait_http(url + "/v1/openapi.json", 60, "picasso", d)
+        env_lines = [
+            f"export BMI_CONFIG={cfg}", f"export CEPH_CONF={ceph_conf}", f"export BMI_URL={url}",
+            f"export HIL_USERNAME={TENANT[0]}", f"export HIL_PASSWORD={TENANT[1]}",
+            f"export HIL_ENDPOINT={hil_url}", f"export BMI_STACK_DIR={d}",
+            f"export PATH={REPO / '.venv' / 'bin'}:$PATH",
+        ]
+        if boot:
+            env_lines += [f"export {k}={v}" for k, v in boot.items()]
+        (d / "env").write_text("\n".join(env_lines) + "\n")
+        # The admin registers the guide's project in BMI (the original did this with sqlite3 by hand).
+        admin_env = dict(env, BMI_URL=url, HIL_USERNAME=ADMIN[0], HIL_PASSWORD=ADMIN[1])
+        wait_ready(admin_env)
+        run(str(REPO / ".venv" / "bin" / "bmi"), "project", "create", "bmi_infra", "bmi_network", env=admin_env)
+        run(str(REPO / ".venv" / "bin" / "bmi"), "project", "create", "other_project", env=admin_env)
+        log(f"up in {time.monotonic() - t0:.1f}s; now: source {d / 'env'}")
+    except BaseException:
+        log("start-up failed; stopping what was started")
+        down(d)
+        raise
+
+
+def wait_ready(env: dict[str, str]) -> None:
+    """Einstein's workers register a moment after Picasso answers: wait until a call goes through."""
+    deadline = time.monotonic() + 60
+    while True:
+        proc = subprocess.run([str(REPO / ".venv" / "bin" / "bmi"), "project", "ls"], capture_output=True,
+                              text=True, env=env)
+        if proc.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"BMI did not become ready: {proc.stderr}")
+        time.sleep(0.3)
+
+
+def read_env_ini(cfg: Path) -> str:
+    import configparser
+
+    p = configparser.ConfigParser(interpolation=None)
+    p.read(cfg)
+    return p.get("rest_api", "port")
+
+
+def stop_pid(pid_file: Path, timeout: float = 20) -> None:
+    if not alive(pid_file):
+        pid_file.unlink(missing_ok=True)
+        return
+    pid = int(pid_file.read_text())
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + timeout
+    while alive(pid_file) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if alive(pid_file):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    pid_file.unlink(missing_ok=True)
+
+
+def down(d: Path) -> None:
+    if not d.exists():
+        log("nothing to stop")
+        return
+    for name in ("picasso", "einstein", "hil-simulator"):
+        stop_pid(d / "pids" / f"{name}.pid")
+    if (d / "tgt").exists():
+        subprocess.run([str(SCRIPTS / "tgtd-dev"), "stop", str(d / "tgt")], check=False)
+    if (d / "ceph").exists():
+        subprocess.run([str(SCRIPTS / "ceph-dev"), "stop", str(d / "ceph"), "--purge"], check=False)
+    if (d / "bootnet").exists():
+        subprocess.run([str(SCRIPTS / "bootnet"), "down", str(d / "bootnet")], check=False)
+    for leftover in (d / "pids").glob("*.pid") if (d / "pids").exists() else []:
+        stop_pid(leftover)
+    keep = d.parent / (d.name + ".last-logs")
+    shutil.rmtree(keep, ignore_errors=True)
+    if (d / "logs").exists():
+        shutil.copytree(d / "logs", keep, dirs_exist_ok=True)
+    shutil.rmtree(d, ignore_errors=True)
+    log(f"down (logs kept in {keep})")
+
+
+def status(d: Path) -> int:
+    if not (d / "pids").exists():
+        print("stack: down")
+        return 3
+    ok = True
+    for pid_file in sorted((d / "pids").glob("*.pid")):
+        state = "running" if alive(pid_file) else "DEAD"
+        ok &= state == "running"
+        print(f"{pid_file.stem:15s} {state} (pid {pid_file.read_text().strip()})")
+    for name, sub in (("ceph", "ceph/pids"), ("tgtd", "tgt")):
+        for pid_file in sorted((d / sub).glob("*.pid")):
+            state = "running" if alive(pid_file) else "DEAD"
+            ok &= state == "running"
+            print(f"{name + ':' + pid_file.stem:15s} {state}")
+    if (d / "env").exists():
+        print(f"env: source {d / 'env'}")
+    print(f"logs: {d / 'logs'}" + (f"; node consoles: {d / 'consoles'}" if (d / "consoles").exists() else ""))
+    return 0 if ok else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="bmi-stack", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["up", "down", "status", "env"])
+    parser.add_argument("--dir", default=os.environ.get("BMI_STACK_DIR", str(REPO / "run" / "stack")))
+    parser.add_argument("--boot", action="store_true", help="also start the boot network and qemu-backed nodes")
+    args = parser.parse_args()
+    d = Path(args.dir).resolve()
+    if args.command == "up":
+        up(d, args.boot)
+        print(d / "env")
+        return 0
+    if args.command == "down":
+        down(d)
+        return 0
+    if args.command == "env":
+        print(d / "env")
+        return 0 if (d / "env").exists() else 3
+    return status(d)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

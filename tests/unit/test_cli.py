@@ -1,0 +1,226 @@
+"""The bmi CLI against a REAL Picasso (waitress on a free port, in a thread) backed by the fake operations."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import waitress
+from click.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from ims.cli.main import cli
+from ims.common import config as bmi_config
+from ims.picasso.app import create_app
+from tests.support.fake_ops import FakeOperations
+
+CFG_TEXT = "[bmi]\nuid = fake\n[net_isolator]\nurl = http://127.0.0.1:1\n[iscsi]\nip = 127.0.0.1\n"
+BMI = str(ROOT / ".venv" / "bin" / "bmi")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def ops() -> FakeOperations:
+    return FakeOperations()
+
+
+@pytest.fixture()
+def picasso(ops: FakeOperations):
+    app = create_app(bmi_config.parse("t.cfg", text=CFG_TEXT), client=ops)
+    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=4)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.effective_port}"
+    # waitress has no public stop: close the listener and the worker threads, then empty the
+    # event-loop map so server.run() returns.
+    server.close()
+    server.task_dispatcher.shutdown()
+    for channel in list(server._map.values()):
+        channel.close()
+    server._map.clear()
+    thread.join(10)
+    assert not thread.is_alive(), "waitress did not stop"
+
+
+def run(url: str, *args: str, user: str = "alice", env: dict[str, str] | None = None) -> Any:
+    full_env = {"BMI_URL": url, "HIL_USERNAME": user, "HIL_PASSWORD": f"{user}-pw", "BMI_CONFIG": "/nonexistent"}
+    full_env.update(env or {})
+    return CliRunner().invoke(cli, list(args), env=full_env, prog_name="bmi")
+
+
+def ok(result: Any, expected: str | None = "Success") -> str:
+    assert result.exit_code == 0, (result.output, result.exception)
+    if expected is not None:
+        assert result.stdout == expected + "\n"
+    return result.stdout
+
+
+def fails(result: Any, text: str, code: int = 1) -> None:
+    assert result.exit_code == code, result.output
+    assert result.stdout == ""
+    assert text in result.stderr
+    if code == 1:
+        assert result.stderr.startswith("Error: ")
+
+
+def test_help_without_env_or_config() -> None:
+    proc = subprocess.run([BMI, "--help"], env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
+                          check=False, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for word in ("import", "pro", "dpro", "snap", "db", "showpro", "project", "iscsi", "disk", "reconcile"):
+        assert f"  {word} " in proc.stdout
+    proc = subprocess.run([BMI, "snap", "create", "--help"], env={"PATH": "/usr/bin:/bin"}, capture_output=True,
+                          text=True, check=False, timeout=60)
+    assert proc.returncode == 0 and "WARNING: The Node must be in a powered down state" in " ".join(proc.stdout.split())
+
+
+def test_missing_credentials_exit_1(picasso: str) -> None:
+    result = CliRunner().invoke(cli, ["ls", "proj1"], env={"BMI_URL": picasso, "HIL_USERNAME": None,
+                                                           "HAAS_USERNAME": None, "HIL_PASSWORD": None,
+                                                           "HAAS_PASSWORD": None})
+    fails(result, "HIL_USERNAME is not set")
+    result = CliRunner().invoke(cli, ["ls", "proj1"], env={"BMI_URL": picasso, "HIL_USERNAME": None,
+                                                           "HIL_PASSWORD": None, "HAAS_USERNAME": "alice",
+                                                           "HAAS_PASSWORD": "alice-pw"})
+    ok(result, None)  # the guide's HAAS_* names work too
+
+
+def test_usage_error_exit_2(picasso: str) -> None:
+    result = run(picasso, "pro", "proj1", "node1")
+    assert result.exit_code == 2
+
+
+def test_unreachable_server(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{_free_port()}"
+    fails(run(url, "ls", "proj1"), f"cannot reach BMI at {url}")
+
+
+def test_url_from_config_file(picasso: str, tmp_path: Path) -> None:
+    port = picasso.rsplit(":", 1)[1]
+    cfg = tmp_path / "bmi.cfg"
+    cfg.write_text(f"[rest_api]\nip = 127.0.0.1\nport = {port}\n")  # an incomplete config is fine for the CLI
+    result = run("", "ls", "proj1", env={"BMI_URL": "", "BMI_CONFIG": str(cfg)})
+    assert "golden" in ok(result, None)
+
+
+def test_images(picasso: str, ops: FakeOperations) -> None:
+    out = ok(run(picasso, "ls", "proj1"), None)
+    assert out.splitlines()[1].split("|")[1].strip() == "Image" and "golden" in out
+    ok(run(picasso, "import", "proj1", "newimg", "--snap", "s1", "--protect"))
+    assert ("import_image", ("proj1", "newimg", "s1", True)) in ops.calls
+    fails(run(picasso, "import", "proj1", "newimg"), "already exists")
+    ok(run(picasso, "export", "proj1", "newimg", "outname"))
+    ok(run(picasso, "cp", "proj1", "newimg", "proj1", "copy1"))
+    fails(run(picasso, "cp", "proj1", "newimg", "proj2"), "administrator")
+    ok(run(picasso, "mv", "proj1", "copy1", "proj2", user="admin"))
+    assert ops._find("proj2", "copy1")
+    ok(run(picasso, "rm", "proj1", "newimg"))
+    fails(run(picasso, "rm", "proj1", "newimg"), "newimg")
+    fails(run(picasso, "rm", "proj1", ".."), "invalid name")
+    fails(run(picasso, "ls", "proj1", user="bob"), "proj1")
+    fails(run(picasso, "ls", "proj1", env={"HIL_PASSWORD": "wrong"}), "authentication failed")
+
+
+def test_nodes_and_snapshots(picasso: str) -> None:
+    ok(run(picasso, "pro", "proj1", "node1", "golden", "net1", "eno1"))
+    fails(run(picasso, "pro", "proj1", "node1", "golden", "net1", "eno1"), "already provisioned")
+    fails(run(picasso, "pro", "proj1", "broken", "golden", "net1", "eno1"), "cannot be reached")
+    out = ok(run(picasso, "showpro", "proj1"), None)
+    assert "Provisioned Image" in out and "node1" in out
+    ok(run(picasso, "snap", "create", "proj1", "node1", "snap1"))
+    out = ok(run(picasso, "snap", "ls", "proj1"), None)
+    header = [c.strip() for c in out.splitlines()[1].split("|")[1:-1]]
+    assert header == ["Snapshot", "Parent"]
+    assert any(line.split("|")[1].strip() == "snap1" and line.split("|")[2].strip() == "golden"
+               for line in out.splitlines()[3:-1])
+    ok(run(picasso, "snap", "rm", "proj1", "snap1"))
+    assert ok(run(picasso, "node", "ip", "proj1", "node1"), "10.0.0.11")
+    ok(run(picasso, "dpro", "proj1", "node1", "net1", "eno1"))
+    fails(run(picasso, "dpro", "proj1", "node1", "net1", "eno1"), "not provisioned")
+
+
+def test_db_ls_table_and_json(picasso: str) -> None:
+    out = ok(run(picasso, "db", "ls"), None)
+    lines = out.splitlines()
+    assert [c.strip() for c in lines[1].split("|")[1:-1]] == ["Id", "Name", "Project", "Ceph", "Public", "Snapshot",
+                                                              "Parent"]
+    first = [c.strip() for c in lines[3].split("|")[1:-1]]
+    assert first == ["1", "golden", "proj1", "fakeimg1", "True", "False", ""]
+    out = ok(run(picasso, "db", "ls", "-s"), None)
+    assert "golden-snap" in out and "fakeimg1 " not in out
+    out = ok(run(picasso, "--json", "db", "ls", "--project", "proj1", "--name", "golden"), None)
+    assert json.loads(out) == [{"id": 1, "name": "golden", "project": "proj1", "ceph": "fakeimg1", "public": True,
+                                "snapshot": False, "parent": ""}]
+    assert json.loads(ok(run(picasso, "--json", "ls", "proj1"), None)) == [{"image": "golden"}]
+    assert json.loads(ok(run(picasso, "--json", "rm", "proj1", "golden-snap"), None)) == {"result": "Success"}
+    fails(run(picasso, "db", "ls", "--project", "proj1", user="bob"), "proj1")
+
+
+def test_db_create_rm_admin(picasso: str) -> None:
+    fails(run(picasso, "db", "create", "proj1", "rec"), "administrator")
+    ok(run(picasso, "db", "create", "proj1", "rec", "--id", "50", "--snap", "--parent", "golden", "--public",
+           user="admin"))
+    out = ok(run(picasso, "db", "ls", "--name", "rec", user="admin"), None)
+    assert [c.strip() for c in out.splitlines()[3].split("|")[1:-1]] == \
+        ["50", "rec", "proj1", "fakeimg50", "True", "True", "golden"]
+    ok(run(picasso, "db", "rm", "proj1", "rec", user="admin"))
+    fails(run(picasso, "db", "rm", "proj1", "rec", user="admin"), "rec")
+
+
+def test_projects(picasso: str) -> None:
+    out = ok(run(picasso, "project", "ls"), None)
+    assert [c.strip() for c in out.splitlines()[1].split("|")[1:-1]] == ["Id", "Name", "Provision Network"]
+    assert "prov-net" in out
+    fails(run(picasso, "project", "create", "p9", "net9"), "administrator")
+    ok(run(picasso, "project", "create", "p9", "net9", "--id", "9", user="admin"))
+    assert "p9" in ok(run(picasso, "project", "ls", user="admin"), None)
+    fails(run(picasso, "project", "create", "p9", user="admin"), "already exists")
+    ok(run(picasso, "project", "rm", "p9", user="admin"))
+    fails(run(picasso, "project", "rm", "p9", user="admin"), "not found")
+
+
+def test_iscsi(picasso: str) -> None:
+    ok(run(picasso, "iscsi", "create", "proj1", "golden"))
+    fails(run(picasso, "iscsi", "create", "proj1", "golden"), "already exported")
+    out = ok(run(picasso, "iscsi", "ls", "proj1"), None)
+    assert "Target" in out and "iqn.2017-10.org.moc.bmi:fakeimg1" in out
+    ok(run(picasso, "iscsi", "rm", "proj1", "golden"))
+    fails(run(picasso, "iscsi", "rm", "proj1", "golden"), "not exported")
+
+
+def test_disks(picasso: str) -> None:
+    assert ok(run(picasso, "disk", "create", "proj1", "golden", "d1"), "fakeimg4")
+    fails(run(picasso, "disk", "create", "proj1", "golden", "d1"), "already exists")
+    out = ok(run(picasso, "showdisks", "proj1"), None)
+    assert "Source Image" in out and "d1" in out
+    ok(run(picasso, "disk", "delete", "proj1", "d1"))
+    fails(run(picasso, "disk", "delete", "proj1", "d1"), "not found")
+
+
+def test_reconcile(picasso: str) -> None:
+    fails(run(picasso, "reconcile"), "administrator")
+    assert json.loads(ok(run(picasso, "reconcile", user="admin"), None))["drift"] == []
+
+
+def test_console_script_end_to_end(picasso: str) -> None:
+    env = {"PATH": "/usr/bin:/bin", "BMI_URL": picasso, "HIL_USERNAME": "alice", "HIL_PASSWORD": "alice-pw"}
+    proc = subprocess.run([BMI, "pro", "proj1", "node2", "golden", "n", "e"], env=env, capture_output=True,
+                          text=True, check=False, timeout=60)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "Success\n", "")
+    proc = subprocess.run([BMI, "pro", "proj1", "node2", "golden", "n", "e"], env=env, capture_output=True,
+                          text=True, check=False, timeout=60)
+    assert proc.returncode == 1 and proc.stdout == "" and proc.stderr.startswith("Error: ")
+    assert os.path.exists(BMI)
