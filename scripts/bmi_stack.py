@@ -36,6 +36,15 @@ ADMIN = ("haasadmin", "admin1234")
 TENANT = ("haas", "secret")
 
 
+# In --boot mode the whole stack lives inside the boot network's namespace: tgtd there must reach
+# Ceph on the namespace's loopback, and nothing of the stack binds an address outside it.
+NETNS: str | None = None
+
+
+def nsx(argv: list[str]) -> list[str]:
+    return ["ip", "netns", "exec", NETNS, *argv] if NETNS else list(argv)
+
+
 def log(msg: str) -> None:
     print(f"bmi-stack: {msg}", file=sys.stderr, flush=True)
 
@@ -56,7 +65,7 @@ def alive(pid_file: Path) -> bool:
 
 
 def run(*argv: str, env: dict[str, str] | None = None, timeout: float = 300) -> str:
-    proc = subprocess.run(list(argv), capture_output=True, text=True, env=env, timeout=timeout)
+    proc = subprocess.run(nsx(list(argv)), capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc.stdout
@@ -64,24 +73,38 @@ def run(*argv: str, env: dict[str, str] | None = None, timeout: float = 300) -> 
 
 def spawn(name: str, argv: list[str], d: Path, env: dict[str, str] | None = None) -> int:
     logf = open(d / "logs" / f"{name}.log", "ab")
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(nsx(argv), stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                             env=env, start_new_session=True, cwd=str(REPO))
     (d / "pids" / f"{name}.pid").write_text(str(proc.pid))
     return proc.pid
 
 
+PROBE = ("import sys, urllib.error, urllib.request\n"
+         "try:\n    urllib.request.urlopen(sys.argv[1], timeout=2)\n"
+         "except urllib.error.HTTPError:\n    pass\n")
+
+
+def answers(url: str) -> bool:
+    """True once something answers HTTP at ``url`` (inside the stack's namespace if it has one)."""
+    if NETNS:
+        return subprocess.run(nsx([PY, "-c", PROBE, url]), capture_output=True).returncode == 0
+    try:
+        urllib.request.urlopen(url, timeout=2)
+    except urllib.error.HTTPError:
+        return True
+    except (urllib.error.URLError, OSError):
+        return False
+    return True
+
+
 def wait_http(url: str, timeout: float, name: str, d: Path) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=2)
+        if answers(url):
             return
-        except urllib.error.HTTPError:
-            return  # it answers
-        except (urllib.error.URLError, OSError):
-            if not alive(d / "pids" / f"{name}.pid"):
-                break
-            time.sleep(0.2)
+        if not alive(d / "pids" / f"{name}.pid"):
+            break
+        time.sleep(0.2)
     tail = (d / "logs" / f"{name}.log").read_text(errors="replace")[-3000:]
     raise RuntimeError(f"{name} did not come up at {url}:\n{tail}")
 
@@ -90,7 +113,7 @@ def inventory(boot: dict[str, str] | None, d: Path) -> dict:
     """The guide's HIL objects (project bmi_infra, node bmi_node/bmi_port, network bmi_network) and a few more."""
     inv = json.loads((REPO / "config" / "hil-inventory.example.json").read_text())
     if boot:
-        for i, node in enumerate(n for n in inv["nodes"] if n["project"] == "bmi_infra"):
+        for node in (n for n in inv["nodes"] if n["project"] == "bmi_infra"):
             node["vm"] = {"netns": boot["BOOTNET_NETNS"], "bridge": boot["BOOTNET_BRIDGE"],
                           "console_log": str(d / "consoles" / f"{node['name']}.log"),
                           "workdir": str(d / "vms" / node["name"])}
@@ -187,6 +210,8 @@ def up(d: Path, boot_net: bool) -> None:
             log("starting the boot network (netns, bridge, dnsmasq)")
             run(str(SCRIPTS / "bootnet"), "up", str(d / "bootnet"))
             boot = read_env(d / "bootnet" / "env")
+            global NETNS
+            NETNS = boot["BOOTNET_NETNS"]
         log("starting a throwaway Ceph cluster")
         ceph_conf = run(str(SCRIPTS / "ceph-dev"), "start", str(d / "ceph")).strip().splitlines()[-1]
         log("starting tgtd")
@@ -220,6 +245,11 @@ def up(d: Path, boot_net: bool) -> None:
         ]
         if boot:
             env_lines += [f"export {k}={v}" for k, v in boot.items()]
+            env_lines += [f"export BMI_NETNS={NETNS}",
+                          "# The stack lives in the boot network's namespace: run its clients there.",
+                          f'bmi() {{ ip netns exec {NETNS} {REPO / ".venv" / "bin" / "bmi"} "$@"; }}',
+                          f'rbd() {{ ip netns exec {NETNS} rbd "$@"; }}',
+                          f'hil() {{ ip netns exec {NETNS} curl -s -u "$HIL_USERNAME:$HIL_PASSWORD" "$@"; }}']
         (d / "env").write_text("\n".join(env_lines) + "\n")
         # The admin registers the guide's project in BMI (the original did this with sqlite3 by hand).
         admin_env = dict(env, BMI_URL=url, HIL_USERNAME=ADMIN[0], HIL_PASSWORD=ADMIN[1])
@@ -237,7 +267,7 @@ def wait_ready(env: dict[str, str]) -> None:
     """Einstein's workers register a moment after Picasso answers: wait until a call goes through."""
     deadline = time.monotonic() + 60
     while True:
-        proc = subprocess.run([str(REPO / ".venv" / "bin" / "bmi"), "project", "ls"], capture_output=True,
+        proc = subprocess.run(nsx([str(REPO / ".venv" / "bin" / "bmi"), "project", "ls"]), capture_output=True,
                               text=True, env=env)
         if proc.returncode == 0:
             return

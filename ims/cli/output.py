@@ -17,7 +17,7 @@ def _cell(value: Any) -> str:
 def rows(columns: list[str], data: list[list[Any]], as_json: bool) -> None:
     if as_json:
         keys = [c.lower().replace(" ", "_") for c in columns]
-        click.echo(json.dumps([dict(zip(keys, row)) for row in data], indent=2))
+        click.echo(json.dumps([dict(zip(keys, row, strict=True)) for row in data], indent=2))
         return
     table = PrettyTable(columns)
     for row in data:

@@ -22,10 +22,26 @@ from sqlalchemy.orm import Session
 
 from ims.common import names
 from ims.common.config import BMIConfig
-from ims.common.errors import (AuthenticationFailed, BMIError, Forbidden, ImageBusy, ImageExists, ImageNotFound,
-                               InvalidInput, LeaseNotFound, NicNotFound, NodeAlreadyProvisioned, NodeNotFound,
-                               NodeNotProvisioned, NotFound, ProjectExists, ProjectNotFound, SnapshotExists,
-                               SnapshotNotFound, TargetNotFound)
+from ims.common.errors import (
+    AuthenticationFailed,
+    BMIError,
+    Forbidden,
+    ImageBusy,
+    ImageExists,
+    ImageNotFound,
+    InvalidInput,
+    LeaseNotFound,
+    NicNotFound,
+    NodeAlreadyProvisioned,
+    NodeNotFound,
+    NodeNotProvisioned,
+    NotFound,
+    ProjectExists,
+    ProjectNotFound,
+    SnapshotExists,
+    SnapshotNotFound,
+    TargetNotFound,
+)
 from ims.database import make_engine, make_session_factory
 from ims.database.models import Image, Project, Provision
 from ims.einstein.boot import BootFiles

@@ -289,7 +289,8 @@ def test_admin_setup_calls(sim: HILSimulator) -> None:
                 body={"obm": {"type": "http://schema.massopencloud.org/haas/v0/obm/mock", "host": "h",
                               "user": "u", "password": "p"}}).status_code == 200
     assert call(sim, "PUT", "node/n-new/nic/eth0", auth=ADMIN, body={"macaddr": "52:54:00:99:00:01"}).status_code == 200
-    assert call(sim, "POST", "project/p3/connect_node", auth=("carol", "pw3"), body={"node": "n-new"}).status_code == 200
+    resp = call(sim, "POST", "project/p3/connect_node", auth=("carol", "pw3"), body={"node": "n-new"})
+    assert resp.status_code == 200
     assert call(sim, "PUT", "network/p3net", auth=("carol", "pw3"),
                 body={"owner": "p3", "access": "p3", "net_id": ""}).status_code == 200
     net = call(sim, "GET", "network/p3net", auth=("carol", "pw3")).json()

@@ -162,7 +162,7 @@ def test_guide_workflow_on_real_parts(env):
     assert iscsi_rw.readcapacity16(env.tgtd.url(iqn), initiator=NODE_INITIATOR) == SIZE
     assert iscsi_rw.read_lun(portal, iqn, 1, 0, 2048, initiator=NODE_INITIATOR) == GOLDEN
     # another initiator may not log in to it
-    with pytest.raises(Exception):
+    with pytest.raises(iscsi_rw.IscsiIOError):
         iscsi_rw.read_lun(portal, iqn, 1, 0, 8, initiator="iqn.2017-10.org.moc.bmi.node:intruder")
     ipxe = (env.tmp / "tftp" / f"{NODE}.ipxe").read_text()
     assert f"sanboot --keep iscsi:{env.tgtd.portal_ip}:tcp:{env.tgtd.portal_port}:1:{iqn}" in ipxe

@@ -8,9 +8,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ims.common.errors import (AuthenticationFailed, Conflict, ImageBusy, ImageExists, ImageNotFound, IscsiError,
-                               NicNotFound, NodeNotFound, ProjectNotFound, SnapshotExists, SnapshotNotFound,
-                               StorageError, TargetExists, TargetNotFound)
+from ims.common.errors import (
+    AuthenticationFailed,
+    Conflict,
+    ImageBusy,
+    ImageExists,
+    ImageNotFound,
+    IscsiError,
+    NicNotFound,
+    NodeNotFound,
+    ProjectNotFound,
+    SnapshotExists,
+    SnapshotNotFound,
+    StorageError,
+    TargetExists,
+    TargetNotFound,
+)
 from ims.einstein.iscsi.base import IscsiTarget
 from ims.einstein.storage.base import Backing, Storage
 

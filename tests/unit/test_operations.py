@@ -391,7 +391,7 @@ def test_crash_mid_operation_is_recovered(tmp_path, scenario):
         with env.ops.journal.session() as s:
             op = s.scalars(select(Operation)).all()[-1]
             assert op.state == "running"
-            op.owner = "%s:999999999:1" % os.uname().nodename  # a dead process on this host
+            op.owner = f"{os.uname().nodename}:999999999:1"  # a dead process on this host
             for lock in s.scalars(select(__import__("ims.database.models", fromlist=["Lock"]).Lock)).all():
                 lock.owner = op.owner
         env.ops.journal.fault_hook = None

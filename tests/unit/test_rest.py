@@ -17,7 +17,8 @@ from ims.picasso.app import create_app
 from ims.picasso.openapi import document
 from tests.support.fake_ops import FakeOperations
 
-CFG_TEXT = "[bmi]\nuid = fake\n[net_isolator]\nurl = http://127.0.0.1:1\nauth_cache_seconds = 30\n[iscsi]\nip = 127.0.0.1\n"
+CFG_TEXT = ("[bmi]\nuid = fake\n[net_isolator]\nurl = http://127.0.0.1:1\nauth_cache_seconds = 30\n"
+            "[iscsi]\nip = 127.0.0.1\n")
 
 
 def basic(user: str, password: str) -> dict[str, str]:

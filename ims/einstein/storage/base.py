@@ -104,5 +104,5 @@ class Storage(abc.ABC):
     def backing(self, image: str) -> Backing:
         """How tgt should export ``image``."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, most drivers hold nothing
         """Release connections (called at process exit)."""

@@ -1,0 +1,1 @@
+"""Helpers shared by bmi-uat.py and the behave steps (no BMI imports: the tests are black-box)."""

@@ -1,0 +1,166 @@
+"""Boot files for a provisioned node: its PXELINUX per-MAC file and its iPXE script.
+
+The chain is PXE ROM -> pxelinux.0 -> ``pxelinux.cfg/01-<mac>`` -> ``ipxe.lkrn`` with
+``<node>.ipxe`` as its initrd -> ``sanboot iscsi:<ip>:tcp:<port>:<lun>:<target>``.
+The files are rendered from ``ims/templates/{mac,ipxe}.temp`` (the original BMI
+templates with interface, port and LUN made configurable) and replaced atomically,
+so a node that PXE-boots while BMI rewrites its files sees either the old or the new
+file, never half of one.  Every value that reaches a file is allow-listed first: a
+newline in a name would inject PXELINUX or iPXE commands.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import string
+import tempfile
+from pathlib import Path
+
+from ims.common.errors import InvalidInput
+from ims.common.names import normalize_mac, pxe_mac_filename, validate_name
+
+LOG = logging.getLogger(__name__)
+
+DEFAULT_TEMPLATES_DIR = str(Path(__file__).resolve().parent.parent / "templates")
+
+# Target IQNs and plain target names (what tgt accepts and iPXE's iscsi: URI can carry).
+_IQN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.:_-]{0,222}$")
+_INTERFACE_RE = re.compile(r"^[a-z]+[0-9]*$")
+_HOST_RE = re.compile(r"^[A-Za-z0-9.-]{1,253}$")
+
+
+def atomic_write(path: str, text: str, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``text``: temp file in the same directory, fsync, rename.
+
+    A reader sees the old or the new content, never a partial file; a crash leaves at
+    most a hidden ``.<name>.*.tmp`` file behind.
+    """
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fchmod(handle.fileno(), mode)  # mkstemp creates 0600
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    # Make the rename itself durable.
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def unlink_quietly(path: str) -> bool:
+    """Remove ``path``; True if it existed.  Missing files are fine (retries are safe)."""
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+class BootFiles:
+    """Writes, reads and removes a node's PXELINUX and iPXE files.
+
+    :param pxelinux_path: the ``pxelinux.cfg`` directory.
+    :param ipxe_path: the directory holding ``<node>.ipxe`` (the TFTP root, next to ipxe.lkrn).
+    :param iscsi_ip: the portal address nodes connect to.
+    """
+
+    def __init__(self, pxelinux_path: str, ipxe_path: str, iscsi_ip: str, iscsi_port: int = 3260,
+                 lun: int = 1, interface: str = "net0", templates_dir: str | None = None) -> None:
+        if not _HOST_RE.fullmatch(str(iscsi_ip)):
+            raise InvalidInput(f"invalid iSCSI portal address {iscsi_ip!r}")
+        if not 0 < int(iscsi_port) < 65536:
+            raise InvalidInput(f"invalid iSCSI port {iscsi_port!r}")
+        if int(lun) < 1:
+            # LUN 0 is tgt's controller: a node would sanboot nothing.
+            raise InvalidInput(f"invalid LUN {lun!r}: must be 1 or more")
+        if not _INTERFACE_RE.fullmatch(interface):
+            raise InvalidInput(f"invalid iPXE interface {interface!r}")
+        self.pxelinux_path = pxelinux_path
+        self.ipxe_path = ipxe_path
+        self.iscsi_ip = iscsi_ip
+        self.iscsi_port = int(iscsi_port)
+        self.lun = int(lun)
+        self.interface = interface
+        tdir = templates_dir or DEFAULT_TEMPLATES_DIR
+        self._ipxe_template = string.Template(Path(tdir, "ipxe.temp").read_text(encoding="utf-8"))
+        self._mac_template = string.Template(Path(tdir, "mac.temp").read_text(encoding="utf-8"))
+
+    # --- paths ----------------------------------------------------------------
+    def ipxe_file(self, node: str) -> str:
+        return os.path.join(self.ipxe_path, validate_name(node, "node") + ".ipxe")
+
+    def pxelinux_file(self, mac: str) -> str:
+        return os.path.join(self.pxelinux_path, pxe_mac_filename(mac))
+
+    def paths(self, node: str, mac: str) -> list[str]:
+        """``[ipxe file, pxelinux file]`` for the node."""
+        return [self.ipxe_file(node), self.pxelinux_file(mac)]
+
+    # --- rendering --------------------------------------------------------------
+    def render_ipxe(self, target_iqn: str, initiator_iqn: str | None = None) -> str:
+        _check_iqn(target_iqn, "target")
+        initiator_line = ""
+        if initiator_iqn is not None:
+            _check_iqn(initiator_iqn, "initiator")
+            # Logged in under this name, the node can be the only initiator tgt lets in.
+            initiator_line = f"      set initiator-iqn {initiator_iqn}\n"
+        return self._ipxe_template.substitute(
+            interface=self.interface, initiator_line=initiator_line, iscsi_ip=self.iscsi_ip,
+            iscsi_port=self.iscsi_port, lun=self.lun, target_name=target_iqn)
+
+    def render_pxelinux(self, node: str, label: str) -> str:
+        validate_name(node, "node")
+        validate_name(label, "image")
+        return self._mac_template.substitute(img_name=label, ipxe_file=f"{node}.ipxe")
+
+    # --- files ------------------------------------------------------------------
+    def write(self, node: str, mac: str, label: str, target_iqn: str, initiator_iqn: str | None = None) -> list[str]:
+        """Write (or replace) both boot files; returns their paths.
+
+        Everything is validated and rendered before the first file is touched, so bad
+        input writes nothing.  The iPXE script is written first: the PXELINUX file is
+        what makes a node use it.
+        :raises InvalidInput: bad node, label, MAC or IQN.
+        """
+        normalize_mac(mac)
+        ipxe_file, pxe_file = self.paths(node, mac)
+        ipxe_text = self.render_ipxe(target_iqn, initiator_iqn)
+        pxe_text = self.render_pxelinux(node, label)
+        atomic_write(ipxe_file, ipxe_text, 0o644)
+        atomic_write(pxe_file, pxe_text, 0o644)
+        LOG.info("wrote boot files for node %s: %s, %s", node, ipxe_file, pxe_file)
+        return [ipxe_file, pxe_file]
+
+    def remove(self, node: str, mac: str) -> list[str]:
+        """Remove both files (PXELINUX first, so a booting node falls back cleanly); returns the removed ones."""
+        ipxe_file, pxe_file = self.paths(node, mac)
+        removed = [p for p in (pxe_file, ipxe_file) if unlink_quietly(p)]
+        if removed:
+            LOG.info("removed boot files for node %s: %s", node, ", ".join(removed))
+        return removed
+
+    def exists(self, node: str, mac: str) -> bool:
+        """True only if both files exist."""
+        return all(os.path.isfile(p) for p in self.paths(node, mac))
+
+    def read_ipxe(self, node: str) -> str:
+        """The node's iPXE script. :raises FileNotFoundError: if absent."""
+        return Path(self.ipxe_file(node)).read_text(encoding="utf-8")
+
+
+def _check_iqn(value: object, kind: str) -> str:
+    if not isinstance(value, str) or not _IQN_RE.fullmatch(value):
+        raise InvalidInput(f"invalid {kind} IQN {value!r}")
+    return value

@@ -1,0 +1,82 @@
+"""Smoke test of the boot machinery, without BMI's own operations.
+
+A diskless qemu VM PXE-boots on the private boot network: PXELINUX reads pxelinux.cfg/01-<mac>,
+loads ipxe.lkrn with node1.ipxe (BMI's format), iPXE sanboots LUN 1 of a tgt target (a copy of the
+test image, restricted to node1's initiator name), the image's initramfs logs in to the same disk
+with iscsistart from the iBFT and writes a marker to partition 2. A second boot must see it, and the
+image file must hold it afterwards.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+
+from ims.common.process import execute
+from ims.hilsim.vm import QemuNode
+from tests.support.bootnet import DATA_PART_OFFSET, BootNet, BootTgtd
+
+MAC = "52:54:00:b0:07:01"
+NODE = "node1"
+INITIATOR = f"iqn.2017-10.org.moc.bmi.node:{NODE}"
+TARGET = "iqn.2017-10.org.moc.bmi:smoke-node1"
+BOOT_TIMEOUT = 300.0
+
+
+def _boot_and_expect(vm: QemuNode, shots: str, expect: list[str]) -> list[str]:
+    vm.power_cycle()
+    lines = []
+    try:
+        for pattern in expect:
+            lines.append(vm.wait_for_console(pattern, timeout=BOOT_TIMEOUT))
+        assert vm.wait_exit(60), f"VM did not power off by itself; console:\n{vm.console_tail()}"
+    except BaseException:
+        if vm.is_running():
+            vm.screendump(os.path.join(shots, "failure.png"))
+        raise
+    error = re.search(r"BMI-ERROR.*", vm.console_text())
+    assert error is None, f"image reported {error.group(0)}"
+    return lines
+
+
+def test_pxe_ipxe_iscsi_boot_and_marker_persists(test_image: str, bootnet: BootNet, boot_tgtd: BootTgtd,
+                                                  tmp_path) -> None:
+    disk = str(tmp_path / "node1-disk.img")
+    shutil.copyfile(test_image, disk)
+    boot_tgtd.add_target(1, TARGET, disk, INITIATOR)
+    assert TARGET in boot_tgtd.show()
+    bootnet.fixed_address(MAC, NODE, 10)
+    bootnet.write_boot_files(NODE, MAC, TARGET, INITIATOR)
+
+    vm = QemuNode(NODE, MAC, netns=bootnet.netns, bridge=bootnet.bridge,
+                  console_log=str(tmp_path / "console.log"), workdir=str(tmp_path / "vm"),
+                  boot_timeout=BOOT_TIMEOUT)
+    try:
+        first = _boot_and_expect(vm, str(tmp_path), [
+            r"BMI-BOOT-OK ", r"BMI-PREVIOUS-MARKER ", r"BMI-MARKER-WRITTEN "])
+        assert first[0].strip() == f"BMI-BOOT-OK target={TARGET} initiator={INITIATOR}", first[0]
+        assert first[1].strip() == "BMI-PREVIOUS-MARKER none", first[1]
+        assert first[2].strip() == f"BMI-MARKER-WRITTEN {NODE}", first[2]
+
+        second = _boot_and_expect(vm, str(tmp_path), [r"BMI-BOOT-OK ", r"BMI-PREVIOUS-MARKER "])
+        assert second[0].strip() == f"BMI-BOOT-OK target={TARGET} initiator={INITIATOR}", second[0]
+        assert second[1].strip() == f"BMI-PREVIOUS-MARKER written-by={NODE}", second[1]
+        # The first console was kept as .1 and is the first boot's.
+        with open(vm.console_log + ".1", encoding="utf-8", errors="replace") as f:
+            assert "BMI-PREVIOUS-MARKER none" in f.read()
+    finally:
+        vm.stop()
+        boot_tgtd.delete_target(1)
+    assert not vm.is_running()
+
+    # The write went through iSCSI into the exported file.
+    out, _ = execute("mtype", "-i", f"{disk}@@{DATA_PART_OFFSET}", "::marker.txt")
+    assert out.strip() == f"written-by={NODE}"
+    # The pristine image is untouched.
+    out, _ = execute("mdir", "-b", "-i", f"{test_image}@@{DATA_PART_OFFSET}", "::", check_exit_code=(0, 1))
+    assert "MARKER" not in out.upper()
+    # dnsmasq served the chain over TFTP.
+    with open(os.path.join(bootnet.dir, "dnsmasq.log"), encoding="utf-8", errors="replace") as f:
+        log = f.read()
+    for name in ("pxelinux.0", "ipxe.lkrn", f"{NODE}.ipxe"):
+        assert name in log, f"dnsmasq never sent {name}"

@@ -1,0 +1,82 @@
+"""QemuNode against a real qemu on the real boot network (no full boot: a few seconds)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ims.common.errors import InvalidInput
+from ims.common.process import execute
+from ims.hilsim.vm import QemuNode
+from tests.support.bootnet import BootNet
+
+
+def _tap_present(net: BootNet, tap: str) -> bool:
+    out, _ = execute("ip", "netns", "exec", net.netns, "ip", "-o", "link", "show", "dev", tap,
+                     check_exit_code=(0, 1, 255))
+    return bool(out.strip())
+
+
+def _qemu_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            state = f.read().rsplit(")", 1)[-1].split()[0]
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return state not in ("Z", "X") and b"qemu" in f.read()
+    except OSError:
+        return False
+
+
+def test_power_cycle_screendump_power_off_stop(bootnet: BootNet, tmp_path) -> None:
+    log = str(tmp_path / "console.log")
+    vm = QemuNode("vmcheck", "52:54:00:c0:ff:01", netns=bootnet.netns, bridge=bootnet.bridge,
+                  console_log=log, workdir=str(tmp_path / "vm"), boot_timeout=30)
+    try:
+        vm.power_cycle()
+        assert vm.is_running()
+        pid = vm.pid
+        assert pid is not None and os.path.exists(f"/proc/{pid}")
+        assert _tap_present(bootnet, vm.tap)
+        # The tap is a port of the boot bridge.
+        out, _ = execute("ip", "netns", "exec", bootnet.netns, "ip", "-o", "link", "show", "dev", vm.tap)
+        assert f"master {bootnet.bridge}" in out
+
+        shot = vm.screendump(str(tmp_path / "screen.png"))
+        with open(shot, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+        # Nothing on ttyS0 before an image's syslinux runs: a short wait must time out, with a message.
+        with pytest.raises(TimeoutError, match="no console line matched"):
+            vm.wait_for_console(r"NEVER-PRINTED", timeout=1)
+
+        with open(log, "a", encoding="ascii") as f:
+            f.write("first-cycle-marker\n")
+        vm.power_cycle()  # stops the old qemu, keeps its console as .1
+        assert vm.is_running() and vm.pid != pid
+        assert not _qemu_alive(pid), "the first qemu survived the power cycle"
+        with open(log + ".1", encoding="ascii", errors="replace") as f:
+            assert "first-cycle-marker" in f.read()
+
+        vm.power_off()
+        assert not vm.is_running()
+        assert vm.wait_exit(1)
+        with pytest.raises(TimeoutError, match="not running"):
+            vm.wait_for_console(r"NEVER-PRINTED", timeout=5)
+    finally:
+        vm.stop()
+        vm.stop()  # idempotent
+    assert not vm.is_running()
+    assert not _tap_present(bootnet, vm.tap)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"name": "../x"}, {"mac": "not-a-mac"}, {"netns": "ns;rm"}, {"bridge": "a-very-long-bridge-name"},
+    {"boot_order": "n,menu=on"}, {"nic_model": "e1000,bus=x"},
+])
+def test_rejects_bad_arguments(kwargs: dict[str, str], tmp_path) -> None:
+    args = {"name": "n1", "mac": "52:54:00:00:00:01", "netns": "bmi-x", "bridge": "br-bmi"}
+    extra = {k: v for k, v in kwargs.items() if k not in args}
+    args.update({k: v for k, v in kwargs.items() if k in args})
+    with pytest.raises(InvalidInput):
+        QemuNode(args.pop("name"), args.pop("mac"), console_log=str(tmp_path / "c.log"),
+                 workdir=str(tmp_path / "w"), **args, **extra)

@@ -1,0 +1,94 @@
+"""A private, real tgtd for tests (scripts/tgtd-dev), as a session-scoped pytest fixture.
+
+    from tests.support.tgt import tgtd  # noqa: F401  (makes the fixture visible)
+
+    def test_x(tgtd):
+        driver = tgtd.target("iqn.2026-01.org.bmi.test:")
+        ...
+
+The daemon listens on 127.0.0.1 on a free port with a private control port, and is
+stopped (exactly that pid) when the session ends.  If it cannot start the test FAILS.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from ims.einstein.iscsi.tgt import TgtTarget
+
+REPO = Path(__file__).resolve().parents[2]
+TGTD_DEV = str(REPO / "scripts" / "tgtd-dev")
+
+
+@dataclass
+class TgtdInstance:
+    dir: str
+    control_port: int
+    portal_ip: str
+    portal_port: int
+    pid: int
+    conf_dir: str
+    _extra_dirs: list[str] = field(default_factory=list)
+
+    @property
+    def portal(self) -> str:
+        return f"{self.portal_ip}:{self.portal_port}"
+
+    def url(self, iqn: str, lun: int = 1) -> str:
+        return f"iscsi://{self.portal}/{iqn}/{lun}"
+
+    def target(self, prefix: str = "", conf_dir: str | None = None) -> TgtTarget:
+        """A driver bound to this tgtd (conf files in ``conf_dir``, default the shared ``.conf_dir``)."""
+        return TgtTarget(conf_dir or self.conf_dir, control_port=self.control_port, iqn_prefix=prefix)
+
+    def new_conf_dir(self) -> str:
+        """A fresh, empty conf dir (for tests that list or restore targets)."""
+        path = tempfile.mkdtemp(prefix="conf-", dir=self.dir)
+        self._extra_dirs.append(path)
+        return path
+
+    def alive(self) -> bool:
+        try:
+            return Path(f"/proc/{self.pid}/comm").read_text().strip() == "tgtd"
+        except FileNotFoundError:
+            return False
+
+
+def start_tgtd(directory: str, portal_ip: str = "127.0.0.1") -> TgtdInstance:
+    """Run ``scripts/tgtd-dev start``; FAILS the test (not skip) if tgtd cannot start."""
+    if shutil.which("tgtd") is None or shutil.which("tgtadm") is None:
+        pytest.fail("tgtd/tgtadm not installed: run scripts/install-deps (Debian package 'tgt')")
+    proc = subprocess.run([TGTD_DEV, "start", directory, portal_ip], capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        pytest.fail(f"scripts/tgtd-dev start failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    env = dict(line.split("=", 1) for line in Path(directory, "env").read_text().splitlines() if "=" in line)
+    ip, _, port = env["TGT_PORTAL"].rpartition(":")
+    conf_dir = os.path.join(directory, "conf.d")
+    os.makedirs(conf_dir, exist_ok=True)
+    return TgtdInstance(dir=directory, control_port=int(env["TGT_CONTROL_PORT"]), portal_ip=ip,
+                        portal_port=int(port), pid=int(Path(directory, "tgtd.pid").read_text()), conf_dir=conf_dir)
+
+
+def stop_tgtd(instance: TgtdInstance) -> None:
+    """Run ``scripts/tgtd-dev stop`` (exactly our pid); raises if the daemon is left running."""
+    proc = subprocess.run([TGTD_DEV, "stop", instance.dir], capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0 or instance.alive():
+        raise RuntimeError(f"tgtd {instance.pid} did not stop: {proc.stdout}{proc.stderr}")
+
+
+@pytest.fixture(scope="session")
+def tgtd() -> Iterator[TgtdInstance]:
+    directory = tempfile.mkdtemp(prefix="bmi-tgtd-")
+    instance = start_tgtd(directory)
+    try:
+        yield instance
+    finally:
+        stop_tgtd(instance)
+        shutil.rmtree(directory, ignore_errors=True)
