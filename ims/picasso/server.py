@@ -7,6 +7,7 @@ import logging
 import waitress
 
 from ims.common import config as bmi_config
+from ims.common import log as bmi_log
 from ims.common.errors import ConfigError
 from ims.picasso.app import create_app
 
@@ -17,9 +18,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="picasso_server", description="Run the BMI REST API (Picasso).")
     parser.add_argument("--config", help="config file (default: $BMI_CONFIG or /etc/bmi/bmiconfig.cfg)")
     opts = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s picasso %(levelname)s %(message)s")
+    bmi_log.setup(None, "picasso")
     try:
         cfg = bmi_config.load(path=opts.config)
+        bmi_log.setup(cfg, "picasso")
     except ConfigError as exc:
         LOG.error("%s", exc)
         return 1

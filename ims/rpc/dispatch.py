@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from typing import Any
 
 import Pyro4
@@ -38,13 +39,29 @@ class EinsteinEndpoint:
         except TypeError as exc:
             LOG.info("%s called with wrong arguments: %s", method, exc)
             return {"ok": False, "error": InvalidInput(f"wrong arguments for {method}").to_dict()}
+        user = _user_of(args, kwargs)
+        started = time.monotonic()
         try:
             result = func(*args, **kwargs)
         except BMIError as exc:
             # Expected failures: log one line (no traceback, no arguments: they hold credentials).
-            LOG.info("%s failed: %s (%s)", method, type(exc).__name__, exc.status)
+            LOG.info("%s by %s failed in %.0f ms: %s (%s): %s", method, user, _ms(started), type(exc).__name__,
+                     exc.status, exc)
             return {"ok": False, "error": to_wire(exc)}
         except Exception as exc:
-            LOG.exception("%s crashed", method)
+            LOG.exception("%s by %s crashed", method, user)
             return {"ok": False, "error": to_wire(exc)}
+        LOG.info("%s by %s ok in %.0f ms", method, user, _ms(started))
         return {"ok": True, "result": result}
+
+
+def _ms(started: float) -> float:
+    return (time.monotonic() - started) * 1000
+
+
+def _user_of(args: Any, kwargs: dict[str, Any]) -> str:
+    """The caller's user name (never the password) for the audit line."""
+    auth = args[0] if args else kwargs.get("auth")
+    if isinstance(auth, dict) and isinstance(auth.get("username"), str):
+        return auth["username"][:64]
+    return "-"

@@ -23,6 +23,7 @@ import Pyro4
 import Pyro4.naming
 
 from ims.common import config as bmi_config
+from ims.common import log as bmi_log
 from ims.common.errors import ConfigError
 from ims.rpc.dispatch import EinsteinEndpoint
 from ims.rpc.methods import DEFAULT_OPS_FACTORY, NAME_PREFIX
@@ -82,9 +83,9 @@ def _die_with_parent(parent_pid: int) -> None:
 def worker_main(config_path: str, index: int, factory_spec: str, parent_pid: int) -> None:
     """Entry point of worker ``index``: serve ``bmi.einstein.<index>`` until told to stop."""
     _die_with_parent(parent_pid)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s einstein.{index} %(levelname)s %(message)s")
     configure_pyro()
     cfg = bmi_config.load(path=config_path)
+    bmi_log.setup(cfg, f"einstein.{index}")
     key = hmac_key(cfg)
     ops = load_factory(factory_spec)(cfg)
     daemon = Pyro4.Daemon(host=cfg.rpc.rpc_server_ip, port=cfg.rpc.rpc_server_port + index)
@@ -185,10 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     # For tests and labs: which callable builds the operations object from the config.
     parser.add_argument("--ops-factory", default=DEFAULT_OPS_FACTORY, help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s einstein %(levelname)s %(message)s")
+    bmi_log.setup(None, "einstein")
     configure_pyro()
     try:
         cfg = bmi_config.load(path=opts.config)
+        bmi_log.setup(cfg, "einstein")
         supervisor = Supervisor(cfg, opts.ops_factory)
         supervisor.recover()
     except ConfigError as exc:

@@ -18,7 +18,7 @@ from tests.support import iscsi_rw
 from tests.support.ceph import CephCluster, ceph_cluster  # noqa: F401  (fixture)
 from tests.support.tgt import TgtdInstance, start_tgtd, stop_tgtd, tgtd  # noqa: F401  (fixture)
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 MiB = 1 << 20
 PREFIX = "iqn.2026-01.org.bmi.test:"
@@ -104,6 +104,8 @@ def test_remove_with_open_session(tgtd: TgtdInstance, driver: TgtTarget, tmp_pat
     try:
         assert session.read(0, 8, 512) == Path(path).read_bytes()[:4096]
         driver.remove_target(name)
+        with pytest.raises(iscsi_rw.IscsiIOError):   # the node's session is really gone
+            session.read(0, 8, 512)
     finally:
         session.close()
     assert driver.iqn(name) not in tgt_targets(tgtd)

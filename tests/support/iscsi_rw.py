@@ -47,6 +47,8 @@ def _libiscsi() -> ctypes.CDLL:
         lib.iscsi_set_targetname.argtypes, lib.iscsi_set_targetname.restype = [vp, cp], i
         lib.iscsi_set_session_type.argtypes, lib.iscsi_set_session_type.restype = [vp, i], i
         lib.iscsi_full_connect_sync.argtypes, lib.iscsi_full_connect_sync.restype = [vp, cp, i], i
+        lib.iscsi_set_timeout.argtypes, lib.iscsi_set_timeout.restype = [vp, i], i
+        lib.iscsi_set_noautoreconnect.argtypes, lib.iscsi_set_noautoreconnect.restype = [vp, i], None
         lib.iscsi_get_error.argtypes, lib.iscsi_get_error.restype = [vp], cp
         lib.iscsi_logout_sync.argtypes, lib.iscsi_logout_sync.restype = [vp], i
         lib.iscsi_destroy_context.argtypes, lib.iscsi_destroy_context.restype = [vp], i
@@ -83,13 +85,17 @@ def parse_address(url_or_portal: str, iqn: str | None = None, lun: int | None = 
 class _Session:
     """One logged-in normal session to one LUN; always logs out and frees the context."""
 
-    def __init__(self, addr: LunAddress, initiator: str) -> None:
+    def __init__(self, addr: LunAddress, initiator: str, timeout: float = 20.0) -> None:
         self.lib = _libiscsi()
         self.addr = addr
         self.ctx = self.lib.iscsi_create_context(initiator.encode())
         if not self.ctx:
             raise IscsiIOError("iscsi_create_context failed")
         try:
+            # Fail instead of hanging: by default libiscsi reconnects forever when the
+            # target goes away (e.g. removed under an open session).
+            self.lib.iscsi_set_noautoreconnect(self.ctx, 1)
+            self.lib.iscsi_set_timeout(self.ctx, int(timeout))
             self.lib.iscsi_set_targetname(self.ctx, addr.iqn.encode())
             self.lib.iscsi_set_session_type(self.ctx, SESSION_NORMAL)
             if self.lib.iscsi_full_connect_sync(self.ctx, addr.portal.encode(), addr.lun) != 0:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -83,12 +84,25 @@ def stop_tgtd(instance: TgtdInstance) -> None:
         raise RuntimeError(f"tgtd {instance.pid} did not stop: {proc.stdout}{proc.stderr}")
 
 
+def _sigterm_to_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 @pytest.fixture(scope="session")
 def tgtd() -> Iterator[TgtdInstance]:
+    # `timeout`/CI send SIGTERM, which would end pytest without running finalizers and
+    # leave tgtd behind; as KeyboardInterrupt the finally below still stops it.
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
     directory = tempfile.mkdtemp(prefix="bmi-tgtd-")
     instance = start_tgtd(directory)
     try:
         yield instance
     finally:
-        stop_tgtd(instance)
+        # A second SIGTERM must not cut the stop short either.
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            stop_tgtd(instance)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(directory, ignore_errors=True)

@@ -24,6 +24,19 @@ EXPECTED_RBD = """# bmi: tid=7 lun=1
 </target>
 """
 
+EXPECTED_NAMES_ONLY = """# bmi: tid=9 lun=1
+<target iqn.2017-10.org.moc.bmi:5img12>
+    driver iscsi
+    bs-type rbd
+    backing-store bmi/5img12
+    bsopts "'conf=/etc/ceph/ceph.conf;id=bmi'"
+    write-cache off
+    # 0.0.0.0/32 matches no initiator: only the names below may log in
+    initiator-address 0.0.0.0/32
+    initiator-name iqn.2017-10.org.moc.bmi.node:node-1
+</target>
+"""
+
 EXPECTED_FILE = """# bmi: tid=3 lun=2
 <target 5img12>
     driver iscsi
@@ -42,13 +55,21 @@ def test_render_rbd_target_with_initiator_name() -> None:
     assert render_conf(spec) == EXPECTED_RBD
 
 
+def test_render_names_only_keeps_tgt_admin_from_binding_all() -> None:
+    spec = TargetSpec(name="5img12", iqn="iqn.2017-10.org.moc.bmi:5img12", backing=RBD, lun=1,
+                      initiators=[], initiator_names=["iqn.2017-10.org.moc.bmi.node:node-1"], tid=9)
+    assert render_conf(spec) == EXPECTED_NAMES_ONLY
+    back = parse_conf(EXPECTED_NAMES_ONLY, "5img12")
+    assert back.initiators == [] and back.initiator_names == ["iqn.2017-10.org.moc.bmi.node:node-1"]
+
+
 def test_render_file_target() -> None:
     spec = TargetSpec(name="5img12", iqn="5img12", backing=Backing("rdwr", "/var/lib/bmi/images/5img12"), lun=2,
                       initiators=["10.0.0.0/24", "127.0.0.1"], tid=3)
     assert render_conf(spec) == EXPECTED_FILE
 
 
-@pytest.mark.parametrize("text", [EXPECTED_RBD, EXPECTED_FILE])
+@pytest.mark.parametrize("text", [EXPECTED_RBD, EXPECTED_FILE, EXPECTED_NAMES_ONLY])
 def test_parse_round_trip(text: str) -> None:
     spec = parse_conf(text, "5img12")
     assert render_conf(spec) == text
@@ -86,8 +107,8 @@ def test_bad_backing_rejected(backing: Backing) -> None:
 
 def test_initiators() -> None:
     assert check_initiators(["ALL"], None) == (["ALL"], [])
-    # a names-only restriction still needs an address entry: tgtd refuses unmatched addresses
-    assert check_initiators(None, ["iqn.2017-10.org.moc.bmi.node:n1"]) == (["ALL"], ["iqn.2017-10.org.moc.bmi.node:n1"])
+    # tgtd ORs addresses and names: ALL is never added implicitly, or a names-only ACL would admit everyone
+    assert check_initiators(None, ["iqn.2017-10.org.moc.bmi.node:n1"]) == ([], ["iqn.2017-10.org.moc.bmi.node:n1"])
     assert check_initiators(["10.1.0.0/16", "::1"], []) == (["10.1.0.0/16", "::1"], [])
     for bad_addr in (["10.0.0.300"], ["host name"], ["ALL\n"], ["10.0.0.1\n"]):
         with pytest.raises(InvalidInput):

@@ -49,6 +49,9 @@ _INITIATOR_NAME_RE = re.compile(
 _TID_LINE_RE = re.compile(r"^# bmi: tid=(\d+) lun=(\d+)\s*$", re.M)
 _SHOW_TARGET_RE = re.compile(r"^Target (\d+): (\S+)\s*$", re.M)
 
+# Written to conf files of names-only targets so tgt-admin does not bind ALL (see render_conf).
+NO_ADDRESS = "0.0.0.0/32"
+
 _EXISTS = "already exists"
 _NO_TARGET = "can't find the target"
 
@@ -80,8 +83,10 @@ def check_backing(backing: Backing) -> Backing:
 def check_initiators(initiators: list[str] | None, initiator_names: list[str] | None) -> tuple[list[str], list[str]]:
     """Validate ACL entries; returns ``(addresses, names)``.
 
-    tgtd refuses every initiator whose address matches no ``-I`` entry, while an empty
-    ``-Q`` list means "any name".  So a names-only restriction still needs ``-I ALL``.
+    Debian's tgtd (1.0.85) keeps addresses and names in ONE access list: a login is let in
+    when its address or its initiator name matches any entry.  So ``ALL`` admits everyone
+    whatever names are bound, and a names-only list admits exactly those names (checked
+    with libiscsi in tests/integration/test_tgt.py).  Never add ``ALL`` implicitly.
     """
     addresses = list(initiators or [])
     names = list(initiator_names or [])
@@ -97,8 +102,6 @@ def check_initiators(initiators: list[str] | None, initiator_names: list[str] | 
     for name in names:
         if not isinstance(name, str) or not _INITIATOR_NAME_RE.fullmatch(name) or len(name) > 223:
             raise InvalidInput(f"invalid initiator name {name!r}")
-    if not addresses:
-        addresses = ["ALL"]
     return addresses, names
 
 
@@ -113,6 +116,11 @@ def render_conf(spec: TargetSpec, template: str | None = None) -> str:
         template = Path(DEFAULT_TEMPLATES_DIR, "tgt_target.temp").read_text(encoding="utf-8")
     bsopts_line = f"    bsopts \"'{spec.backing.bsopts}'\"\n" if spec.backing.bsopts else ""
     lines = [f"    initiator-address {a}\n" for a in spec.initiators]
+    if not spec.initiators:
+        # tgt-admin binds ALL to a target with no initiator-address line, and ALL would
+        # admit every initiator whatever names are bound (one OR-ed access list).
+        lines.append(f"    # {NO_ADDRESS} matches no initiator: only the names below may log in\n")
+        lines.append(f"    initiator-address {NO_ADDRESS}\n")
     lines += [f"    initiator-name {n}\n" for n in spec.initiator_names]
     return string.Template(template).substitute(
         tid=spec.tid if spec.tid is not None else 0, lun=spec.lun, target_iqn=spec.iqn,
@@ -145,7 +153,7 @@ def parse_conf(text: str, name: str) -> TargetSpec:
         name=name, iqn=iqn,
         backing=Backing(bstype=values["bs-type"][0], path=values["backing-store"][0], bsopts=bsopts),
         lun=int(tid_match.group(2)) if tid_match else 1,
-        initiators=values.get("initiator-address", []),
+        initiators=[a for a in values.get("initiator-address", []) if a != NO_ADDRESS],
         initiator_names=values.get("initiator-name", []),
         tid=int(tid_match.group(1)) if tid_match and int(tid_match.group(1)) > 0 else None)
     check_backing(spec.backing)
