@@ -100,8 +100,9 @@ class RealEnv:
             images[name] = {"snaps": {sn: st.is_protected(name, sn) for sn in snaps}, "parent": st.parent_info(name)}
         files = sorted(str(p.relative_to(self.tmp / "tftp")) for p in (self.tmp / "tftp").rglob("*") if p.is_file())
         nets = {n["label"]: n.get("networks", {}) for n in self.hil.show_node(NODE)["nics"]}
+        conf = sorted(f for f in os.listdir(self.ops.cfg.iscsi.conf_dir) if not f.startswith("."))
         return shape({"rows": rows, "provs": provs, "images": images, "targets": self.tgt_targets(),
-                      "conf": sorted(f for f in os.listdir(self.ops.cfg.iscsi.conf_dir) if not f.startswith(".")), "files": files, "nets": nets})
+                      "conf": conf, "files": files, "nets": nets})
 
     def cleanup(self) -> None:
         """Deprovision and remove everything BMI made, so the next scenario starts clean."""
