@@ -5,66 +5,20 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import re
 import subprocess
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import requests
 
-REPO = Path(__file__).resolve().parents[2]
-BMI = str(REPO / ".venv" / "bin" / "bmi")
-
-
-class Stack:
-    def __init__(self, directory: Path) -> None:
-        self.dir = directory
-        self.env = dict(os.environ)
-        for line in (directory / "env").read_text().splitlines():
-            key, _, value = line.removeprefix("export ").partition("=")
-            self.env[key] = value.replace("$PATH", os.environ.get("PATH", ""))
-        self.url = self.env["BMI_URL"]
-
-    def bmi(self, *args: str, user: tuple[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
-        env = dict(self.env)
-        if user:
-            env["HIL_USERNAME"], env["HIL_PASSWORD"] = user
-        proc = subprocess.run([BMI, *args], capture_output=True, text=True, env=env, timeout=120)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"bmi {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
-        return proc
-
-    def rbd(self, *args: str) -> str:
-        return subprocess.run(["rbd", *args], capture_output=True, text=True, env=self.env, check=True,
-                              timeout=60).stdout
-
-    def targets(self) -> list[str]:
-        import configparser
-
-        cfg = configparser.ConfigParser(interpolation=None)
-        cfg.read(self.env["BMI_CONFIG"])
-        out = subprocess.run(["tgtadm", "-C", cfg.get("iscsi", "control_port"), "--lld", "iscsi", "--op", "show",
-                              "--mode", "target"], capture_output=True, text=True, check=True).stdout
-        return re.findall(r"^Target \d+: (\S+)$", out, re.M)
+from tests.support.stack import BMI, Stack, running_stack
 
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    directory = Path(tempfile.mkdtemp(prefix="bmi-stack-test-"))
-    up = subprocess.run([str(REPO / "scripts" / "bmi-stack"), "up", "--dir", str(directory)],
-                        capture_output=True, text=True, timeout=300)
-    try:
-        if up.returncode != 0:
-            pytest.fail(f"scripts/bmi-stack up failed:\n{up.stdout}\n{up.stderr}", pytrace=False)
-        yield Stack(directory)
-    finally:
-        subprocess.run([str(REPO / "scripts" / "bmi-stack"), "down", "--dir", str(directory)],
-                       capture_output=True, timeout=300)
-        leftovers = subprocess.run(["pgrep", "-f", str(directory)], capture_output=True, text=True).stdout
-        assert leftovers.strip() == "", f"processes of the stack survived `down`: {leftovers}"
+    with running_stack() as handle:
+        yield handle
 
 
 ADMIN = ("haasadmin", "admin1234")
