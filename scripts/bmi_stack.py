@@ -120,7 +120,8 @@ def inventory(boot: dict[str, str] | None, d: Path) -> dict:
     return inv
 
 
-def write_config(d: Path, ceph_conf: str, tgt: dict[str, str], hil_url: str, boot: dict[str, str] | None) -> Path:
+def write_config(d: Path, ceph_conf: str, tgt: dict[str, str], hil_url: str, boot: dict[str, str] | None,
+                 http_boot_port: int | None = None) -> Path:
     portal_ip, _, portal_port = tgt["TGT_PORTAL"].rpartition(":")
     tftp = Path(boot["BOOTNET_TFTP_ROOT"]) if boot else d / "tftp"
     (tftp / "pxelinux.cfg").mkdir(parents=True, exist_ok=True)
@@ -161,9 +162,14 @@ workers = 2
 hmac_key = {secrets.token_hex(32)}
 
 [tftp]
+boot_mode = {"http" if http_boot_port else "tftp"}
 pxelinux_path = {tftp}/pxelinux.cfg
 ipxe_path = {tftp}
 leases_file = {leases}
+
+[boot_http]
+ip = {boot["BOOTNET_IP"] if http_boot_port and boot else ""}
+port = {http_boot_port or 8080}
 
 [rest_api]
 ip = 127.0.0.1
@@ -192,7 +198,7 @@ def read_env(path: Path) -> dict[str, str]:
     return out
 
 
-def up(d: Path, boot_net: bool) -> None:
+def up(d: Path, boot_net: bool, http_boot: bool = False) -> None:
     if (d / "env").exists() and all(alive(p) for p in (d / "pids").glob("*.pid")) and \
             list((d / "pids").glob("*.pid")):
         log(f"already up (source {d / 'env'}); run `scripts/bmi-stack down` first to start afresh")
@@ -202,13 +208,17 @@ def up(d: Path, boot_net: bool) -> None:
         down(d)
     for sub in ("pids", "logs", "consoles", "vms"):
         (d / sub).mkdir(parents=True, exist_ok=True)
-    (d / "state").write_text(json.dumps({"boot": boot_net}))
+    (d / "state").write_text(json.dumps({"boot": boot_net, "http_boot": http_boot}))
+    http_boot_port = free_port() if http_boot else None
     try:
         t0 = time.monotonic()
         boot = None
         if boot_net:
             log("starting the boot network (netns, bridge, dnsmasq)")
-            run(str(SCRIPTS / "bootnet"), "up", str(d / "bootnet"))
+            bootnet_env = dict(os.environ)
+            if http_boot_port:
+                bootnet_env["BOOTNET_HTTP_BOOT_PORT"] = str(http_boot_port)
+            run(str(SCRIPTS / "bootnet"), "up", str(d / "bootnet"), env=bootnet_env)
             boot = read_env(d / "bootnet" / "env")
             global NETNS
             NETNS = boot["BOOTNET_NETNS"]
@@ -229,7 +239,7 @@ def up(d: Path, boot_net: bool) -> None:
         spawn("hil-simulator", [PY, "-m", "ims.hilsim", "--inventory", str(inv_path), "--port", str(hil_port)], d)
         hil_url = f"http://127.0.0.1:{hil_port}"
         wait_http(hil_url + "/v0/nodes/free", 30, "hil-simulator", d)
-        cfg = write_config(d, ceph_conf, tgt, hil_url, boot)
+        cfg = write_config(d, ceph_conf, tgt, hil_url, boot, http_boot_port)
         env = dict(os.environ, BMI_CONFIG=str(cfg), CEPH_CONF=ceph_conf)
         log("starting Einstein and Picasso")
         spawn("einstein", [PY, str(SCRIPTS / "einstein_server"), "--config", str(cfg)], d, env)
@@ -352,10 +362,12 @@ def main() -> int:
     parser.add_argument("command", choices=["up", "down", "status", "env"])
     parser.add_argument("--dir", default=os.environ.get("BMI_STACK_DIR", str(REPO / "run" / "stack")))
     parser.add_argument("--boot", action="store_true", help="also start the boot network and qemu-backed nodes")
+    parser.add_argument("--http-boot", action="store_true",
+                        help="with --boot: nodes chain to BMI's HTTP boot endpoint; no per-node TFTP files")
     args = parser.parse_args()
     d = Path(args.dir).resolve()
     if args.command == "up":
-        up(d, args.boot)
+        up(d, args.boot or args.http_boot, args.http_boot)
         print(d / "env")
         return 0
     if args.command == "down":

@@ -79,7 +79,16 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "pxelinux_path": ("path", "/var/lib/tftpboot/pxelinux.cfg"),
         "ipxe_path": ("path", "/var/lib/tftpboot"),
         "boot_interface": (str, "net0"),
+        # "tftp": per-node PXELINUX + iPXE files; "http": no per-node files, nodes chain to
+        # [boot_http] (a static boot.ipxe does `chain http://IP:PORT/boot/${mac}`).
+        "boot_mode": (str, "tftp"),
         "leases_file": ("path", "/var/lib/misc/dnsmasq.leases"),
+    },
+    "boot_http": {
+        # Where Picasso serves node iPXE scripts (GET /boot/<mac>), on the provisioning network;
+        # empty = not served.  Only /boot/ is served there: the tenant API stays on [rest_api].
+        "ip": (str, ""),
+        "port": (int, 8080),
     },
     "rest_api": {
         "ip": (str, "127.0.0.1"),
@@ -209,6 +218,10 @@ def _validate(cfg: BMIConfig) -> None:
     if not 0 < cfg.iscsi.lun < 256:
         raise ConfigError(f"{cfg.path}: invalid value {cfg.iscsi.lun} for [iscsi] lun: use 1-255 "
                           "(LUN 0 is tgt's controller)")
+    if cfg.tftp.boot_mode not in ("tftp", "http"):
+        raise ConfigError(f"{cfg.path}: invalid value {cfg.tftp.boot_mode!r} for [tftp] boot_mode: use tftp or http")
+    if cfg.tftp.boot_mode == "http" and not cfg.boot_http.ip:
+        raise ConfigError(f"{cfg.path}: [tftp] boot_mode = http needs [boot_http] ip")
     if cfg.rpc.workers < 1:
         raise ConfigError(f"{cfg.path}: invalid value {cfg.rpc.workers} for [rpc] workers")
 

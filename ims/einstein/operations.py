@@ -430,6 +430,8 @@ class Operations:
             tx.step("iscsi.add_target",
                     lambda: self.iscsi.add_target(clone, self.storage.backing(clone), addrs, inames),
                     undo=("iscsi.remove", {"target": clone}))
+        if self.cfg.tftp.boot_mode == "http":
+            return  # nodes fetch their script from GET /boot/<mac> (boot_script): no per-node files
         tx.step("boot.write", lambda: self.boot.write(node, mac, label, iqn, initiator),
                 undo=("boot.remove", {"node": node, "mac": mac}))
 
@@ -800,6 +802,23 @@ class Operations:
                 tx.commit_point()
                 self.journal.forward_registry["deprovision_disk"](args, tx.ctx)
 
+    def boot_script(self, mac: str) -> str:
+        """The iPXE script of the node with NIC ``mac`` (HTTP boot path); NodeNotProvisioned if none.
+
+        Unauthenticated by design, like TFTP: it is served on the provisioning network only and
+        holds what the per-node TFTP file would (portal, target IQN, initiator name).
+        """
+        mac = names.normalize_mac(mac)
+        with self._session() as session:
+            prov = session.scalars(select(Provision).where(Provision.mac == mac)).first()
+            if prov is None:
+                raise NodeNotProvisioned(f"no node with MAC {mac} is provisioned")
+            row = session.get(Image, prov.image_id)
+            owner = prov.node if row is not None and row.kind == "node" else (row.name if row else prov.node)
+            clone = self.ceph_name(prov.image_id)
+        _, _, initiator = self._initiators(owner)
+        return self.boot.render_ipxe(self.iscsi.iqn(clone), initiator)
+
     # ----------------------------------------------------------------- admin
     def list_projects(self, auth: Auth) -> list[list[Any]]:
         self._admin(auth)
@@ -918,7 +937,8 @@ class Operations:
             "rows_without_image": sorted(set(rows) - in_storage),
             "targets_without_row": sorted(targets - set(rows)),
             "missing_targets": sorted(should_export - targets - (set(rows) - in_storage)),
-            "missing_boot_files": sorted(node for node, mac, _ in provs if not self.boot.exists(node, mac)),
+            "missing_boot_files": sorted(node for node, mac, _ in provs if self.cfg.tftp.boot_mode == "tftp"
+                                         and not self.boot.exists(node, mac)),
             "leftover_snapshots": sorted(c for c, kind in rows.items()
                                          if kind in ("node", "disk") and c in in_storage
                                          and self.snap in self.storage.list_snapshots(c)),

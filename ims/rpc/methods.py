@@ -14,6 +14,7 @@ ALLOWED_METHODS: frozenset[str] = frozenset({
     "create_disk", "delete_disk", "provision_disk", "deprovision_disk", "list_disks",
     "list_projects", "create_project", "remove_project",
     "db_list", "db_create", "db_remove", "reconcile",
+    "boot_script",
 })
 
 # Operations that only an administrator may run (Picasso enforces this; listed here

@@ -35,9 +35,12 @@ def boot(stack: Stack, node: str) -> str:
     raise AssertionError(f"{node} did not finish booting in {BOOT_TIMEOUT}s; console:\n{text[-3000:]}")
 
 
-@pytest.fixture(scope="module")
-def boot_stack() -> Iterator[Stack]:
-    with running_stack(boot=True) as handle:
+@pytest.fixture(scope="module", params=["tftp", "http"])
+def boot_stack(request) -> Iterator[Stack]:
+    """tftp: BMI writes each node's PXELINUX + iPXE files; http: no per-node files, the nodes chain
+    to BMI's GET /boot/<mac> through one static boot.ipxe."""
+    with running_stack(boot=True, http_boot=request.param == "http") as handle:
+        handle.mode = request.param
         yield handle
 
 
@@ -56,6 +59,9 @@ def test_nodes_boot_their_clones_and_snapshots_carry_writes(boot_stack: Stack) -
     # node1: provisioned from the golden image, then power-cycled by HIL
     assert s.bmi("pro", "bmi_infra", "bmi_node", "bmi-boot-image", "bmi_network", "bmi_port").stdout == "Success\n"
     rows = {r[1]: r for r in _rows(s.bmi("--json", "db", "ls").stdout)}
+    tftp = Path(s.env["BOOTNET_TFTP_ROOT"])
+    per_node = sorted(p.name for p in [*tftp.glob("*.ipxe"), *(tftp / "pxelinux.cfg").glob("01-*")])
+    assert per_node == (["boot.ipxe"] if s.mode == "http" else ["01-52-54-00-00-00-01", "bmi_node.ipxe"])
     node1_target = next(t for t in s.targets() if t.endswith(rows["bmi_node"][3]))
     console = boot(s, "bmi_node")
     assert marker_line(console, "BMI-BOOT-OK") == \
@@ -83,8 +89,8 @@ def test_nodes_boot_their_clones_and_snapshots_carry_writes(boot_stack: Stack) -
     s.bmi("rm", "bmi_infra", "bmi-boot-image")
     assert s.targets() == []
     assert s.rbd("ls").split() == ["bmi-boot-image"]
-    tftp = Path(s.env["BOOTNET_TFTP_ROOT"])
-    assert list(tftp.glob("*.ipxe")) == [] and list((tftp / "pxelinux.cfg").glob("01-*")) == []
+    left = sorted(p.name for p in [*tftp.glob("*.ipxe"), *(tftp / "pxelinux.cfg").glob("01-*")])
+    assert left == (["boot.ipxe"] if s.mode == "http" else [])
     s.rbd("rm", "--no-progress", "bmi-boot-image")
 
 

@@ -42,6 +42,7 @@ class Stack:
         self.url = self.env["BMI_URL"]
         netns = self.env.get("BMI_NETNS")
         self.nsx = ["ip", "netns", "exec", netns] if netns else []
+        self.mode = "tftp"  # boot path of a --boot stack: "tftp" or "http"
 
     def bmi(self, *args: str, user: tuple[str, str] | None = None, check: bool = True,
             timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -78,9 +79,10 @@ class Stack:
 
 
 @contextlib.contextmanager
-def running_stack(boot: bool = False) -> Iterator[Stack]:
+def running_stack(boot: bool = False, http_boot: bool = False) -> Iterator[Stack]:
     directory = Path(tempfile.mkdtemp(prefix="bmi-boot-stack-" if boot else "bmi-stack-test-"))
-    argv = [STACK, "up", "--dir", str(directory)] + (["--boot"] if boot else [])
+    argv = [STACK, "up", "--dir", str(directory)] + (["--boot"] if boot else []) + \
+        (["--http-boot"] if http_boot else [])
     up = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
     try:
         if up.returncode != 0:

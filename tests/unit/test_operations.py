@@ -449,3 +449,40 @@ def test_reconcile_reports_and_repairs_drift(env):
     with pytest.raises(BMIError) as err:
         ops.reconcile(USER)
     assert err.value.status == 403
+
+
+def test_http_boot_mode_writes_no_per_node_files_and_serves_the_script(tmp_path):
+    from ims.picasso.boot import create_boot_app
+
+    env = Env(tmp_path)
+    env.cfg.tftp.values["boot_mode"] = "http"
+    env.cfg.boot_http.values["ip"] = "10.77.0.1"
+    ops = env.ops
+    ops.import_image(USER, "bmi_infra", "bmi-test-image")
+    ops.provision(USER, "bmi_infra", "bmi_node", "bmi-test-image", "bmi_network", "bmi_port")
+    assert [p for p in env.tftp.rglob("*") if p.is_file()] == []
+    script = ops.boot_script("52-54-00-AA-BB-01")
+    assert script.startswith("#!ipxe")
+    assert f"sanboot --keep iscsi:10.77.0.1:tcp:3260:1:iqn.2017-10.org.moc.bmi:{ceph(2)}" in script
+    assert "set initiator-iqn iqn.2017-10.org.moc.bmi.node:bmi_node" in script
+    client = create_boot_app(ops).test_client()
+    r = client.get("/boot/52:54:00:aa:bb:01")
+    assert r.status_code == 200 and r.mimetype == "text/plain" and r.text == script
+    assert client.get("/boot/52:54:00:aa:bb:77").status_code == 404
+    bad = client.get("/boot/not-a-mac")
+    assert bad.status_code == 400 and bad.text.startswith("#!ipxe") and "exit 1" in bad.text
+    assert client.get("/v1/projects").status_code == 404  # the tenant API is not served on the boot network
+    ops.deprovision(USER, "bmi_infra", "bmi_node", "bmi_network", "bmi_port")
+    assert client.get("/boot/52:54:00:aa:bb:01").status_code == 404
+    env.ops.close()
+
+
+def test_http_boot_mode_needs_an_address():
+    from ims.common.errors import ConfigError
+
+    base = "[bmi]\nuid = 5\n[iscsi]\nip = 1.2.3.4\n[net_isolator]\nurl = http://127.0.0.1:1\n"
+    with pytest.raises(ConfigError, match="boot_http"):
+        config.parse("c", base + "[tftp]\nboot_mode = http\n")
+    with pytest.raises(ConfigError, match="boot_mode"):
+        config.parse("c", base + "[tftp]\nboot_mode = nfs\n")
+    assert config.parse("c", base + "[tftp]\nboot_mode = http\n[boot_http]\nip = 10.0.0.1\n").boot_http.port == 8080
