@@ -259,7 +259,8 @@ def up(d: Path, boot_net: bool, http_boot: bool = False) -> None:
                           "# The stack lives in the boot network's namespace: run its clients there.",
                           f'bmi() {{ ip netns exec {NETNS} {REPO / ".venv" / "bin" / "bmi"} "$@"; }}',
                           f'rbd() {{ ip netns exec {NETNS} rbd "$@"; }}',
-                          f'hil() {{ ip netns exec {NETNS} curl -s -u "$HIL_USERNAME:$HIL_PASSWORD" "$@"; }}']
+                          f'hil() {{ ip netns exec {NETNS} curl -s -H "Content-Type: application/json" '
+                          '-u "$HIL_USERNAME:$HIL_PASSWORD" "$@"; }']
         (d / "env").write_text("\n".join(env_lines) + "\n")
         # The admin registers the guide's project in BMI (the original did this with sqlite3 by hand).
         admin_env = dict(env, BMI_URL=url, HIL_USERNAME=ADMIN[0], HIL_PASSWORD=ADMIN[1])
