@@ -44,14 +44,15 @@ def picasso(ops: FakeOperations):
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.effective_port}"
-    # waitress has no public stop: close the listener and the worker threads, then empty the
-    # event-loop map so server.run() returns.
-    server.close()
-    server.task_dispatcher.shutdown()
-    for channel in list(server._map.values()):
-        channel.close()
-    server._map.clear()
+    # waitress has no public stop.  Close every channel from INSIDE the event loop (through its
+    # trigger), so select() never sees a closed descriptor; the loop then ends with an empty map.
+    def close_all() -> None:
+        for channel in list(server._map.values()):
+            channel.close()
+
+    server.trigger.pull_trigger(close_all)
     thread.join(10)
+    server.task_dispatcher.shutdown()
     assert not thread.is_alive(), "waitress did not stop"
 
 
