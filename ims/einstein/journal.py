@@ -25,6 +25,7 @@ import os
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import delete, select
@@ -256,13 +257,19 @@ class Journal:
             raise InternalError(f"no forward recovery registered for {kind}")
         fn(args, ctx)
 
-    def recover(self, ctx: RecoveryContext | None = None) -> dict[str, Any]:
+    def recover(self, ctx: RecoveryContext | None = None, keep_days: float = 30.0) -> dict[str, Any]:
         """Finish every operation whose owner died: roll back, or forward if committed.
 
-        Also retries operations whose earlier recovery failed.  Returns a summary.
+        Also retries operations whose earlier recovery failed, and forgets finished operations
+        older than ``keep_days`` (the journal would otherwise grow forever).  Returns a summary.
         """
         ctx = ctx or RecoveryContext()
         summary: dict[str, Any] = {"rolled_back": [], "rolled_forward": [], "failed": [], "notes": ctx.notes}
+        cutoff = datetime.now(UTC) - timedelta(days=keep_days)
+        with self.session() as session:
+            pruned = session.execute(delete(Operation).where(
+                Operation.state.in_(("done", "rolled_back", "rolled_forward")), Operation.updated_at < cutoff))
+            summary["pruned"] = pruned.rowcount or 0
         with self.session() as session:
             ops = session.scalars(select(Operation).where(Operation.state.in_(("running", "failed")))).all()
             pending = [(op.id, op.kind, json.loads(op.args), json.loads(op.steps), op.committed)

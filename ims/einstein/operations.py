@@ -304,7 +304,8 @@ class Operations:
         ctx = RecoveryContext(net=self._net(auth) if auth else None)
         summary = self.journal.recover(ctx)
         if any(summary[k] for k in ("rolled_back", "rolled_forward", "failed")):
-            LOG.warning("journal recovery: %s", {k: len(v) for k, v in summary.items() if k != "notes"})
+            LOG.warning("journal recovery: %s", {k: len(summary[k]) for k in ("rolled_back", "rolled_forward",
+                                                                              "failed")})
         return summary
 
     # ------------------------------------------------------------- auth probes

@@ -486,3 +486,22 @@ def test_http_boot_mode_needs_an_address():
     with pytest.raises(ConfigError, match="boot_mode"):
         config.parse("c", base + "[tftp]\nboot_mode = nfs\n")
     assert config.parse("c", base + "[tftp]\nboot_mode = http\n[boot_http]\nip = 10.0.0.1\n").boot_http.port == 8080
+
+
+def test_recover_forgets_old_finished_operations_only(env):
+    from datetime import UTC, datetime, timedelta
+
+    env.ops.import_image(USER, "bmi_infra", "bmi-test-image")
+    env.ops.import_image(USER, "bmi_infra", "cirros")
+    with env.ops.journal.session() as s:
+        ops = s.scalars(select(Operation).order_by(Operation.id)).all()
+        assert [o.state for o in ops] == ["done", "done"]
+        ops[0].updated_at = datetime.now(UTC) - timedelta(days=31)
+        s.add(Operation(kind="import", args="{}", steps="[]", state="failed", owner="x:1:1",
+                        updated_at=datetime.now(UTC) - timedelta(days=90)))
+    summary = env.ops.recover()
+    assert summary["pruned"] == 1
+    with env.ops.journal.session() as s:
+        left = s.scalars(select(Operation).order_by(Operation.id)).all()
+        # the recent one stays; a failed one is never forgotten, it is retried (and now rolled back)
+        assert [(o.id, o.state) for o in left] == [(2, "done"), (3, "rolled_back")]
