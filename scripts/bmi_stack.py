@@ -132,7 +132,6 @@ def write_config(d: Path, ceph_conf: str, tgt: dict[str, str], hil_url: str, boo
 uid = {UID}
 snapshot = snapshot
 admin_users = {ADMIN[0]}
-lock_dir = {d}/locks
 
 [db]
 path = {d}/bmi.db

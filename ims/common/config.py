@@ -26,7 +26,6 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "snapshot": (str, "snapshot"),
         "service": (bool, False),
         "admin_users": ("list", []),
-        "lock_dir": ("path", "/var/lib/bmi/locks"),
     },
     "db": {
         # ``url`` wins; ``path`` is the original's key (an SQLite file).

@@ -14,10 +14,10 @@ import logging
 import os
 import re
 import string
-import tempfile
 from pathlib import Path
 
 from ims.common.errors import InvalidInput
+from ims.common.fileutil import atomic_write, unlink_quietly
 from ims.common.names import normalize_mac, pxe_mac_filename, validate_name
 
 LOG = logging.getLogger(__name__)
@@ -28,44 +28,6 @@ DEFAULT_TEMPLATES_DIR = str(Path(__file__).resolve().parent.parent / "templates"
 _IQN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.:_-]{0,222}$")
 _INTERFACE_RE = re.compile(r"^[a-z]+[0-9]*$")
 _HOST_RE = re.compile(r"^[A-Za-z0-9.-]{1,253}$")
-
-
-def atomic_write(path: str, text: str, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``text``: temp file in the same directory, fsync, rename.
-
-    A reader sees the old or the new content, never a partial file; a crash leaves at
-    most a hidden ``.<name>.*.tmp`` file behind.
-    """
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fchmod(handle.fileno(), mode)  # mkstemp creates 0600
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    # Make the rename itself durable.
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def unlink_quietly(path: str) -> bool:
-    """Remove ``path``; True if it existed.  Missing files are fine (retries are safe)."""
-    try:
-        os.unlink(path)
-        return True
-    except FileNotFoundError:
-        return False
 
 
 class BootFiles:

@@ -223,20 +223,25 @@ class Journal:
 
     def _finish_failed(self, tx: Tx, exc: BaseException) -> None:
         reason = str(exc) if isinstance(exc, BMIError) else f"{type(exc).__name__}: {exc}"
-        try:
-            if tx.committed:
-                self._roll_forward(tx.kind, tx.args, tx.ctx)
-                state = "rolled_forward"
-            else:
-                self._roll_back(tx.steps, tx.ctx)
-                state = "rolled_back"
-        except Exception as undo_exc:  # noqa: BLE001 - must record, then surface the original error
-            LOG.error("operation %s #%s could not be %s: %s; left for recovery", tx.kind, tx.op_id,
-                      "finished" if tx.committed else "undone", undo_exc)
-            state = "failed"
-            reason = f"{reason}; recovery failed: {undo_exc}"
+        state, error = self._finish(tx.op_id, tx.kind, tx.args, tx.steps, tx.committed, tx.ctx)
+        if error:
+            reason = f"{reason}; recovery failed: {error}"
         with self.session() as session:
             tx._save(session, state=state, error=reason[:2000])
+
+    def _finish(self, op_id: int, kind: str, args: dict[str, Any], steps: list[dict[str, Any]], committed: bool,
+                ctx: RecoveryContext) -> tuple[str, str | None]:
+        """Roll forward (committed) or back; returns (new state, error or None)."""
+        try:
+            if committed:
+                self._roll_forward(kind, args, ctx)
+                return "rolled_forward", None
+            self._roll_back(steps, ctx)
+            return "rolled_back", None
+        except Exception as exc:  # noqa: BLE001 - recorded; the journal keeps it for the next recovery
+            LOG.error("operation %s #%s could not be %s: %s; left for recovery", kind, op_id,
+                      "finished" if committed else "undone", exc)
+            return "failed", str(exc)
 
     def _roll_back(self, steps: list[dict[str, Any]], ctx: RecoveryContext) -> None:
         for entry in reversed(steps):
@@ -278,17 +283,7 @@ class Journal:
             if dead_locks:
                 session.execute(delete(Lock).where(Lock.name.in_(dead_locks)))
         for op_id, kind, args, steps, committed in pending:
-            try:
-                if committed:
-                    self._roll_forward(kind, args, ctx)
-                    state = "rolled_forward"
-                else:
-                    self._roll_back(steps, ctx)
-                    state = "rolled_back"
-                error = None
-            except Exception as exc:  # noqa: BLE001 - report and keep going with the others
-                LOG.error("recovery of operation %s #%s failed: %s", kind, op_id, exc)
-                state, error = "failed", str(exc)
+            state, error = self._finish(op_id, kind, args, steps, committed, ctx)
             summary[state].append({"id": op_id, "kind": kind, "args": args})
             with self.session() as session:
                 op = session.get(Operation, op_id)

@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from ims.common import config
 from ims.common.errors import BMIError, NodeBusy
-from ims.database.models import Image, Operation, Provision
+from ims.database.models import Image, Lock, Operation, Provision
 from ims.einstein.boot import BootFiles
 from ims.einstein.operations import Operations
 from tests.support.fakes import FakeHIL, FakeIscsi, FakeStorage
@@ -327,14 +327,20 @@ SCENARIOS = {
 }
 
 
-@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
-def test_fault_at_every_step_leaves_before_or_after_state(tmp_path, scenario):
+def _probe(tmp_path, scenario):
+    """Run ``scenario`` once cleanly: its setup, run, fault points (step, phase) and final state."""
     setup, run = SCENARIOS[scenario]
     probe = Env(tmp_path / "probe")
     setup(probe.ops)
     steps = _steps_of(probe, lambda: run(probe.ops))
     after = probe.state()
     probe.ops.close()
+    return setup, run, steps, after
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_fault_at_every_step_leaves_before_or_after_state(tmp_path, scenario):
+    setup, run, steps, after = _probe(tmp_path, scenario)
     assert len(steps) >= 3, steps
     for i, (name, phase) in enumerate(steps):
         env = Env(tmp_path / f"run{i}")
@@ -366,12 +372,7 @@ def test_fault_at_every_step_leaves_before_or_after_state(tmp_path, scenario):
 @pytest.mark.parametrize("scenario", ["import", "provision", "snapshot", "deprovision"])
 def test_crash_mid_operation_is_recovered(tmp_path, scenario):
     """A process that dies mid-way leaves a 'running' journal row; recover() restores a consistent state."""
-    setup, run = SCENARIOS[scenario]
-    probe = Env(tmp_path / "probe")
-    setup(probe.ops)
-    steps = _steps_of(probe, lambda: run(probe.ops))
-    after = probe.state()
-    probe.ops.close()
+    setup, run, steps, after = _probe(tmp_path, scenario)
     for i, (name, phase) in enumerate(steps):
         env = Env(tmp_path / f"crash{i}")
         setup(env.ops)
@@ -392,14 +393,14 @@ def test_crash_mid_operation_is_recovered(tmp_path, scenario):
             op = s.scalars(select(Operation)).all()[-1]
             assert op.state == "running"
             op.owner = f"{os.uname().nodename}:999999999:1"  # a dead process on this host
-            for lock in s.scalars(select(__import__("ims.database.models", fromlist=["Lock"]).Lock)).all():
+            for lock in s.scalars(select(Lock)).all():
                 lock.owner = op.owner
         env.ops.journal.fault_hook = None
         summary = env.ops.recover(USER)
         committed = any(n == "commit" for n, _ in steps[:i + 1])
         assert env.state() == (after if committed else before), f"crash at {name}/{phase}: {json.dumps(summary)}"
-        # locks of the dead process are gone: the node can be used again
-        run(env.ops) if not committed else None
+        if not committed:
+            run(env.ops)  # the dead process's locks are gone: the operation can run again
         env.ops.close()
 
 

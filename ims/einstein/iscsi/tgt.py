@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ims.common.errors import CommandFailed, InvalidInput, IscsiError, TargetExists, TargetNotFound
+from ims.common.fileutil import atomic_write, unlink_quietly
 from ims.common.names import IQN_PREFIX_RE, validate_name
 from ims.common.process import execute
-from ims.einstein.boot import DEFAULT_TEMPLATES_DIR, atomic_write, unlink_quietly
+from ims.einstein.boot import DEFAULT_TEMPLATES_DIR
 from ims.einstein.iscsi.base import IscsiTarget
 from ims.einstein.storage.base import Backing
 

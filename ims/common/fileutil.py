@@ -1,0 +1,43 @@
+"""Idempotent, crash-safe file changes shared by the boot files and the tgt conf files."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+
+def atomic_write(path: str, text: str, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``text``: temp file in the same directory, fsync, rename.
+
+    A reader sees the old or the new content, never a partial file; a crash leaves at
+    most a hidden ``.<name>.*.tmp`` file behind.
+    """
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fchmod(handle.fileno(), mode)  # mkstemp creates 0600
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    # Make the rename itself durable.
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def unlink_quietly(path: str) -> bool:
+    """Remove ``path``; True if it existed.  Missing files are fine (retries are safe)."""
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
