@@ -358,12 +358,13 @@ def showdisks(c: Ctx, project_name: str) -> None:
 
 # --- administration --------------------------------------------------------------------------------------
 @cli.command("reconcile")
+@click.option("--repair", is_flag=True, help="Also repair what can be repaired (targets, leftover snapshots).")
 @pass_ctx
-def reconcile(c: Ctx) -> None:
-    """Compare database, storage, targets and boot files; repair or report drift (administrators)."""
+def reconcile(c: Ctx, repair: bool) -> None:
+    """Compare database, storage, targets and boot files; report drift (administrators)."""
     import json
 
-    click.echo(json.dumps(c.api.post("/admin/reconcile"), indent=2, sort_keys=True))
+    click.echo(json.dumps(c.api.post("/admin/reconcile", {"repair": repair}), indent=2, sort_keys=True))
 
 
 def main() -> None:

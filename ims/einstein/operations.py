@@ -221,6 +221,9 @@ class Operations:
 
         def iscsi_add(params: dict[str, Any], _ctx: RecoveryContext) -> None:
             if not self.iscsi.target_exists(params["target"]):
+                # a conf file whose target is gone from the daemon would block the re-add
+                with contextlib.suppress(TargetNotFound):
+                    self.iscsi.remove_target(params["target"])
                 self.iscsi.add_target(params["target"], st.backing(params["image"]), params.get("initiators"),
                                       params.get("initiator_names"))
 
@@ -931,7 +934,8 @@ class Operations:
             rows = {self.ceph_name(r.id): r.kind for r in session.scalars(select(Image)).all()}
             provs = [(p.node, p.mac, self.ceph_name(p.image_id)) for p in session.scalars(select(Provision)).all()]
         in_storage = {n for n in self.storage.list_images() if n.startswith(prefix) and n[len(prefix):].isdigit()}
-        targets = {t for t in self.iscsi.list_targets() if t.startswith(prefix)}
+        # live in the daemon, not just recorded: a target can vanish (tgtd restarted without restore)
+        targets = {t for t in self.iscsi.list_targets() if t.startswith(prefix) and self.iscsi.target_exists(t)}
         should_export = {c for c, kind in rows.items() if kind in ("node", "disk")}
         report: dict[str, Any] = {
             "images_without_row": sorted(in_storage - set(rows)),

@@ -124,8 +124,8 @@ def _paths() -> dict[str, dict[str, Any]]:
             "delete": _op("Remove an image record (database only)", _P + ["img"], _NO_CONTENT, admin=True),
         },
         "/v1/admin/reconcile": {
-            "post": _op("Compare database, storage, targets and boot files; repair or report drift", [],
-                        _result({"type": "object"}), admin=True),
+            "post": _op("Compare database, storage, targets and boot files; report drift, and repair it with "
+                        "{\"repair\": true}", [], _result({"type": "object"}), {"repair": _BOOL}, admin=True),
         },
         "/v1/openapi.json": {
             "get": {"summary": "This document", "security": [], "responses": {"200": {"description": "OpenAPI"}}},

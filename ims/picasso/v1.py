@@ -275,7 +275,7 @@ def db_remove(project: str, img: str) -> Any:
 # --- administration ----------------------------------------------------------------------------------
 @bp.post("/admin/reconcile")
 def reconcile() -> Any:
-    return ok(client().reconcile(admin_access()))
+    return ok(client().reconcile(admin_access(), repair=_flag(_body(), "repair")))
 
 
 @bp.get("/openapi.json")

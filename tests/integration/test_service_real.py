@@ -112,6 +112,15 @@ def test_every_other_cli_command(stack: Stack) -> None:
     assert stack.bmi("project", "rm", "proj3", user=ADMIN).stdout == "Success\n"
     report = json.loads(stack.bmi("--json", "reconcile", user=ADMIN).stdout)
     assert report["rows_without_image"] == [] and report["unfinished_operations"] == []
+    # drift: a provisioned node's target vanished from tgtd; reconcile reports it, --repair restores it
+    stack.bmi("pro", "bmi_infra", "bmi_node", "cli-golden", "bmi_network", "bmi_port")
+    clone = next(r[3] for r in table(stack.bmi("db", "ls").stdout) if r[1] == "bmi_node")
+    stack.tgtadm("--op", "delete", "--mode", "target", "--tid", stack.tid_of(clone), "--force")
+    assert not any(t.endswith(clone) for t in stack.targets())
+    assert json.loads(stack.bmi("reconcile", user=ADMIN).stdout)["missing_targets"] == [clone]
+    repaired = json.loads(stack.bmi("reconcile", "--repair", user=ADMIN).stdout)
+    assert repaired["repaired"] is True and any(t.endswith(clone) for t in stack.targets())
+    stack.bmi("dpro", "bmi_infra", "bmi_node", "bmi_network", "bmi_port")
     for img in ("cli-moved", "cli-golden"):
         stack.bmi("rm", "bmi_infra", img)
     stack.bmi("rm", "other_project", "cli-moved", user=ADMIN)

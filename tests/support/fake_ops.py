@@ -396,10 +396,10 @@ class FakeOperations:
             self._member(auth, project)
             del self.images[self._get(project, validate_name(img, "image"))["id"]]
 
-    def reconcile(self, auth: dict[str, str]) -> dict[str, Any]:
+    def reconcile(self, auth: dict[str, str], repair: bool = False) -> dict[str, Any]:
         with self._lock:
             self._admin(auth)
-            return {"checked": len(self.images), "drift": [], "repaired": []}
+            return {"checked": len(self.images), "drift": [], "repaired": repair}
 
 
 def build(cfg: Any) -> FakeOperations:

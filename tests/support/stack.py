@@ -69,13 +69,22 @@ class Stack:
                              capture_output=True, text=True, timeout=120, check=True).stdout
         return int(out.strip())
 
-    def targets(self) -> list[str]:
-        """Targets as the stack's real tgtd reports them."""
+    def tgtadm(self, *args: str) -> str:
+        """Run tgtadm against the stack's real tgtd."""
         cfg = configparser.ConfigParser(interpolation=None)
         cfg.read(self.env["BMI_CONFIG"])
-        out = subprocess.run(["tgtadm", "-C", cfg.get("iscsi", "control_port"), "--lld", "iscsi", "--op", "show",
-                              "--mode", "target"], capture_output=True, text=True, check=True).stdout
-        return re.findall(r"^Target \d+: (\S+)$", out, re.MULTILINE)
+        return subprocess.run(["tgtadm", "-C", cfg.get("iscsi", "control_port"), "--lld", "iscsi", *args],
+                              capture_output=True, text=True, check=True).stdout
+
+    def targets(self) -> list[str]:
+        """Targets as the stack's real tgtd reports them."""
+        return re.findall(r"^Target \d+: (\S+)$", self.tgtadm("--op", "show", "--mode", "target"), re.MULTILINE)
+
+    def tid_of(self, name_suffix: str) -> str:
+        """The tid of the live target whose IQN ends with ``name_suffix``."""
+        out = self.tgtadm("--op", "show", "--mode", "target")
+        return next(m.group(1) for m in re.finditer(r"^Target (\d+): (\S+)$", out, re.MULTILINE)
+                    if m.group(2).endswith(name_suffix))
 
 
 @contextlib.contextmanager

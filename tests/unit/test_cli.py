@@ -214,6 +214,7 @@ def test_disks(picasso: str) -> None:
 def test_reconcile(picasso: str) -> None:
     fails(run(picasso, "reconcile"), "administrator")
     assert json.loads(ok(run(picasso, "reconcile", user="admin"), None))["drift"] == []
+    assert json.loads(ok(run(picasso, "reconcile", "--repair", user="admin"), None))["repaired"] is True
 
 
 def test_console_script_end_to_end(picasso: str) -> None:

@@ -248,6 +248,9 @@ def test_v1_db(web: Any) -> None:
 def test_v1_reconcile(web: Any) -> None:
     err(web.post("/v1/admin/reconcile", headers=ALICE), 403)
     assert web.post("/v1/admin/reconcile", headers=ADMIN).get_json()["result"]["drift"] == []
+    assert web.post("/v1/admin/reconcile", headers=ADMIN).get_json()["result"]["repaired"] is False
+    assert web.post("/v1/admin/reconcile", headers=ADMIN, json={"repair": True}).get_json()["result"]["repaired"]
+    err(web.post("/v1/admin/reconcile", headers=ADMIN, json={"repair": "yes"}), 400)
 
 
 def test_v1_unknown_route_and_method_are_json(web: Any) -> None:
