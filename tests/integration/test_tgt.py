@@ -42,7 +42,7 @@ def random_file(directory: str | Path, size: int = 16 * MiB, fill: int | None = 
 
 def tgt_targets(instance: TgtdInstance) -> dict[str, int]:
     """What tgtd really has (name -> tid), from a full show (fine in a test)."""
-    return instance.target()._show_all()
+    return {iqn: t.tid for iqn, t in instance.target()._show_all().items()}
 
 
 @pytest.fixture()

@@ -30,15 +30,21 @@ class IscsiTarget(abc.ABC):
 
     @abc.abstractmethod
     def remove_target(self, target: str) -> None:
-        """Remove the target and its conf file. :raises TargetNotFound: :raises IscsiError:"""
+        """Remove the target carrying ``iqn(target)`` and its conf file; never another target.
+
+        :raises TargetNotFound: :raises IscsiError:"""
 
     @abc.abstractmethod
-    def target_exists(self, target: str) -> bool: ...
+    def target_exists(self, target: str) -> bool:
+        """Recorded by this driver AND live in the daemon under ``iqn(target)`` (never by a
+        remembered number alone)."""
 
     @abc.abstractmethod
     def list_targets(self) -> list[str]:
         """Names (without prefix) of the targets this driver manages."""
 
     def restore(self) -> int:
-        """Re-create every target from its conf file (after a daemon restart); returns the count."""
+        """Start-up sync, called by Einstein before it serves: re-read where the daemon has
+        each target now (tgt renumbers tids on restart), then re-create every target the
+        daemon lost from its conf file; returns how many were re-created.  Idempotent."""
         return 0

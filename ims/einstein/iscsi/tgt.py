@@ -1,20 +1,41 @@
 """The tgt (Linux SCSI target framework) iSCSI driver.
 
-Every call touches one target through ``tgtadm``; nothing parses the whole
-``--op show`` output on the hot path, so the cost of add/remove does not grow
-with the number of targets.  Each target also gets one tgt-admin style conf file,
-``<conf_dir>/<name>.conf``, which records its tid (so removal is O(1)) and lets
-:meth:`TgtTarget.restore` re-create every target after tgtd restarts.
+Targets are addressed by IQN, never by a remembered tid.  tgtadm acts on tids only,
+and a tid is not stable: Debian's ``tgt.service`` restart (``tgt-admin --update ALL
+-c /dev/null -f``, ``tgtadm --op delete --mode system``, ``tgtd -f``, ``tgt-admin -e``)
+numbers the targets again 1, 2, ... in the glob order of ``conf.d/*.conf``, so the tid
+a conf file remembers can name ANOTHER node's target afterwards.  So every delete and
+every exists check first reads one full ``tgtadm --op show --mode target`` (IQN -> tid,
+backing stores, ACL; see :func:`parse_show`) and acts on the tid that carries the
+expected IQN *now*; a stale ``# bmi: tid=N`` line is rewritten.  A tid whose IQN is
+not the expected one is never deleted nor reported as existing.
+
+Why a full show: tgtadm 1.0.85 ``--op show --mode target --tid N`` prints only the
+target's iSCSI parameters, not its name, so it cannot tell whose target tid N is.  One
+full show is one tgtadm call whose output grows with the number of targets (about
+40 lines each; a few ms for hundreds).
+
+Remaining window: tgtadm has no "delete by name" and no compare-and-delete, so if tgtd
+is restarted (and renumbered) between our show and our ``--op delete --tid N``, the
+delete can hit whatever target now has tid N.  The window is two consecutive tgtadm
+calls, while a restart is four tgt-admin/tgtadm commands plus a daemon start.  It is
+narrowed further: after every delete a second show checks that our IQN is gone; if
+it is still live (at another tid), the deleted tid belonged to someone else, so every
+target with a conf file that is not live is re-created at once (:meth:`restore`) and
+the delete is retried by IQN.  A target of another tool (no conf file here) hit in that
+window is not brought back; that is logged.  The same window exists between creating
+a target and configuring its LUN/ACL (a few calls); add_target checks the result with
+a show and undoes it when the tid moved.
 
 How tgtadm 1.0.85 reports things (checked by hand, the code relies on it):
   * a duplicate tid *and* a duplicate target name both exit 22 with
-    "this target already exists"; ``--op show --mode target --tid N`` (exit 0 or 22)
-    tells the two apart;
+    "this target already exists";
   * an unknown tid exits 22 with "can't find the target";
   * tgtd down / socket missing exits 107, "failed to send request hdr to tgt daemon".
 
-Invariant: targets on this tgtd are created by TgtTarget instances that share
-``conf_dir``, so the tid recorded in a conf file names that file's target.
+Each target also gets one tgt-admin style conf file, ``<conf_dir>/<name>.conf``, loadable
+by Debian's tgt.service (``include <conf_dir>/*.conf`` in targets.conf); it records the
+last known tid for operators and lets :meth:`TgtTarget.restore` re-create targets.
 """
 from __future__ import annotations
 
@@ -48,7 +69,9 @@ _BSOPTS_RE = re.compile(r"^[A-Za-z0-9._/=;:,@+-]{1,1024}$")
 _INITIATOR_NAME_RE = re.compile(
     r"^(iqn\.\d{4}-\d{2}\.[A-Za-z0-9.-]+(:[A-Za-z0-9._:-]+)?|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16,32})$")
 _TID_LINE_RE = re.compile(r"^# bmi: tid=(\d+) lun=(\d+)\s*$", re.M)
-_SHOW_TARGET_RE = re.compile(r"^Target (\d+): (\S+)\s*$", re.M)
+_SHOW_TARGET_RE = re.compile(r"^Target (\d+): (\S+)\s*$")
+_SHOW_LUN_RE = re.compile(r"^LUN: (\d+)$")
+DELETE_ATTEMPTS = 3
 
 # Written to conf files of names-only targets so tgt-admin does not bind ALL (see render_conf).
 NO_ADDRESS = "0.0.0.0/32"
@@ -68,6 +91,51 @@ class TargetSpec:
     initiators: list[str] = field(default_factory=list)
     initiator_names: list[str] = field(default_factory=list)
     tid: int | None = None
+
+
+@dataclass
+class LiveTarget:
+    """One target as tgtd reports it in a full ``--op show --mode target``."""
+
+    tid: int
+    iqn: str
+    backing_stores: dict[int, str] = field(default_factory=dict)   # LUN -> backing store path (LUN 0 left out)
+    acl: list[str] = field(default_factory=list)                   # addresses and initiator names, in order
+
+
+def parse_show(text: str) -> dict[str, LiveTarget]:
+    """Parse a full ``tgtadm --op show --mode target``: ``{iqn: LiveTarget}``.
+
+    Only the lines BMI relies on are read: ``Target N: <iqn>`` (column 0), ``LUN: k`` and
+    ``Backing store path: p`` inside it, and the entries under ``ACL information:``.
+    """
+    targets: dict[str, LiveTarget] = {}
+    current: LiveTarget | None = None
+    section = ""
+    lun: int | None = None
+    for line in text.splitlines():
+        match = _SHOW_TARGET_RE.match(line)
+        if match:
+            current = LiveTarget(tid=int(match.group(1)), iqn=match.group(2))
+            targets[current.iqn] = current
+            section, lun = "", None
+            continue
+        if current is None or not line.strip():
+            continue
+        stripped = line.strip()
+        indent = len(line) - len(line.lstrip(" "))
+        if indent <= 4:
+            section = stripped            # "LUN information:", "ACL information:", ...
+            continue
+        if section == "ACL information:":
+            current.acl.append(stripped)
+        elif section == "LUN information:":
+            lun_match = _SHOW_LUN_RE.match(stripped)
+            if lun_match:
+                lun = int(lun_match.group(1))
+            elif stripped.startswith("Backing store path:") and lun:
+                current.backing_stores[lun] = stripped.split(":", 1)[1].strip()
+    return targets
 
 
 def check_backing(backing: Backing) -> Backing:
@@ -198,7 +266,7 @@ class TgtTarget(IscsiTarget):
                    initiator_names: list[str] | None = None) -> None:
         """Export ``backing`` as ``iqn(target)``; touches only this target.
 
-        :raises TargetExists: the name has a conf file or a live tgt target.
+        :raises TargetExists: the name has a conf file or a live tgt target (left untouched).
         :raises IscsiError: tgtd failed or is down (a half-made target is deleted first).
         :raises InvalidInput: bad name, backing or ACL entry.
         """
@@ -208,41 +276,48 @@ class TgtTarget(IscsiTarget):
         path = self.conf_path(target)
         if os.path.exists(path):
             raise TargetExists(f"iSCSI target {target} already exists")
-        spec.tid = self._new_target(spec.iqn, target)
+        self._create(spec)
         try:
-            self._configure(spec)
             atomic_write(path, render_conf(spec, self._template), 0o600)
         except BaseException:
-            self._delete_quietly(spec.tid)
+            self._delete_by_iqn(spec.iqn)
             raise
         LOG.info("iSCSI target %s added (tid %s, %s %s)", spec.iqn, spec.tid, backing.bstype, backing.path)
 
     def remove_target(self, target: str) -> None:
-        """Delete the target (even with live sessions) and its conf file.
+        """Delete the target carrying ``iqn(target)`` (even with live sessions) and its conf file.
 
+        The tid comes from a fresh show, never from the conf file alone.
         :raises TargetNotFound: neither a conf file nor a live target exists.
         :raises IscsiError:
         """
         path = self.conf_path(target)
         spec = self._read_spec(target)
-        tid = spec.tid if spec is not None else None
-        if tid is None:
-            tid = self._lookup_tid(self.iqn(target))  # rare: a target without its conf file/tid line
+        iqn = spec.iqn if spec is not None else self.iqn(target)
+        tid = self._delete_by_iqn(iqn)
         if tid is None and spec is None:
             raise TargetNotFound(f"iSCSI target {target} does not exist")
-        if tid is not None:
-            out = self._run("--op", "delete", "--mode", "target", "--tid", str(tid), "--force", ok_missing=True)
-            if out is None and spec is None:
-                raise TargetNotFound(f"iSCSI target {target} does not exist")
-        unlink_quietly(path)
-        LOG.info("iSCSI target %s removed (tid %s)", self.iqn(target), tid)
+        self._unlink_conf(path)
+        LOG.info("iSCSI target %s removed (tid %s)", iqn, tid if tid is not None else "none live")
 
     def target_exists(self, target: str) -> bool:
-        """Conf file present and its tid live in tgtd (one cheap tgtadm call)."""
+        """Conf file present and a live target carrying its IQN (one full show).
+
+        A stale tid line is rewritten on the way.
+        """
         spec = self._read_spec(target)
-        if spec is None or spec.tid is None:
+        if spec is None:
             return False
-        return self._tid_exists(spec.tid)
+        live = self._show_all().get(spec.iqn)
+        if live is None:
+            return False
+        if live.tid != spec.tid:
+            self._rewrite_tid(target, live.tid)
+        return True
+
+    def live_target(self, target: str) -> LiveTarget | None:
+        """What tgtd has right now under ``iqn(target)`` (tid, backing stores, ACL), or None."""
+        return self._show_all().get(self.iqn(target))
 
     def list_targets(self) -> list[str]:
         try:
@@ -255,33 +330,48 @@ class TgtTarget(IscsiTarget):
                 names.append(entry[:-len(".conf")])
         return sorted(names)
 
-    def restore(self) -> int:
-        """Re-create, from the conf files, every target tgtd does not have; returns how many.
+    def resync(self) -> int:
+        """Rewrite every conf file whose tid line is stale, from one full show; returns how many.
 
-        Runs one full ``--op show`` (not a hot path) so it is idempotent: targets that
-        are already live are left alone.  A target whose old tid is taken gets a new tid
-        and its conf file is rewritten.
+        After a Debian-style tgt restart the tids are numbered again; this makes the conf
+        files tell the truth again (operators read them; nothing trusts them blindly).
         """
+        live = self._show_all()
+        changed = 0
+        for name in self.list_targets():
+            spec = self._read_spec_quietly(name)
+            if spec is not None and spec.iqn in live and live[spec.iqn].tid != spec.tid:
+                if self._rewrite_tid(name, live[spec.iqn].tid):
+                    changed += 1
+        return changed
+
+    def restore(self) -> int:
+        """Start-up sync: re-read every tid (:meth:`resync`), then re-create, from the conf
+        files, every target tgtd does not have; returns how many were re-created.
+
+        Idempotent (a second run re-creates nothing) and safe to run from two workers at
+        once: a target another run just made counts as live.  A target whose old tid is
+        taken gets a free tid and its conf file is rewritten.
+        """
+        self.resync()
         live = self._show_all()
         restored = 0
         for name in self.list_targets():
-            spec = self._read_spec(name)
-            if spec is None:
+            spec = self._read_spec_quietly(name)
+            if spec is None or spec.iqn in live:
                 continue
-            if spec.iqn in live:
-                if live[spec.iqn] != spec.tid:
-                    spec.tid = live[spec.iqn]
-                    atomic_write(self.conf_path(name), render_conf(spec, self._template), 0o600)
-                continue
-            wanted = spec.tid if spec.tid is not None and spec.tid not in live.values() else None
-            spec.tid = self._new_target(spec.iqn, name, first=wanted)
+            taken = {t.tid for t in live.values()}
+            wanted = spec.tid if spec.tid is not None and spec.tid not in taken else None
             try:
-                self._configure(spec)
-                atomic_write(self.conf_path(name), render_conf(spec, self._template), 0o600)
-            except BaseException:
-                self._delete_quietly(spec.tid)
-                raise
-            live[spec.iqn] = spec.tid
+                self._create(spec, first=wanted)
+            except TargetExists:
+                continue   # made meanwhile (another worker's restore): it is live, which is the goal
+            if not self._rewrite_tid(name, spec.tid):
+                # The conf file went away meanwhile (remove_target): do not resurrect the target.
+                self._delete_by_iqn(spec.iqn)
+                continue
+            assert spec.tid is not None
+            live[spec.iqn] = LiveTarget(tid=spec.tid, iqn=spec.iqn)
             restored += 1
             LOG.info("iSCSI target %s restored (tid %s)", spec.iqn, spec.tid)
         return restored
@@ -310,24 +400,46 @@ class TgtTarget(IscsiTarget):
                 return None
             raise IscsiError(f"tgtadm {' '.join(args[:4])} failed: {err}") from exc
 
-    def _tid_exists(self, tid: int) -> bool:
-        return self._run("--op", "show", "--mode", "target", "--tid", str(tid), ok_missing=True) is not None
+    def _show_all(self) -> dict[str, LiveTarget]:
+        return parse_show(self._run("--op", "show", "--mode", "target") or "")
+
+    def _create(self, spec: TargetSpec, first: int | None = None) -> None:
+        """Create and configure ``spec`` under a free tid (sets ``spec.tid``), checked by a show.
+
+        :raises TargetExists: tgtd already has ``spec.iqn`` (it is not touched).
+        """
+        spec.tid = self._new_target(spec.iqn, spec.name, first=first)
+        try:
+            self._configure(spec)
+            live = self._show_all().get(spec.iqn)
+            if live is None or live.tid != spec.tid or live.backing_stores.get(spec.lun) != spec.backing.path:
+                raise IscsiError(f"iSCSI target {spec.iqn} changed while it was being added "
+                                 "(tgtd restarted?); retry")
+        except BaseException:
+            self._delete_by_iqn(spec.iqn, quiet=True)
+            raise
 
     def _new_target(self, iqn: str, name: str, first: int | None = None) -> int:
         """Create an empty target under a free tid; returns the tid.
 
-        Candidates come from a counter file, so the usual case is one tgtadm call.
+        Candidates come from a counter file, so the usual case is one tgtadm call.  On
+        "already exists" one full show tells whether the IQN is live (TargetExists) or the
+        tid is taken (then the counter moves past every live tid).
         """
         candidate = first
+        floor = 0
         for _ in range(TID_ATTEMPTS):
             if candidate is None:
-                candidate = self._next_tid()
+                candidate = self._next_tid(floor)
             if self._run("--op", "new", "--mode", "target", "--tid", str(candidate), "-T", iqn,
                          ok_exists=True) is not None:
                 return candidate
-            if not self._tid_exists(candidate):
-                # The tid is free, so it is the name that tgtd already has.
+            live = self._show_all()
+            if iqn in live:
                 raise TargetExists(f"iSCSI target {name} already exists")
+            # The tid is taken (another conf dir, or tgt-admin renumbered after a restart):
+            # move the counter past every live tid.
+            floor = max((t.tid for t in live.values()), default=0)
             candidate = None
         raise IscsiError(f"could not find a free tgt tid for {name} after {TID_ATTEMPTS} attempts")
 
@@ -347,20 +459,39 @@ class TgtTarget(IscsiTarget):
         for name in spec.initiator_names:
             self._run("--op", "bind", "--mode", "target", "--tid", tid, "-Q", name)
 
-    def _delete_quietly(self, tid: int | None) -> None:
-        if tid is None:
-            return
+    def _delete_by_iqn(self, iqn: str, quiet: bool = False) -> int | None:
+        """Delete the live target carrying ``iqn``; returns the tid deleted, None if none was live.
+
+        Each attempt: show, delete the tid that carries ``iqn`` now, show again.  If ``iqn``
+        is still live after its delete, tgtd was renumbered in between and the tid we
+        deleted was another target's: :meth:`restore` brings back every target with a conf
+        file, and the next attempt deletes ours by its new tid.
+        """
         try:
-            self._run("--op", "delete", "--mode", "target", "--tid", str(tid), "--force", ok_missing=True)
+            live = self._show_all()
+            deleted: int | None = None
+            for _ in range(DELETE_ATTEMPTS):
+                target = live.get(iqn)
+                if target is None:
+                    return deleted
+                self._run("--op", "delete", "--mode", "target", "--tid", str(target.tid), "--force",
+                          ok_missing=True)
+                live = self._show_all()
+                if iqn not in live:
+                    return target.tid
+                deleted = target.tid
+                if live[iqn].tid != target.tid:
+                    LOG.error("tgtd renumbered its targets while %s was being deleted: tid %s (deleted) was "
+                              "another target's; re-creating every target of %s that is not live",
+                              iqn, target.tid, self.conf_dir)
+                    self.restore()
+                    live = self._show_all()
+            raise IscsiError(f"iSCSI target {iqn} is still live after {DELETE_ATTEMPTS} deletes")
         except IscsiError as exc:
-            LOG.warning("could not delete half-made tgt target tid %s: %s", tid, exc)
-
-    def _show_all(self) -> dict[str, int]:
-        out = self._run("--op", "show", "--mode", "target") or ""
-        return {m.group(2): int(m.group(1)) for m in _SHOW_TARGET_RE.finditer(out)}
-
-    def _lookup_tid(self, iqn: str) -> int | None:
-        return self._show_all().get(iqn)
+            if not quiet:
+                raise
+            LOG.warning("could not delete half-made tgt target %s: %s", iqn, exc)
+            return None
 
     # --- conf dir ----------------------------------------------------------------------
     def _read_spec(self, target: str) -> TargetSpec | None:
@@ -370,13 +501,63 @@ class TgtTarget(IscsiTarget):
             return None
         return parse_conf(text, target)
 
-    def _next_tid(self) -> int:
-        """Bump the counter in ``<conf_dir>/.tid`` under an fcntl lock (shared by all workers)."""
+    def _read_spec_quietly(self, name: str) -> TargetSpec | None:
+        """For whole-dir passes: a malformed or foreign conf file is logged and skipped."""
+        try:
+            return self._read_spec(name)
+        except (InvalidInput, OSError) as exc:
+            LOG.warning("skipping tgt conf file for %s: %s", name, exc)
+            return None
+
+    def _rewrite_tid(self, target: str, tid: int | None) -> bool:
+        """Record ``tid`` in the target's conf file; False if the file is gone.
+
+        Under an flock on the file, and only if the path still names the locked file, so
+        a concurrent :meth:`remove_target` (which unlinks under the same lock) is never
+        undone by a rewrite.
+        """
+        path = self.conf_path(target)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.stat(path).st_ino != os.fstat(fd).st_ino:
+                    return False
+            except FileNotFoundError:
+                return False
+            with os.fdopen(os.dup(fd), encoding="utf-8") as handle:
+                spec = parse_conf(handle.read(), target)
+            if spec.tid != tid:
+                spec.tid = tid
+                atomic_write(path, render_conf(spec, self._template), 0o600)
+                LOG.info("iSCSI target %s: tid line rewritten to %s", spec.iqn, tid)
+            return True
+        finally:
+            os.close(fd)
+
+    def _unlink_conf(self, path: str) -> None:
+        """Unlink under the same flock as :meth:`_rewrite_tid`."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            unlink_quietly(path)
+        finally:
+            os.close(fd)
+
+    def _next_tid(self, floor: int = 0) -> int:
+        """Bump the counter in ``<conf_dir>/.tid`` (to more than ``floor``) under an fcntl lock
+        shared by all workers."""
         fd = os.open(os.path.join(self.conf_dir, ".tid"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             raw = os.read(fd, 32).strip()
-            last = int(raw) if raw.isdigit() else 0
+            last = max(int(raw) if raw.isdigit() else 0, floor)
             tid = last + 1 if last < MAX_TID else 1
             os.lseek(fd, 0, os.SEEK_SET)
             os.ftruncate(fd, 0)
