@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from ims.common.errors import CommandFailed, IscsiError, TargetExists, TargetNotFound
-from ims.einstein.iscsi.tgt import TgtTarget
+from ims.einstein.iscsi.tgt import NO_ADDRESS, TgtTarget, parse_conf
 from ims.einstein.storage.base import Backing
 from tests.support import iscsi_rw
 from tests.support.ceph import CephCluster, ceph_cluster  # noqa: F401  (fixture)
-from tests.support.tgt import TgtdInstance, start_tgtd, stop_tgtd, tgtd  # noqa: F401  (fixture)
+from tests.support.tgt import TgtdInstance, debian_restart, start_tgtd, stop_tgtd, tgtd  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -295,3 +295,178 @@ def test_rbd_target(ceph_cluster: CephCluster, tgtd: TgtdInstance, driver: TgtTa
         if driver.target_exists(image):
             driver.remove_target(image)
         storage.remove_image(image)   # no watcher left once the target is gone
+
+
+def conf_tid(drv: TgtTarget, name: str) -> int | None:
+    return parse_conf(Path(drv.conf_path(name)).read_text(), name).tid
+
+
+def test_debian_restart_then_remove_never_hits_a_neighbour(tmp_path: Path) -> None:
+    """Issue 7.1 at driver level: after tgt.service renumbers the tids, the tid a conf file
+    remembers names another target; remove/exists must go by IQN."""
+    run_dir = tempfile.mkdtemp(prefix="tgtd-", dir=tmp_path)
+    conf_dir = str(tmp_path / "conf.d")
+    instance = start_tgtd(run_dir)
+    try:
+        drv = TgtTarget(conf_dir, control_port=instance.control_port, iqn_prefix=PREFIX)
+        names = ["a-node", "b-node", "c-node", "d-node"]          # glob order = this order
+        files = {n: random_file(tmp_path, 2 * MiB, fill=4096) for n in names}
+        for name in names:
+            drv.add_target(name, Backing("rdwr", files[name][0]), ["ALL"])
+        before = {n: conf_tid(drv, n) for n in names}
+        assert before == {n: tgt_targets(instance)[drv.iqn(n)] for n in names}
+
+        drv.remove_target("a-node")
+        debian_restart(instance, conf_dir)
+        live = tgt_targets(instance)
+        assert sorted(live) == sorted(drv.iqn(n) for n in names[1:])
+        # tgt-admin numbered them again from 1 in glob order, so the trap is set:
+        # c-node now has the tid that b-node's conf file remembers.
+        assert [live[drv.iqn(n)] for n in names[1:]] == [1, 2, 3]
+        assert live[drv.iqn("c-node")] == before["b-node"]
+        assert conf_tid(drv, "b-node") == before["b-node"]        # nothing has re-read the tids yet
+
+        drv.remove_target("b-node")
+        live = tgt_targets(instance)
+        assert drv.iqn("b-node") not in live
+        assert drv.iqn("c-node") in live and drv.iqn("d-node") in live
+        c = drv.live_target("c-node")
+        assert c is not None and c.backing_stores == {1: files["c-node"][0]}
+        assert iscsi_rw.read_lun(instance.url(drv.iqn("c-node")), None, None, 0, 8) == files["c-node"][1]
+        assert not os.path.exists(drv.conf_path("b-node"))
+
+        assert not drv.target_exists("a-node") and not drv.target_exists("b-node")
+        assert conf_tid(drv, "c-node") == before["c-node"]
+        assert drv.target_exists("c-node")
+        assert conf_tid(drv, "c-node") == live[drv.iqn("c-node")]   # exists re-synced its tid line
+        assert conf_tid(drv, "d-node") == before["d-node"] != live[drv.iqn("d-node")]
+        assert drv.restore() == 0                                  # nothing lost ...
+        assert conf_tid(drv, "d-node") == live[drv.iqn("d-node")]   # ... but every tid re-read
+        assert drv.restore() == 0 and tgt_targets(instance) == live
+
+        # a new target after the restart gets a tid no live target has
+        e_path, e_data = random_file(tmp_path, MiB, fill=4096)
+        drv.add_target("e-node", Backing("rdwr", e_path), ["ALL"])
+        live = tgt_targets(instance)
+        assert len(set(live.values())) == len(live) == 3
+        assert iscsi_rw.read_lun(instance.url(drv.iqn("e-node")), None, None, 0, 8) == e_data
+        for name in ("c-node", "d-node", "e-node"):
+            drv.remove_target(name)
+        assert tgt_targets(instance) == {} and drv.list_targets() == []
+    finally:
+        stop_tgtd(instance)
+
+
+def test_stale_tid_after_restart_without_reload(tmp_path: Path) -> None:
+    """tgtd restarted with other targets first (another tool's): the remembered tid names a
+    foreign target, which must be neither reported as ours nor deleted."""
+    run_dir = tempfile.mkdtemp(prefix="tgtd-", dir=tmp_path)
+    instance = start_tgtd(run_dir)
+    try:
+        drv = TgtTarget(str(tmp_path / "conf.d"), control_port=instance.control_port, iqn_prefix=PREFIX)
+        path, _ = random_file(tmp_path, MiB, fill=512)
+        drv.add_target("mine", Backing("rdwr", path), ["ALL"])
+        tid = conf_tid(drv, "mine")
+        (tmp_path / "empty.d").mkdir()
+        debian_restart(instance, str(tmp_path / "empty.d"))        # our target is gone ...
+        foreign = TgtTarget(str(tmp_path / "foreign.d"), control_port=instance.control_port, iqn_prefix=PREFIX)
+        f_path, f_data = random_file(tmp_path, MiB, fill=4096)
+        foreign.add_target("theirs", Backing("rdwr", f_path), ["ALL"])
+        foreign_tid = tgt_targets(instance)[foreign.iqn("theirs")]
+        if foreign_tid != tid:                                     # ... and its tid is someone else's
+            subprocess.run(["tgtadm", "-C", str(instance.control_port), "--lld", "iscsi", "--op", "delete",
+                            "--mode", "target", "--tid", str(foreign_tid)], check=True)
+            subprocess.run(["tgtadm", "-C", str(instance.control_port), "--lld", "iscsi", "--op", "new",
+                            "--mode", "target", "--tid", str(tid), "-T", PREFIX + "theirs-too"], check=True)
+        victim = PREFIX + ("theirs" if foreign_tid == tid else "theirs-too")
+        assert tgt_targets(instance)[victim] == tid
+        assert not drv.target_exists("mine")
+        drv.remove_target("mine")                                  # drops the stale conf file only
+        assert not os.path.exists(drv.conf_path("mine"))
+        assert tgt_targets(instance)[victim] == tid
+        assert iscsi_rw.read_lun(instance.url(foreign.iqn("theirs")), None, None, 0, 8) == f_data
+        with pytest.raises(TargetNotFound):
+            drv.remove_target("mine")
+    finally:
+        stop_tgtd(instance)
+
+
+def test_add_refuses_a_live_iqn_without_touching_it(tmp_path: Path) -> None:
+    """A target with our IQN but no conf file (e.g. loaded by tgt-admin from a copy): TargetExists,
+    and the live target keeps its tid, backing store and ACL."""
+    run_dir = tempfile.mkdtemp(prefix="tgtd-", dir=tmp_path)
+    instance = start_tgtd(run_dir)
+    try:
+        drv = TgtTarget(str(tmp_path / "conf.d"), control_port=instance.control_port, iqn_prefix=PREFIX)
+        path, data = random_file(tmp_path, MiB, fill=4096)
+        drv.add_target("dup", Backing("rdwr", path), initiator_names=[GOOD_INITIATOR])
+        before = drv.live_target("dup")
+        os.unlink(drv.conf_path("dup"))
+        for tid_counter in ("0", str(before.tid - 1)):             # a fresh tid, and the live target's own tid
+            Path(drv.conf_dir, ".tid").write_text(tid_counter)
+            with pytest.raises(TargetExists):
+                drv.add_target("dup", Backing("rdwr", random_file(tmp_path, MiB, fill=0)[0]), ["ALL"])
+            assert drv.live_target("dup") == before and not os.path.exists(drv.conf_path("dup"))
+        url = instance.url(drv.iqn("dup"))
+        assert iscsi_rw.read_lun(url, None, None, 0, 8, initiator=GOOD_INITIATOR) == data
+        with pytest.raises(iscsi_rw.IscsiIOError):
+            iscsi_rw.read_lun(url, None, None, 0, 8, initiator=BAD_INITIATOR)
+    finally:
+        stop_tgtd(instance)
+
+
+def test_conf_dir_reloaded_by_tgt_admin_is_still_bmis(tmp_path: Path) -> None:
+    """Debian's tgt.service start (`tgt-admin -e -c targets.conf` with `include <conf_dir>/*.conf`)
+    rebuilds BMI's targets as BMI made them: IQNs, backing stores, ACLs; names-only targets
+    still refuse other initiators; the driver still finds and removes them by IQN."""
+    run_dir = tempfile.mkdtemp(prefix="tgtd-", dir=tmp_path)
+    conf_dir = str(tmp_path / "conf.d")
+    instance = start_tgtd(run_dir)
+    try:
+        drv = TgtTarget(conf_dir, control_port=instance.control_port, iqn_prefix=PREFIX)
+        files = {n: random_file(tmp_path, 2 * MiB, fill=4096) for n in ("names", "addr", "open", "refused")}
+        drv.add_target("names", Backing("rdwr", files["names"][0]), initiator_names=[GOOD_INITIATOR])
+        drv.add_target("addr", Backing("rdwr", files["addr"][0]), ["127.0.0.1"], [GOOD_INITIATOR])
+        drv.add_target("open", Backing("rdwr", files["open"][0]), ["ALL"])
+        drv.add_target("refused", Backing("rdwr", files["refused"][0]), ["10.9.9.0/24"])
+        made = drv._show_all()
+        assert made[drv.iqn("names")].acl == [NO_ADDRESS, GOOD_INITIATOR]
+
+        # drop every target behind BMI's back, then load the conf dir the way tgt.service does
+        port = str(instance.control_port)
+        proc = subprocess.run(["tgt-admin", "-C", port, "--update", "ALL", "-c", "/dev/null", "-f"],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and drv._show_all() == {}, proc.stdout + proc.stderr
+        targets_conf = tmp_path / "targets.conf"
+        targets_conf.write_text(f"include {conf_dir}/*.conf\n")
+        proc = subprocess.run(["tgt-admin", "-C", port, "-e", "-c", str(targets_conf)],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+        reloaded = drv._show_all()
+        assert sorted(reloaded) == sorted(made)
+        for iqn, target in made.items():
+            assert reloaded[iqn].backing_stores == target.backing_stores
+            assert reloaded[iqn].acl == target.acl
+        assert reloaded[drv.iqn("names")].backing_stores == {1: files["names"][0]}
+
+        names_url = instance.url(drv.iqn("names"))
+        assert iscsi_rw.read_lun(names_url, None, None, 0, 8, initiator=GOOD_INITIATOR) == files["names"][1]
+        with pytest.raises(iscsi_rw.IscsiIOError, match="login"):
+            iscsi_rw.read_lun(names_url, None, None, 0, 8, initiator=BAD_INITIATOR)
+        assert iscsi_rw.read_lun(instance.url(drv.iqn("addr")), None, None, 0, 8) == files["addr"][1]
+        assert iscsi_rw.read_lun(instance.url(drv.iqn("open")), None, None, 0, 8,
+                                 initiator=BAD_INITIATOR) == files["open"][1]
+        with pytest.raises(iscsi_rw.IscsiIOError):
+            iscsi_rw.read_lun(instance.url(drv.iqn("refused")), None, None, 0, 8)
+
+        assert all(drv.target_exists(n) for n in files)
+        assert drv.restore() == 0
+        drv.remove_target("addr")
+        assert sorted(tgt_targets(instance)) == sorted(drv.iqn(n) for n in ("names", "open", "refused"))
+        assert iscsi_rw.read_lun(names_url, None, None, 0, 8, initiator=GOOD_INITIATOR) == files["names"][1]
+        for name in ("names", "open", "refused"):
+            drv.remove_target(name)
+        assert tgt_targets(instance) == {} and drv.list_targets() == []
+    finally:
+        stop_tgtd(instance)

@@ -84,6 +84,21 @@ def stop_tgtd(instance: TgtdInstance) -> None:
         raise RuntimeError(f"tgtd {instance.pid} did not stop: {proc.stdout}{proc.stderr}")
 
 
+def debian_restart(instance: TgtdInstance, conf_dir: str) -> TgtdInstance:
+    """Restart ``instance``'s tgtd the way Debian's tgt.service does (``scripts/tgtd-dev
+    debian-restart``): every target goes away, a new tgtd starts on the same control port
+    and portal, and ``tgt-admin -e`` loads ``conf_dir/*.conf``, numbering the targets
+    1, 2, ... in glob order.  Updates ``instance.pid``; FAILS the test if it does not work."""
+    proc = subprocess.run([TGTD_DEV, "debian-restart", instance.dir, conf_dir], capture_output=True, text=True,
+                          timeout=180)
+    if proc.returncode != 0:
+        pytest.fail(f"scripts/tgtd-dev debian-restart failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    instance.pid = int(Path(instance.dir, "tgtd.pid").read_text())
+    if not instance.alive():
+        pytest.fail(f"tgtd {instance.pid} is not running after debian-restart:\n{proc.stdout}\n{proc.stderr}")
+    return instance
+
+
 def _sigterm_to_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 

@@ -454,7 +454,9 @@ class TgtTarget(IscsiTarget):
         self._run(*lun_args)
         self._run("--op", "update", "--mode", "logicalunit", "--tid", tid, "--lun", str(spec.lun),
                   "--params", WRITE_CACHE_OFF)
-        for address in spec.initiators:
+        # Exactly what tgt-admin binds for the conf file, so a target reloaded by Debian's
+        # tgt.service looks the same as one BMI made (NO_ADDRESS for names-only targets).
+        for address in spec.initiators or [NO_ADDRESS]:
             self._run("--op", "bind", "--mode", "target", "--tid", tid, "-I", address)
         for name in spec.initiator_names:
             self._run("--op", "bind", "--mode", "target", "--tid", tid, "-Q", name)
