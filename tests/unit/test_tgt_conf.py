@@ -1,13 +1,24 @@
 """tgt conf-file rendering/parsing and input validation of the tgt driver (no tgtd needed)."""
 from __future__ import annotations
 
+import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
-from ims.common.errors import InvalidInput, IscsiError, TargetNotFound
-from ims.einstein.iscsi.tgt import TargetSpec, TgtTarget, check_backing, check_initiators, parse_conf, render_conf
+from ims.common.errors import InvalidInput, IscsiError, TargetExists, TargetNotFound
+from ims.einstein.iscsi.tgt import (
+    LiveTarget,
+    TargetSpec,
+    TgtTarget,
+    check_backing,
+    check_initiators,
+    parse_conf,
+    parse_show,
+    render_conf,
+)
 from ims.einstein.storage.base import Backing
 
 RBD = Backing("rbd", "bmi/5img12", "conf=/etc/ceph/ceph.conf;id=bmi")
@@ -163,3 +174,208 @@ def test_remove_unknown_without_daemon_lookup_fails_cleanly(tmp_path: Path) -> N
     driver = TgtTarget(str(tmp_path), tgtadm="/nonexistent/tgtadm")
     with pytest.raises((IscsiError, TargetNotFound)):
         driver.remove_target("node1")
+
+
+# --- addressing by IQN ---------------------------------------------------------------------
+SHOW = """Target 1: iqn.2017-10.org.moc.bmi:4242img3
+    System information:
+        Driver: iscsi
+        State: ready
+    I_T nexus information:
+        I_T nexus: 1
+            Initiator: iqn.2017-10.org.moc.bmi.node:cisco-02 alias: none
+            Connection: 0
+                IP Address: 127.0.0.1
+    LUN information:
+        LUN: 0
+            Type: controller
+            Backing store type: null
+            Backing store path: None
+        LUN: 1
+            Type: disk
+            Backing store type: rbd
+            Backing store path: bmi/4242img3
+            Backing store flags:
+    Account information:
+    ACL information:
+        0.0.0.0/32
+        iqn.2017-10.org.moc.bmi.node:cisco-02
+Target 2: iqn.2017-10.org.moc.bmi:4242img4
+    System information:
+        Driver: iscsi
+        State: ready
+    I_T nexus information:
+    LUN information:
+        LUN: 0
+            Type: controller
+            Backing store path: None
+    Account information:
+    ACL information:
+        ALL
+"""
+
+
+def test_parse_show() -> None:
+    live = parse_show(SHOW)
+    assert live == {
+        "iqn.2017-10.org.moc.bmi:4242img3": LiveTarget(
+            1, "iqn.2017-10.org.moc.bmi:4242img3", {1: "bmi/4242img3"},
+            ["0.0.0.0/32", "iqn.2017-10.org.moc.bmi.node:cisco-02"]),
+        "iqn.2017-10.org.moc.bmi:4242img4": LiveTarget(2, "iqn.2017-10.org.moc.bmi:4242img4", {}, ["ALL"]),
+    }
+    assert parse_show("") == {}
+
+
+# A stand-in for tgtadm that keeps tgtd's state in a JSON file, so the driver's decisions can
+# be checked at the exact moments a real tgtd cannot be made to renumber (between two calls).
+FAKE_TGTADM = r'''#!{python}
+import json, sys
+STATE = {state!r}
+st = json.load(open(STATE))
+a = sys.argv[1:]
+def arg(flag):
+    return a[a.index(flag) + 1] if flag in a else None
+op, mode = arg("--op"), arg("--mode")
+targets = st["targets"]
+def by_tid(tid):
+    return next((i for i, t in targets.items() if t["tid"] == tid), None)
+def fail(msg):
+    json.dump(st, open(STATE, "w"))
+    sys.stderr.write("tgtadm: " + msg + "\n"); sys.exit(22)
+tid = int(arg("--tid")) if arg("--tid") else None
+if op == "delete" and st.get("renumber_before_delete"):
+    st["renumber_before_delete"] = False      # Debian's restart + tgt-admin -e, in glob order
+    for n, iqn in enumerate(sorted(targets), 1):
+        targets[iqn]["tid"] = n
+st["calls"].append(" ".join(a))
+if mode == "target" and op == "show":
+    for iqn, t in sorted(targets.items(), key=lambda kv: kv[1]["tid"]):
+        print(f"Target {{t['tid']}}: {{iqn}}\n    LUN information:")
+        for lun, path in sorted(t["luns"].items()):
+            print(f"        LUN: {{lun}}\n            Backing store path: {{path}}")
+        print("    ACL information:")
+        for entry in t["acl"]:
+            print("        " + entry)
+elif mode == "target" and op == "new":
+    if by_tid(tid) is not None or arg("-T") in targets:
+        fail("this target already exists")
+    targets[arg("-T")] = {{"tid": tid, "luns": {{}}, "acl": []}}
+elif by_tid(tid) is None:
+    fail("can't find the target")
+elif mode == "target" and op == "delete":
+    st["deleted"].append(by_tid(tid))
+    del targets[by_tid(tid)]
+elif mode == "logicalunit" and op == "new":
+    targets[by_tid(tid)]["luns"][arg("--lun")] = arg("--backing-store")
+elif mode == "target" and op == "bind":
+    targets[by_tid(tid)]["acl"].append(arg("-I") or arg("-Q"))
+json.dump(st, open(STATE, "w"))
+'''
+
+
+class FakeTgtd:
+    def __init__(self, tmp: Path) -> None:
+        self.state = tmp / "tgtd.json"
+        self.state.write_text(json.dumps({"targets": {}, "calls": [], "deleted": []}))
+        self.tgtadm = tmp / "tgtadm"
+        self.tgtadm.write_text(FAKE_TGTADM.format(python=sys.executable, state=str(self.state)))
+        self.tgtadm.chmod(0o755)
+
+    def load(self) -> dict:
+        return json.loads(self.state.read_text())
+
+    def update(self, **changes: object) -> None:
+        st = self.load()
+        st.update(changes)
+        self.state.write_text(json.dumps(st))
+
+    def tids(self) -> dict[str, int]:
+        return {iqn: t["tid"] for iqn, t in self.load()["targets"].items()}
+
+
+PFX = "iqn.2017-10.org.moc.bmi:"
+
+
+@pytest.fixture()
+def fake(tmp_path: Path) -> tuple[FakeTgtd, TgtTarget]:
+    tgtd = FakeTgtd(tmp_path)
+    driver = TgtTarget(str(tmp_path / "conf.d"), iqn_prefix=PFX, tgtadm=str(tgtd.tgtadm))
+    for name in ("a", "b", "c"):
+        driver.add_target(name, Backing("rdwr", f"/srv/{name}.img"), ["ALL"])
+    assert tgtd.tids() == {PFX + "a": 1, PFX + "b": 2, PFX + "c": 3}
+    return tgtd, driver
+
+
+def renumber(tgtd: FakeTgtd) -> None:
+    st = tgtd.load()
+    for n, iqn in enumerate(sorted(st["targets"]), 1):
+        st["targets"][iqn]["tid"] = n
+    tgtd.state.write_text(json.dumps(st))
+
+
+def test_stale_tid_is_never_deleted(fake: tuple[FakeTgtd, TgtTarget]) -> None:
+    tgtd, driver = fake
+    driver.remove_target("a")
+    renumber(tgtd)                                         # b=1, c=2: b's conf file still says 2
+    assert tgtd.tids() == {PFX + "b": 1, PFX + "c": 2}
+    assert driver.target_exists("c")
+    assert parse_conf(Path(driver.conf_path("c")).read_text(), "c").tid == 2   # re-synced
+    driver.remove_target("b")
+    assert tgtd.load()["deleted"] == [PFX + "a", PFX + "b"]
+    assert tgtd.tids() == {PFX + "c": 2}
+    assert not driver.target_exists("b") and not driver.target_exists("a")
+
+
+def test_exists_is_false_when_the_remembered_tid_is_anothers(fake: tuple[FakeTgtd, TgtTarget]) -> None:
+    tgtd, driver = fake
+    st = tgtd.load()
+    del st["targets"][PFX + "b"]
+    st["targets"][PFX + "x"] = {"tid": 2, "luns": {"1": "/srv/x.img"}, "acl": ["ALL"]}
+    tgtd.state.write_text(json.dumps(st))
+    assert not driver.target_exists("b")                   # tid 2 is alive, but it is x's
+    driver.remove_target("b")                              # drops b's stale conf file only
+    assert tgtd.load()["deleted"] == [] and PFX + "x" in tgtd.tids()
+    assert not os.path.exists(driver.conf_path("b"))
+
+
+def test_renumbered_between_show_and_delete(fake: tuple[FakeTgtd, TgtTarget]) -> None:
+    """The documented window: the delete hits the neighbour; the check after it notices,
+    the neighbour comes back from its conf file, and ours is deleted by its new tid."""
+    tgtd, driver = fake
+    driver.remove_target("a")
+    tgtd.update(renumber_before_delete=True)
+    driver.remove_target("b")
+    st = tgtd.load()
+    assert st["deleted"] == [PFX + "a", PFX + "c", PFX + "b"]   # c was hit in the window ...
+    assert list(st["targets"]) == [PFX + "c"]                     # ... and re-created
+    assert st["targets"][PFX + "c"]["luns"] == {"1": "/srv/c.img"} and st["targets"][PFX + "c"]["acl"] == ["ALL"]
+    assert driver.target_exists("c") and driver.list_targets() == ["c"]
+
+
+def test_add_of_a_live_iqn_touches_nothing(fake: tuple[FakeTgtd, TgtTarget]) -> None:
+    tgtd, driver = fake
+    os.unlink(driver.conf_path("b"))
+    before = tgtd.load()
+    for counter in ("0", "1"):                             # a free tid first, then b's own tid
+        Path(driver.conf_dir, ".tid").write_text(counter)
+        with pytest.raises(TargetExists):
+            driver.add_target("b", Backing("rdwr", "/srv/other.img"), ["ALL"])
+    st = tgtd.load()
+    assert st["targets"] == before["targets"] and st["deleted"] == []
+    # only "new target" attempts and shows were sent: no LUN, bind or delete
+    assert {" ".join(c.split()[2:6]) for c in st["calls"][len(before["calls"]):]} == {
+        "--op new --mode target", "--op show --mode target"}
+
+
+def test_restore_resyncs_then_recreates(fake: tuple[FakeTgtd, TgtTarget]) -> None:
+    tgtd, driver = fake
+    st = tgtd.load()
+    del st["targets"][PFX + "a"]
+    tgtd.state.write_text(json.dumps(st))
+    renumber(tgtd)                                         # b=1, c=2; a lost
+    assert driver.restore() == 1
+    tids = tgtd.tids()
+    assert set(tids) == {PFX + "a", PFX + "b", PFX + "c"} and len(set(tids.values())) == 3
+    for name in ("a", "b", "c"):
+        assert parse_conf(Path(driver.conf_path(name)).read_text(), name).tid == tids[PFX + name]
+    assert driver.restore() == 0 and tgtd.tids() == tids
