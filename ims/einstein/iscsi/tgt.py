@@ -483,9 +483,11 @@ class TgtTarget(IscsiTarget):
                     return target.tid
                 deleted = target.tid
                 if live[iqn].tid != target.tid:
-                    LOG.error("tgtd renumbered its targets while %s was being deleted: tid %s (deleted) was "
-                              "another target's; re-creating every target of %s that is not live",
-                              iqn, target.tid, self.conf_dir)
+                    # Renumbered by a restart (tid N was someone else's when it was deleted), or
+                    # re-created meanwhile by another worker's restore(): either way restore()
+                    # brings back whatever of ours is missing, then ours is deleted by its new tid.
+                    LOG.error("iSCSI target %s moved from tid %s while it was being deleted (tgtd restarted?): "
+                              "re-creating every target of %s that is not live", iqn, target.tid, self.conf_dir)
                     self.restore()
                     live = self._show_all()
             raise IscsiError(f"iSCSI target {iqn} is still live after {DELETE_ATTEMPTS} deletes")
