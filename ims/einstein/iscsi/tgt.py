@@ -23,9 +23,12 @@ narrowed further: after every delete a second show checks that our IQN is gone; 
 it is still live (at another tid), the deleted tid belonged to someone else, so every
 target with a conf file that is not live is re-created at once (:meth:`restore`) and
 the delete is retried by IQN.  A target of another tool (no conf file here) hit in that
-window is not brought back; that is logged.  The same window exists between creating
-a target and configuring its LUN/ACL (a few calls); add_target checks the result with
-a show and undoes it when the tid moved.
+window is not brought back; that is logged.  The same window exists inside add_target
+between ``--op new`` and the LUN/ACL calls on that tid: a renumbering there makes the
+LUN call fail on the neighbour (its LUN 1 exists), and only a renumbering between the
+LUN call and the binds could add our initiator to a neighbour's ACL.  A show after the
+last call checks that our IQN has our tid and backing store, and otherwise removes ours
+and fails; a neighbour's extra ACL entry is not undone (it goes at its next reload).
 
 How tgtadm 1.0.85 reports things (checked by hand, the code relies on it):
   * a duplicate tid *and* a duplicate target name both exit 22 with
