@@ -343,6 +343,7 @@ def test_debian_restart_then_remove_never_hits_a_neighbour(tmp_path: Path) -> No
         assert drv.restore() == 0                                  # nothing lost ...
         assert conf_tid(drv, "d-node") == live[drv.iqn("d-node")]   # ... but every tid re-read
         assert drv.restore() == 0 and tgt_targets(instance) == live
+        assert drv.live_targets() == ["c-node", "d-node"]
 
         # a new target after the restart gets a tid no live target has
         e_path, e_data = random_file(tmp_path, MiB, fill=4096)

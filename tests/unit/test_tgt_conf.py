@@ -333,6 +333,7 @@ def test_exists_is_false_when_the_remembered_tid_is_anothers(fake: tuple[FakeTgt
     st["targets"][PFX + "x"] = {"tid": 2, "luns": {"1": "/srv/x.img"}, "acl": ["ALL"]}
     tgtd.state.write_text(json.dumps(st))
     assert not driver.target_exists("b")                   # tid 2 is alive, but it is x's
+    assert driver.live_targets() == ["a", "c"]
     driver.remove_target("b")                              # drops b's stale conf file only
     assert tgtd.load()["deleted"] == [] and PFX + "x" in tgtd.tids()
     assert not os.path.exists(driver.conf_path("b"))

@@ -43,6 +43,10 @@ class IscsiTarget(abc.ABC):
     def list_targets(self) -> list[str]:
         """Names (without prefix) of the targets this driver manages."""
 
+    def live_targets(self) -> list[str]:
+        """The names of :meth:`list_targets` that :meth:`target_exists` (drivers may do it in one call)."""
+        return [t for t in self.list_targets() if self.target_exists(t)]
+
     def restore(self) -> int:
         """Start-up sync, called by Einstein before it serves: re-read where the daemon has
         each target now (tgt renumbers tids on restart), then re-create every target the

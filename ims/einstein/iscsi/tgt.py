@@ -333,6 +333,18 @@ class TgtTarget(IscsiTarget):
                 names.append(entry[:-len(".conf")])
         return sorted(names)
 
+    def live_targets(self) -> list[str]:
+        """Conf files whose IQN is live in tgtd, from ONE full show (for reconcile); re-syncs tids."""
+        live = self._show_all()
+        names = []
+        for name in self.list_targets():
+            spec = self._read_spec_quietly(name)
+            if spec is not None and spec.iqn in live:
+                if live[spec.iqn].tid != spec.tid:
+                    self._rewrite_tid(name, live[spec.iqn].tid)
+                names.append(name)
+        return names
+
     def resync(self) -> int:
         """Rewrite every conf file whose tid line is stale, from one full show; returns how many.
 
