@@ -18,40 +18,22 @@ import pytest
 from sqlalchemy import select
 
 from ims.common.errors import NodeBusy, ServiceUnavailable, StorageError
-from ims.database import make_engine, make_session_factory
 from ims.database.models import Lock, Operation
 from ims.einstein.journal import LOCKS_KEY, Journal, RecoveryContext, current_owner
+from tests.support.journal_ops import journaled_provision, make_journal
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def make_journal(db: Path, files: Path) -> Journal:
-    """A journal whose only resource is ``files/<node>`` holding the writer's label."""
-    journal = Journal(make_session_factory(make_engine(f"sqlite:///{db}")))
-
-    def remove(params: dict[str, Any], _ctx: RecoveryContext) -> None:
-        with open(files / "undo.log", "a", encoding="utf-8") as fh:
-            fh.write(f"{params['node']}:{params['label']}\n")
-        (files / params["node"]).unlink(missing_ok=True)
-
-    journal.register_undo("file.remove", remove)
-    return journal
-
-
 def provision(journal: Journal, files: Path, node: str, label: str, after_write: Any = None) -> None:
-    with journal.lock([f"node:{node}"], "provision"), \
-            journal.operation("provision", {"node": node}) as tx:
-        tx.step("file.write", lambda: (files / node).write_text(label),
-                undo=("file.remove", {"node": node, "label": label}))
-        if after_write:
-            after_write()
+    journaled_provision(journal, files, node, label, after_write)
 
 
 CHILD = """
 import os, signal, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from tests.unit.test_journal import make_journal, provision
+from tests.support.journal_ops import make_journal, journaled_provision as provision
 journal = make_journal(Path(sys.argv[2]), Path(sys.argv[3]))
 provision(journal, Path(sys.argv[3]), "node1", "old", after_write=lambda: os.kill(os.getpid(), signal.SIGKILL))
 """
