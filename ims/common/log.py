@@ -59,6 +59,11 @@ class DatagramLineHandler(logging.Handler):
         except Exception:  # noqa: BLE001 - logging must never break the caller
             self.handleError(record)
 
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        # The supervisor is gone (e.g. the worker drains after it died): the record still
+        # went to stderr through the console handler, so do not add a traceback there.
+        pass
+
     def close(self) -> None:
         self.sock.close()
         super().close()
