@@ -214,3 +214,20 @@ def test_non_transient_error_before_commit_still_raises_and_rolls_back(env) -> N
         provision(journal, files, "node1", "x", after_write=boom)
     assert not (files / "node1").exists()
     assert rows(journal)[0][1] == "rolled_back"
+
+
+def test_recovery_under_the_lock_uses_the_context_factory(env) -> None:
+    journal, db, files = env
+    kill_mid_provision(db, files)
+    made: list[RecoveryContext] = []
+
+    def factory() -> RecoveryContext:
+        made.append(RecoveryContext(net="hil-client"))
+        return made[-1]
+
+    seen: list[Any] = []
+    original = journal.undo_registry["file.remove"]
+    journal.register_undo("file.remove", lambda params, ctx: (seen.append(ctx.net), original(params, ctx)))
+    journal.context_factory = factory
+    provision(journal, files, "node1", "new")
+    assert len(made) == 1 and seen == ["hil-client"]
