@@ -254,7 +254,8 @@ class Journal:
                     time.sleep(0.2)
                     continue
                 label = name.split(":", 1)[-1]
-                raise NodeBusy(f"{label} is busy ({what} in progress); try again when it has finished")
+                doing = what.split(":", 1)[0] if what.startswith(RECOVERY_PURPOSE) else what
+                raise NodeBusy(f"{label} is busy ({doing} in progress); try again when it has finished")
             for dead_owner in dead:
                 found = self._take_over_and_recover(dead_owner, owner)
                 if found.get("failed"):
