@@ -73,6 +73,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "hmac_key": (str, ""),
         "insecure": (bool, False),
         "timeout": (float, 600.0),
+        "drain_seconds": (float, 60.0),
     },
     "tftp": {
         "pxelinux_path": ("path", "/var/lib/tftpboot/pxelinux.cfg"),
@@ -93,11 +94,17 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "ip": (str, "127.0.0.1"),
         "port": (int, 9000),
         "threads": (int, 8),
+        "drain_seconds": (float, 60.0),
     },
     "logs": {
         "path": ("path", "/var/log/bmi"),
         "debug": (bool, False),
         "verbose": (bool, False),
+        "max_bytes": (int, 10_000_000),
+        "backup_count": (int, 10),
+    },
+    "journal": {
+        "retry_seconds": (float, 30.0),
     },
 }
 

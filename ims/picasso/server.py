@@ -1,9 +1,17 @@
-"""Serve Picasso with waitress on ``[rest_api] ip:port`` (never Flask's development server)."""
+"""Serve Picasso with waitress on ``[rest_api] ip:port`` (never Flask's development server).
+
+SIGTERM/SIGINT drain: the listening socket is closed at once (new connections are
+refused), requests in flight run to the end and their answers are sent, for up to
+``[rest_api] drain_seconds``; then the process exits.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import threading
+import time
+from typing import Any
 
 import waitress
 
@@ -24,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     bmi_log.setup(None, "picasso")
     try:
         cfg = bmi_config.load(path=opts.config)
-        bmi_log.setup(cfg, "picasso")
+        bmi_log.setup(cfg, "picasso", file_name=bmi_log.PICASSO_LOG)
     except ConfigError as exc:
         LOG.error("%s", exc)
         return 1
@@ -37,9 +45,38 @@ def main(argv: list[str] | None = None) -> int:
         threading.Thread(target=boot_server.run, name="boot-http", daemon=True).start()
         LOG.info("serving node boot scripts on http://%s:%d/boot/<mac>", cfg.boot_http.ip, cfg.boot_http.port)
     LOG.info("Picasso listening on http://%s:%d/", cfg.rest_api.ip, cfg.rest_api.port)
-    waitress.serve(app, host=cfg.rest_api.ip, port=cfg.rest_api.port, threads=cfg.rest_api.threads,
-                   ident="bmi-picasso")
+    server = waitress.create_server(app, host=cfg.rest_api.ip, port=cfg.rest_api.port,
+                                    threads=cfg.rest_api.threads, ident="bmi-picasso")
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    serve_until(server, stopping, cfg.rest_api.drain_seconds)
     return 0
+
+
+def _busy(server: Any) -> bool:
+    """A request is being handled or its answer is still being sent."""
+    if server.task_dispatcher.active_count or server.task_dispatcher.queue:
+        return True
+    return any(ch.requests or ch.total_outbufs_len for ch in list(server.active_channels.values()))
+
+
+def serve_until(server: Any, stopping: threading.Event, drain_seconds: float) -> None:
+    """Run waitress's loop until ``stopping`` is set, then drain (see the module doc)."""
+    loop, timeout = server.asyncore.loop, 0.5
+    while not stopping.is_set():
+        loop(timeout=timeout, map=server._map, count=1)
+    LOG.info("Picasso stopping: no new connections; finishing requests in flight (up to %.0f s)", drain_seconds)
+    server.accepting = False
+    server.del_channel()
+    server.socket.close()
+    deadline = time.monotonic() + drain_seconds
+    while _busy(server) and time.monotonic() < deadline:
+        loop(timeout=0.1, map=server._map, count=1)
+    if _busy(server):
+        LOG.error("requests still running after %.0f s ([rest_api] drain_seconds); stopping anyway", drain_seconds)
+    server.task_dispatcher.shutdown(cancel_pending=True, timeout=5)
+    LOG.info("Picasso stopped")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import select
 import threading
 from functools import partial
 from typing import Any
@@ -12,7 +13,7 @@ import Pyro4.errors
 import Pyro4.naming
 
 from ims.common.errors import BMIError, ServiceUnavailable, from_wire
-from ims.rpc.methods import ALLOWED_METHODS, NAME_PREFIX
+from ims.rpc.methods import ALLOWED_METHODS, NAME_PREFIX, READ_ONLY_METHODS
 
 LOG = logging.getLogger(__name__)
 
@@ -22,9 +23,9 @@ _UNREACHABLE = "the BMI back-end (Einstein) cannot be reached; try again later"
 class EinsteinClient:
     """Thread-safe RPC client.  ``client.provision(auth, ...)`` calls that operation on a worker.
 
-    Each thread keeps its own proxies (a Pyro4 proxy serialises calls), calls are spread
-    round-robin, and a call that hits a dead connection (worker restarted) is retried
-    once on a fresh proxy.  Operation errors are re-raised as BMIError subclasses.
+    Each thread keeps its own proxies (a Pyro4 proxy serialises calls) and calls are spread
+    round-robin.  A call is moved to another worker only when it surely did not start
+    there (see :meth:`call`).  Operation errors are re-raised as BMIError subclasses.
     """
 
     def __init__(self, cfg: Any) -> None:
@@ -80,29 +81,63 @@ class EinsteinClient:
             proxy._pyroRelease()
 
     # --- calls ------------------------------------------------------------------------
-    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Run ``method`` on a worker; returns its result or raises the BMIError it raised."""
-        uri = self._next_uri()
+    def _connected(self, uri: str) -> Any | None:
+        """A proxy connected to ``uri`` (connecting now if needed), or None if the worker cannot be reached."""
+        proxy = self._proxy(uri)
+        conn = getattr(proxy, "_pyroConnection", None)
+        if conn is not None and _peer_closed(conn):
+            self._drop(uri)  # the worker went away since our last call: nothing was sent on this one
+            proxy = self._proxy(uri)
         try:
-            reply = self._proxy(uri).call(method, list(args), kwargs)
-        except Pyro4.errors.CommunicationError as exc:  # includes ConnectionClosed and TimeoutError
-            if isinstance(exc, Pyro4.errors.TimeoutError):
-                self._drop(uri)
-                raise ServiceUnavailable(f"{method} timed out waiting for the BMI back-end") from None
-            LOG.warning("RPC to %s failed (%s); reconnecting once", uri, exc)
+            proxy._pyroBind()
+        except Pyro4.errors.CommunicationError as exc:
+            LOG.warning("cannot connect to %s (%s)", uri, exc)
             self._drop(uri)
+            return None
+        return proxy
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Run ``method`` on a worker; returns its result or raises the BMIError it raised.
+
+        A worker that cannot be connected to, or that refuses the call unstarted (it is
+        draining), is skipped for another one.  Once the request may have reached a worker,
+        only a read-only method is sent again; a mutation answers ServiceUnavailable saying
+        it may or may not have completed (it is never run twice).
+        """
+        attempts = 0
+        resent = False
+        while True:
+            attempts += 1
+            if attempts > 1:
+                self._refresh()
+            uri = self._next_uri()
+            proxy = self._connected(uri)
+            if proxy is None:
+                if attempts >= max(2, len(self._uris) + 1):
+                    raise ServiceUnavailable(_UNREACHABLE)
+                continue
             try:
-                uri = self._refresh()[next(self._counter) % len(self._uris)]
-                reply = self._proxy(uri).call(method, list(args), kwargs)
-            except Pyro4.errors.CommunicationError as exc2:
+                reply = proxy.call(method, list(args), kwargs)
+            except Pyro4.errors.TimeoutError:
                 self._drop(uri)
-                LOG.error("RPC to %s failed again: %s", uri, exc2)
-                raise ServiceUnavailable(_UNREACHABLE) from None
-        if not isinstance(reply, dict):
-            raise BMIError("malformed reply from the BMI back-end")
-        if reply.get("ok"):
-            return reply.get("result")
-        raise from_wire(reply.get("error") or {})
+                raise ServiceUnavailable(f"{method} timed out waiting for the BMI back-end; it may or may not "
+                                         "have completed") from None
+            except Pyro4.errors.CommunicationError as exc:  # includes ConnectionClosedError
+                self._drop(uri)
+                if method in READ_ONLY_METHODS and not resent:
+                    LOG.warning("RPC %s to %s failed (%s); sending it once more", method, uri, exc)
+                    resent = True
+                    continue
+                LOG.error("RPC %s to %s broke after it was sent: %s", method, uri, exc)
+                raise ServiceUnavailable(f"the BMI back-end stopped while running {method}; it may or may not "
+                                         "have completed: check before trying again") from None
+            if not isinstance(reply, dict):
+                raise BMIError("malformed reply from the BMI back-end")
+            if reply.get("ok"):
+                return reply.get("result")
+            if reply.get("not_started") and attempts <= len(self._uris) + 1:
+                continue  # that worker is shutting down and did not start it: try another
+            raise from_wire(reply.get("error") or {})
 
     def __getattr__(self, name: str) -> Any:
         if name in ALLOWED_METHODS:
@@ -112,3 +147,15 @@ class EinsteinClient:
     def close(self) -> None:
         for uri in list(self._local.__dict__.get("proxies", {})):
             self._drop(uri)
+
+
+def _peer_closed(conn: Any) -> bool:
+    """True if the worker closed (or reset) this idle connection: it is readable before we asked anything."""
+    sock = getattr(conn, "sock", None)
+    if sock is None:
+        return True
+    try:
+        readable, _w, _x = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)

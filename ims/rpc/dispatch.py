@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 import time
 from typing import Any
 
 import Pyro4
 
-from ims.common.errors import BMIError, InvalidInput, to_wire
+from ims.common.errors import BMIError, InvalidInput, ServiceUnavailable, to_wire
 from ims.rpc.methods import ALLOWED_METHODS
 
 LOG = logging.getLogger(__name__)
@@ -20,12 +21,41 @@ def _unknown() -> dict[str, Any]:
 
 @Pyro4.expose
 class EinsteinEndpoint:
-    """Wraps an operations object; errors come back as plain data, never a traceback."""
+    """Wraps an operations object; errors come back as plain data, never a traceback.
+
+    While draining (SIGTERM) new calls are refused with a 503 marked ``not_started`` (the
+    client may send them to another worker), and :meth:`wait_idle` waits for running ones.
+    """
 
     def __init__(self, ops: Any) -> None:
         self._ops = ops
+        self._idle = threading.Condition()
+        self._running = 0
+        self._draining = False
+
+    def start_draining(self) -> None:
+        with self._idle:
+            self._draining = True
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no call is running (True) or ``timeout`` seconds passed (False)."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._running == 0, timeout)
 
     def call(self, method: str, args: list[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+        with self._idle:
+            if self._draining:
+                error = ServiceUnavailable("this BMI back-end worker is shutting down; try again")
+                return {"ok": False, "error": error.to_dict(), "not_started": True}
+            self._running += 1
+        try:
+            return self._call(method, args, kwargs)
+        finally:
+            with self._idle:
+                self._running -= 1
+                self._idle.notify_all()
+
+    def _call(self, method: str, args: list[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(method, str) or method not in ALLOWED_METHODS:
             LOG.warning("refused RPC call to unknown operation %.64r", method)
             return _unknown()

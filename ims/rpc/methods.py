@@ -25,3 +25,11 @@ ADMIN_METHODS: frozenset[str] = frozenset({
 
 NAME_PREFIX = "bmi.einstein."
 DEFAULT_OPS_FACTORY = "ims.einstein.operations:Operations.from_config"
+
+# Operations that change nothing: the RPC client may re-send one of these to another worker
+# when the connection broke after the request may have been sent.  A mutation is never
+# re-sent (the worker may have run it); the caller is told so instead.
+READ_ONLY_METHODS: frozenset[str] = frozenset({
+    "check_auth", "is_admin", "list_images", "list_snapshots", "list_provisioned", "list_disks",
+    "iscsi_list", "db_list", "list_projects", "node_ip", "boot_script",
+})

@@ -1,7 +1,8 @@
 """Einstein: a Pyro4 name server plus N worker processes, each serving one operations object.
 
-The parent process runs the name server (in a thread) and supervises the workers:
-a worker that dies is restarted; SIGTERM/SIGINT stops the workers and the name server.
+The parent process runs the name server (in a thread), writes the one log file, and
+supervises the workers: a worker that dies is restarted once a recovery process has
+finished what it left behind; SIGTERM/SIGINT drains the workers, then stops.
 Workers are started with the ``spawn`` method so each builds its own operations object
 (and so its own Ceph connection: librados does not survive ``fork``), and they exit on
 their own if the parent disappears.
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import Pyro4
+import Pyro4.errors
 import Pyro4.naming
 
 from ims.common import config as bmi_config
@@ -33,6 +35,10 @@ LOG = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 _PARENT_POLL_SECONDS = 1.0
 _RESTART_BACKOFF_SECONDS = 1.0
+# A recovery process that takes longer than this is abandoned (the worker restarts anyway).
+_RECOVERY_MAX_SECONDS = 120.0
+# Extra time, past [rpc] drain_seconds, for a drained worker to close down.
+_DRAIN_GRACE_SECONDS = 10.0
 
 
 def configure_pyro() -> None:
@@ -80,34 +86,101 @@ def _die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def worker_main(config_path: str, index: int, factory_spec: str, parent_pid: int) -> None:
-    """Entry point of worker ``index``: serve ``bmi.einstein.<index>`` until told to stop."""
+def _recover_loop(ops: Any, every: float, stop: threading.Event) -> None:
+    """Complete committed-but-unfinished (``failed``) operations and dead owners' ones, periodically."""
+    while not stop.wait(every):
+        try:
+            summary = ops.recover()
+        except Exception:  # noqa: BLE001 - keep retrying; the next round may succeed
+            LOG.exception("periodic journal recovery failed")
+            continue
+        done = {k: len(v) for k, v in summary.items() if k in ("rolled_back", "rolled_forward", "failed") and v}
+        if done:
+            LOG.info("periodic journal recovery: %s", done)
+
+
+def worker_main(config_path: str, index: int, factory_spec: str, parent_pid: int,
+                log_address: str | None = None) -> None:
+    """Entry point of worker ``index``: serve ``bmi.einstein.<index>`` until told to stop.
+
+    SIGTERM drains: the worker leaves the name server, refuses new calls (503, not
+    started, so clients use another worker), waits for running calls up to
+    ``[rpc] drain_seconds``, then exits.  Worker 0 also retries unfinished journal
+    operations every ``[journal] retry_seconds``.
+    """
     _die_with_parent(parent_pid)
     configure_pyro()
     cfg = bmi_config.load(path=config_path)
-    bmi_log.setup(cfg, f"einstein.{index}")
+    bmi_log.setup(cfg, f"einstein.{index}", forward_to=log_address)
     key = hmac_key(cfg)
     ops = load_factory(factory_spec)(cfg)
     daemon = Pyro4.Daemon(host=cfg.rpc.rpc_server_ip, port=cfg.rpc.rpc_server_port + index)
     if key:
         daemon._pyroHmacKey = key
-    signal.signal(signal.SIGTERM, lambda *_: daemon.shutdown())
-    uri = daemon.register(EinsteinEndpoint(ops), objectId=f"{NAME_PREFIX}{index}")
+    endpoint = EinsteinEndpoint(ops)
+    name = f"{NAME_PREFIX}{index}"
+    stop = threading.Event()
+
+    def drain() -> None:
+        endpoint.start_draining()
+        try:
+            with Pyro4.naming.locateNS(cfg.rpc.name_server_ip, cfg.rpc.name_server_port, broadcast=False,
+                                       hmac_key=key) as ns:
+                ns.remove(name)
+        except Pyro4.errors.PyroError as exc:
+            LOG.warning("worker %d could not leave the name server: %s", index, exc)
+        if endpoint.wait_idle(cfg.rpc.drain_seconds):
+            LOG.info("worker %d drained; stopping", index)
+        else:
+            LOG.error("worker %d: calls still running after %.0f s ([rpc] drain_seconds); stopping anyway",
+                      index, cfg.rpc.drain_seconds)
+        daemon.shutdown()
+
+    def on_term(*_: Any) -> None:
+        if not stop.is_set():
+            stop.set()
+            threading.Thread(target=drain, name="drain", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_term)
+    uri = daemon.register(endpoint, objectId=name)
     with Pyro4.naming.locateNS(cfg.rpc.name_server_ip, cfg.rpc.name_server_port, broadcast=False,
                                hmac_key=key) as ns:
-        ns.register(f"{NAME_PREFIX}{index}", uri, safe=False)
+        ns.register(name, uri, safe=False)
     LOG.info("worker %d serving at %s", index, uri)
+    if index == 0 and hasattr(ops, "recover") and cfg.journal.retry_seconds > 0:
+        threading.Thread(target=_recover_loop, args=(ops, cfg.journal.retry_seconds, stop), name="journal-retry",
+                         daemon=True).start()
     try:
         daemon.requestLoop()
     finally:
+        stop.set()
         daemon.close()
         close = getattr(ops, "close", None)
         if close:
             close()
 
 
+def recover_main(config_path: str, factory_spec: str, log_address: str | None = None) -> None:
+    """Entry point of a short recovery process: finish what a dead worker left, then exit."""
+    configure_pyro()
+    cfg = bmi_config.load(path=config_path)
+    bmi_log.setup(cfg, "einstein.recovery", forward_to=log_address)
+    ops = load_factory(factory_spec)(cfg)
+    try:
+        report = ops.recover()
+    finally:
+        close = getattr(ops, "close", None)
+        if close:
+            close()
+    LOG.info("recovery after a worker died: %s", report)
+
+
 class Supervisor:
-    """Runs the name server and keeps ``workers`` worker processes alive."""
+    """Runs the name server and keeps ``workers`` worker processes alive.
+
+    A worker that dies is not respawned at once: a short recovery process first finishes
+    (rolls back, or forward) the operations it left behind, under their locks.
+    """
 
     def __init__(self, cfg: bmi_config.BMIConfig, factory_spec: str = DEFAULT_OPS_FACTORY) -> None:
         self.cfg = cfg
@@ -115,8 +188,20 @@ class Supervisor:
         self.key = hmac_key(cfg)
         self._ctx = multiprocessing.get_context("spawn")
         self._workers: dict[int, Any] = {}
+        self._recovering: dict[int, Any] = {}
         self._stop = threading.Event()
         self._ns_daemon: Any = None
+        self.log_receiver: bmi_log.LogReceiver | None = None
+
+    def start_logging(self) -> None:
+        """Be the one writer of ims.log: workers send their records here."""
+        handler = bmi_log.setup(self.cfg, "einstein")
+        if handler is not None:
+            self.log_receiver = bmi_log.LogReceiver(handler).start()
+
+    @property
+    def _log_address(self) -> str | None:
+        return self.log_receiver.address if self.log_receiver else None
 
     def recover(self) -> dict[str, Any]:
         """Finish or roll back what a crash left half-done, once, before serving."""
@@ -137,16 +222,43 @@ class Supervisor:
 
     def _spawn(self, index: int) -> None:
         proc = self._ctx.Process(target=worker_main, name=f"einstein-{index}",
-                                 args=(self.cfg.path, index, self.factory_spec, os.getpid()))
+                                 args=(self.cfg.path, index, self.factory_spec, os.getpid(), self._log_address))
         proc.start()
         self._workers[index] = proc
         LOG.info("started worker %d (pid %d)", index, proc.pid)
 
+    def _start_recovery(self, index: int) -> None:
+        proc = self._ctx.Process(target=recover_main, name=f"einstein-recovery-{index}",
+                                 args=(self.cfg.path, self.factory_spec, self._log_address))
+        proc.start()
+        self._recovering[index] = (proc, time.monotonic())
+        LOG.info("recovering the operations of worker %d before restarting it (pid %d)", index, proc.pid)
+
     def stop(self, *_: Any) -> None:
         self._stop.set()
 
+    def _tick(self) -> None:
+        for index, proc in list(self._workers.items()):
+            if index in self._recovering or proc.is_alive():
+                continue
+            LOG.error("worker %d (pid %s) exited with %s; restarting", index, proc.pid, proc.exitcode)
+            time.sleep(_RESTART_BACKOFF_SECONDS if proc.exitcode not in (0, -signal.SIGKILL) else 0)
+            self._start_recovery(index)
+        for index, (rproc, started) in list(self._recovering.items()):
+            if rproc.is_alive() and time.monotonic() - started < _RECOVERY_MAX_SECONDS:
+                continue
+            if rproc.is_alive():  # a hung recovery must not keep the worker down: locks recover on use too
+                LOG.error("recovery for worker %d still running after %.0f s; restarting the worker anyway",
+                          index, _RECOVERY_MAX_SECONDS)
+                rproc.kill()
+            rproc.join(5)
+            if rproc.exitcode != 0:
+                LOG.error("recovery for worker %d ended with %s", index, rproc.exitcode)
+            del self._recovering[index]
+            self._spawn(index)
+
     def run(self) -> None:
-        """Serve until SIGTERM/SIGINT."""
+        """Serve until SIGTERM/SIGINT, then drain."""
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
         self.start_name_server()
@@ -154,28 +266,34 @@ class Supervisor:
             for index in range(self.cfg.rpc.workers):
                 self._spawn(index)
             while not self._stop.wait(0.2):
-                for index, proc in list(self._workers.items()):
-                    if not proc.is_alive():
-                        LOG.error("worker %d (pid %s) exited with %s; restarting", index, proc.pid,
-                                  proc.exitcode)
-                        time.sleep(_RESTART_BACKOFF_SECONDS if proc.exitcode not in (0, -signal.SIGKILL) else 0)
-                        self._spawn(index)
+                self._tick()
         finally:
             self.shutdown()
 
     def shutdown(self) -> None:
+        """Drain: each worker stops taking calls and finishes running ones (``[rpc] drain_seconds``)."""
+        LOG.info("stopping: draining the workers (up to %.0f s)", self.cfg.rpc.drain_seconds)
+        for rproc, _started in self._recovering.values():
+            rproc.join(_RECOVERY_MAX_SECONDS)
+            if rproc.is_alive():
+                rproc.kill()
         for proc in self._workers.values():
             if proc.is_alive():
                 proc.terminate()
+        deadline = time.monotonic() + self.cfg.rpc.drain_seconds + _DRAIN_GRACE_SECONDS
         for proc in self._workers.values():
-            proc.join(10)
+            proc.join(max(0.1, deadline - time.monotonic()))
             if proc.is_alive():
+                LOG.error("worker pid %s did not stop; killing it", proc.pid)
                 proc.kill()
                 proc.join(5)
         if self._ns_daemon is not None:
             self._ns_daemon.shutdown()
             self._ns_daemon = None
         LOG.info("einstein stopped")
+        if self.log_receiver is not None:
+            self.log_receiver.stop()
+            self.log_receiver = None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,8 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_pyro()
     try:
         cfg = bmi_config.load(path=opts.config)
-        bmi_log.setup(cfg, "einstein")
         supervisor = Supervisor(cfg, opts.ops_factory)
+        supervisor.start_logging()
         supervisor.recover()
     except ConfigError as exc:
         LOG.error("%s", exc)

@@ -246,3 +246,10 @@ def test_refuses_to_start_without_hmac_key(tmp_path: Path) -> None:
                           timeout=60, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert proc.returncode == 1
     assert "hmac_key" in proc.stderr
+
+
+def test_read_only_methods_are_served_methods() -> None:
+    from ims.rpc.methods import ALLOWED_METHODS, READ_ONLY_METHODS
+
+    assert READ_ONLY_METHODS <= ALLOWED_METHODS
+    assert not READ_ONLY_METHODS & {"provision", "deprovision", "import_image", "remove_image", "reconcile"}
