@@ -207,6 +207,14 @@ class Supervisor:
         """Finish or roll back what a crash left half-done, once, before serving."""
         ops = load_factory(self.factory_spec)(self.cfg)
         try:
+            # tgtd may have been restarted (and its targets renumbered, or lost) while Einstein was
+            # down: re-read every target's tid by IQN and re-create missing ones before anything
+            # acts on a target.  Only here, before any worker runs: no operation can race it.
+            iscsi = getattr(ops, "iscsi", None)
+            if iscsi is not None:
+                restored = iscsi.restore()
+                if restored:
+                    LOG.warning("re-created %d iSCSI target(s) missing from the target daemon", restored)
             report = ops.recover()
         finally:
             ops.close()
