@@ -228,6 +228,3 @@ class Operations:
     @rpc(admin=True)
     def reconcile(self, auth: Auth, repair: bool = False) -> dict[str, Any]:
         return self._reconcile.reconcile(auth, repair)
-
-    def journal_unfinished(self) -> list[dict[str, Any]]:
-        return self._reconcile.journal_unfinished()

@@ -543,7 +543,7 @@ def test_rpc_allow_list_is_generated_from_the_facade():
     public = {n for n in vars(Operations) if not n.startswith("_") and callable(getattr(Operations, n))}
     assert ALLOWED_METHODS == exposed(Operations) and ALLOWED_METHODS <= public
     # lifecycle helpers are never callable over RPC
-    assert not ALLOWED_METHODS & {"close", "recover", "from_config", "journal_unfinished", "ceph_name"}
+    assert not ALLOWED_METHODS & {"close", "recover", "from_config", "ceph_name"}
     assert {"provision", "deprovision", "reconcile", "boot_script", "db_list"} <= ALLOWED_METHODS
     assert ADMIN_METHODS == {"create_project", "remove_project", "db_create", "db_remove", "reconcile"}
     assert "provision" not in exposed(Operations, read_only=True) and "db_list" in exposed(Operations, read_only=True)
