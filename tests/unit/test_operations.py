@@ -385,7 +385,8 @@ def test_fault_at_every_step_leaves_before_or_after_state(tmp_path, scenario):
         env.ops.close()
 
 
-@pytest.mark.parametrize("scenario", ["import", "provision", "snapshot", "deprovision"])
+@pytest.mark.parametrize("scenario", ["import", "provision", "snapshot", "deprovision", "provision_disk",
+                                      "deprovision_disk", "delete_disk", "export", "copy"])
 def test_crash_mid_operation_is_recovered(tmp_path, scenario):
     """A process that dies mid-way leaves a 'running' journal row; recover() restores a consistent state."""
     setup, run, steps, after = _probe(tmp_path, scenario)
