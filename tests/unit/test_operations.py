@@ -757,6 +757,13 @@ def test_reconcile_rewrites_boot_files_pointing_elsewhere(env):
     report = ops.reconcile(ADMIN, repair=True)
     assert report["stale_boot_files"] == ["bmi_node"] and report["actions"] == ["rewrite boot files of bmi_node"]
     assert (env.tftp / "bmi_node.ipxe").read_text() == good
+    # the node's PXELINUX file loading another node's script
+    pxe = env.tftp / "pxelinux.cfg" / "01-52-54-00-aa-bb-01"
+    right = pxe.read_text()
+    pxe.write_text(right.replace("bmi_node.ipxe", "node2.ipxe"))
+    report = ops.reconcile(ADMIN, repair=True)
+    assert report["stale_boot_files"] == ["bmi_node"] and report["orphan_boot_files"] == []
+    assert pxe.read_text() == right and ops.reconcile(ADMIN)["stale_boot_files"] == []
 
 
 @pytest.mark.parametrize("service", [True, False])

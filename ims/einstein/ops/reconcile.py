@@ -91,10 +91,9 @@ class Reconcile:
         with _scandir(core.boot.pxelinux_path) as entries:
             for entry in entries:
                 m = _PXE_FILE_RE.fullmatch(entry.name)
-                if m and entry.is_file():
-                    found = _INITRD_RE.search(_read(entry.path))
-                    if found and "ipxe.lkrn" in _read(entry.path):
-                        pxe[m.group(1).replace("-", ":")] = found.group(1)
+                node = _pxe_node(entry.path) if m and entry.is_file() else None
+                if m and node:
+                    pxe[m.group(1).replace("-", ":")] = node
         return ipxe, pxe
 
     def _hil_orphans(self, net: Any, provs: list[Prov], networks: set[str], notes: list[str]) -> list[str]:
@@ -143,12 +142,14 @@ class Reconcile:
         ipxe, pxe = self._boot_files()
         by_node = {p.node: p for p in provs}
         by_mac = {p.mac: p for p in provs}
-        stale = sorted(p.node for p in provs if tftp and p.node in ipxe
-                       and (p.clone not in in_storage or core.iscsi.iqn(p.clone) not in ipxe[p.node]))
+        # files of a provision that point at a clone that does not exist, at another target, or
+        # (PXELINUX) at another node's script
+        stale = sorted({p.node for p in provs if tftp and (
+            (p.node in ipxe and (p.clone not in in_storage or core.iscsi.iqn(p.clone) not in ipxe[p.node]))
+            or (p.mac in pxe and pxe[p.mac] != p.node))})
         orphans: list[tuple[str, str, str | None]] = (
             [(core.boot.ipxe_file(n), n, None) for n in ipxe if not tftp or n not in by_node]
-            + [(core.boot.pxelinux_file(m), n, m) for m, n in pxe.items()
-               if not tftp or m not in by_mac or by_mac[m].node != n])
+            + [(core.boot.pxelinux_file(m), n, m) for m, n in pxe.items() if not tftp or m not in by_mac])
         notes: list[str] = []
         report: dict[str, Any] = {
             "images_without_row": sorted(in_storage - set(rows)),
@@ -267,10 +268,12 @@ class Reconcile:
 
         for path, node, mac in orphans:
             def unlink(p: str = path, n: str = node, m: str | None = mac) -> bool:
-                fresh = {q.node: q for q in self._db()[1]}
-                owned = n in fresh if m is None else any(q.mac == m and q.node == n for q in fresh.values())
+                fresh = self._db()[1]
+                owned = any(q.node == n for q in fresh) if m is None else any(q.mac == m for q in fresh)
                 if owned and core.cfg.tftp.boot_mode == "tftp":
-                    return False
+                    return False  # provisioned meanwhile
+                if m is not None and _pxe_node(p) != n:
+                    return False  # rewritten meanwhile for another node (whose lock we do not hold)
                 try:
                     os.unlink(p)
                 except FileNotFoundError:
@@ -303,6 +306,13 @@ class _scandir:
     def __exit__(self, *exc: object) -> None:
         if self._it is not None:
             self._it.close()
+
+
+def _pxe_node(path: str) -> str | None:
+    """The node whose iPXE script a BMI PXELINUX file loads (None if it is not one of BMI's)."""
+    text = _read(path)
+    found = _INITRD_RE.search(text)
+    return found.group(1) if found and "ipxe.lkrn" in text else None
 
 
 def _read(path: str) -> str:
