@@ -800,3 +800,22 @@ def test_recovery_uses_the_service_account_for_hil(tmp_path, service):
         assert state["nets"][("bmi_node", "bmi_port")] == {"vlan/native": "bmi_network"}
         assert any("detach network bmi_network" in n for n in summary["notes"])
     ops.close()
+
+
+def test_a_database_from_before_the_connected_column_is_upgraded(tmp_path):
+    import sqlite3
+
+    env = Env(tmp_path)
+    env.ops.import_image(USER, "bmi_infra", "bmi-test-image")
+    env.ops.provision(USER, "bmi_infra", "bmi_node", "bmi-test-image", "bmi_network", "bmi_port")
+    env.ops.close()
+    with sqlite3.connect(tmp_path / "bmi.db") as db:
+        db.execute("ALTER TABLE provision DROP COLUMN connected")
+    boot = BootFiles(env.cfg.tftp.pxelinux_path, env.cfg.tftp.ipxe_path, "10.77.0.1")
+    env.ops = Operations(env.cfg, env.storage, env.iscsi, boot, env.hil.client)
+    with env.ops.journal.session() as s:
+        s.get(Provision, "bmi_node").connected = None  # an old row: nobody recorded who attached the NIC
+    # as before the record: detached if attached
+    env.ops.deprovision(USER, "bmi_infra", "bmi_node", "bmi_network", "bmi_port")
+    assert env.hil.nodes["bmi_node"]["nics"]["bmi_port"]["networks"] == {}
+    env.ops.close()
