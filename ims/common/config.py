@@ -26,6 +26,9 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "snapshot": (str, "snapshot"),
         "service": (bool, False),
         "admin_users": ("list", []),
+        # Regex (full match) of storage names tenants may import; empty = any name outside
+        # BMI's own namespace (<uid>img...), which is always refused.
+        "import_pattern": (str, ""),
     },
     "db": {
         # ``url`` wins; ``path`` is the original's key (an SQLite file).
@@ -63,6 +66,10 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "action_timeout": (float, 60.0),
         "channel": (str, "vlan/native"),
         "auth_cache_seconds": (float, 30.0),
+        # HIL account journal recovery uses to undo/finish network changes of a dead worker's
+        # operations (never logged); empty = recovery leaves such changes as notes.
+        "service_username": (str, ""),
+        "service_password": (str, ""),
     },
     "rpc": {
         "name_server_ip": (str, "127.0.0.1"),
@@ -228,6 +235,15 @@ def _validate(cfg: BMIConfig) -> None:
         raise ConfigError(f"{cfg.path}: invalid value {cfg.tftp.boot_mode!r} for [tftp] boot_mode: use tftp or http")
     if cfg.tftp.boot_mode == "http" and not cfg.boot_http.ip:
         raise ConfigError(f"{cfg.path}: [tftp] boot_mode = http needs [boot_http] ip")
+    if cfg.bmi.import_pattern:
+        import re
+
+        try:
+            re.compile(cfg.bmi.import_pattern)
+        except re.error as exc:
+            raise ConfigError(f"{cfg.path}: invalid value for [bmi] import_pattern: {exc}") from None
+    if bool(cfg.net_isolator.service_username) != bool(cfg.net_isolator.service_password):
+        raise ConfigError(f"{cfg.path}: [net_isolator] service_username and service_password go together")
     if cfg.rpc.workers < 1:
         raise ConfigError(f"{cfg.path}: invalid value {cfg.rpc.workers} for [rpc] workers")
 

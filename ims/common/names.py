@@ -47,3 +47,40 @@ def normalize_mac(value: object) -> str:
 def pxe_mac_filename(mac: str) -> str:
     """PXELINUX per-MAC file name: ``01-aa-bb-cc-dd-ee-ff`` (ARP type 1, lower case)."""
     return "01-" + normalize_mac(mac).replace(":", "-")
+
+
+# Ids of rows a user may choose (project create / db create).  SQLite's INTEGER PRIMARY KEY
+# tops out at 2**63-1 and AUTOINCREMENT refuses to go past its largest id, so an id near the
+# top would make every later insert fail: keep a reserve above MAX_ID for BMI's own rows.
+MAX_ID = 2 ** 62
+
+
+def validate_id(value: object, kind: str = "id") -> int:
+    """Return ``value`` if it is an int in 1..MAX_ID, else raise InvalidInput (400)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_ID:
+        raise InvalidInput(f"{kind} must be an integer between 1 and {MAX_ID}")
+    return value
+
+
+def internal_prefix(uid: str) -> str:
+    """The prefix of BMI's own storage names (``<uid>img<id>``)."""
+    return f"{uid}img"
+
+
+def is_internal(name: str, uid: str) -> bool:
+    """True for any name in BMI's storage namespace (``<uid>img...``), not only ``<uid>img<digits>``.
+
+    Compared case-insensitively: a pool on a case-insensitive file system, or a tenant
+    hoping ``<UID>IMG7`` slips past, gets the same answer.
+    """
+    return name.lower().startswith(internal_prefix(uid).lower())
+
+
+def validate_user_name(value: object, kind: str, uid: str) -> str:
+    """A name a tenant chooses for something BMI will create or read in storage: a valid name
+    outside BMI's internal namespace, else InvalidName (400)."""
+    name = validate_name(value, kind)
+    if is_internal(name, uid):
+        raise InvalidName(f"invalid {kind} name {name!r}: names starting with {internal_prefix(uid)!r} are "
+                          "reserved for BMI's own storage")
+    return name

@@ -66,6 +66,9 @@ class Provision(Base):
     nic: Mapped[str] = mapped_column(String(64), nullable=False)
     mac: Mapped[str] = mapped_column(String(17), nullable=False)
     network: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # True if provision connected the NIC to ``network`` (deprovision detaches only then);
+    # None for rows older than this column (deprovision then detaches if attached, as before).
+    connected: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -81,3 +81,33 @@ def test_mac_normalization():
     for bad in ("52:54:00:aa:bb", "52:54:00:aa:bb:zz", "52:54-00:aa:bb:01", "x"):
         with pytest.raises(InvalidInput):
             names.normalize_mac(bad)
+
+
+def test_ids_are_bounded_below_sqlites_counter():
+    assert names.validate_id(1) == 1 and names.validate_id(names.MAX_ID) == names.MAX_ID
+    for bad in (0, -1, names.MAX_ID + 1, 2 ** 63 - 1, 2 ** 63, True, "3", 1.0, None):
+        with pytest.raises(InvalidInput):
+            names.validate_id(bad)
+
+
+def test_bmis_storage_namespace_is_reserved():
+    assert names.is_internal("5img7", "5") and names.is_internal("5img", "5") and names.is_internal("5IMGx", "5")
+    assert not names.is_internal("img5", "5") and not names.is_internal("55img1", "5")
+    assert names.validate_user_name("cirros", "image", "5") == "cirros"
+    for bad in ("5img12", "5img", "5imgfoo", "5Img3"):
+        with pytest.raises(InvalidName, match="reserved"):
+            names.validate_user_name(bad, "image", "5")
+    with pytest.raises(InvalidName):
+        names.validate_user_name("../x", "image", "5")
+
+
+def test_safety_keys():
+    cfg = config.parse("x.cfg", MINIMAL)
+    assert cfg.bmi.import_pattern == "" and cfg.net_isolator.service_username == ""
+    cfg = config.parse("x.cfg", MINIMAL.replace("[iscsi]", "import_pattern = ^golden-.*$\n[iscsi]")
+                       + "service_username = bmi\nservice_password = pw\n")
+    assert cfg.bmi.import_pattern == "^golden-.*$" and cfg.net_isolator.service_password == "pw"
+    with pytest.raises(ConfigError, match="import_pattern"):
+        config.parse("x.cfg", MINIMAL.replace("[iscsi]", "import_pattern = ([\n[iscsi]"))
+    with pytest.raises(ConfigError, match="service_username"):
+        config.parse("x.cfg", MINIMAL + "service_username = bmi\n")

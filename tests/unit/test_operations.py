@@ -24,13 +24,14 @@ MAC = "52:54:00:AA:BB:01"
 
 
 class Env:
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, bmi_extra="", net_extra=""):
         tftp = tmp_path / "tftp"
         (tftp / "pxelinux.cfg").mkdir(parents=True)
         text = f"""
 [bmi]
 uid = {UID}
 admin_users = haasadmin
+{bmi_extra}
 [db]
 path = {tmp_path}/bmi.db
 [iscsi]
@@ -38,6 +39,7 @@ ip = 10.77.0.1
 [net_isolator]
 url = http://127.0.0.1:1
 auth_cache_seconds = 0
+{net_extra}
 [tftp]
 pxelinux_path = {tftp}/pxelinux.cfg
 ipxe_path = {tftp}
@@ -324,6 +326,20 @@ SCENARIOS = {
                lambda o: o.remove_image(USER, "bmi_infra", "bmi-test-image")),
     "create_disk": (lambda o: o.import_image(USER, "bmi_infra", "bmi-test-image"),
                     lambda o: o.create_disk(USER, "bmi_infra", "disk1", "bmi-test-image")),
+    "provision_disk": (lambda o: (o.import_image(USER, "bmi_infra", "bmi-test-image"),
+                                  o.create_disk(USER, "bmi_infra", "disk1", "bmi-test-image")),
+                       lambda o: o.provision_disk(USER, "bmi_infra", "node2", "disk1", "bmi_port")),
+    "deprovision_disk": (lambda o: (o.import_image(USER, "bmi_infra", "bmi-test-image"),
+                                    o.create_disk(USER, "bmi_infra", "disk1", "bmi-test-image"),
+                                    o.provision_disk(USER, "bmi_infra", "node2", "disk1", "bmi_port")),
+                         lambda o: o.deprovision_disk(USER, "bmi_infra", "node2", "bmi_port")),
+    "delete_disk": (lambda o: (o.import_image(USER, "bmi_infra", "bmi-test-image"),
+                               o.create_disk(USER, "bmi_infra", "disk1", "bmi-test-image")),
+                    lambda o: o.delete_disk(USER, "bmi_infra", "disk1")),
+    "copy": (lambda o: o.import_image(USER, "bmi_infra", "bmi-test-image"),
+             lambda o: o.copy_image(USER, "bmi_infra", "bmi-test-image", "bmi_infra", "copy1")),
+    "export": (lambda o: o.import_image(USER, "bmi_infra", "bmi-test-image"),
+               lambda o: o.export_image(USER, "bmi_infra", "bmi-test-image", "exported")),
 }
 
 
@@ -369,7 +385,8 @@ def test_fault_at_every_step_leaves_before_or_after_state(tmp_path, scenario):
         env.ops.close()
 
 
-@pytest.mark.parametrize("scenario", ["import", "provision", "snapshot", "deprovision"])
+@pytest.mark.parametrize("scenario", ["import", "provision", "snapshot", "deprovision", "provision_disk",
+                                      "deprovision_disk", "delete_disk", "export", "copy"])
 def test_crash_mid_operation_is_recovered(tmp_path, scenario):
     """A process that dies mid-way leaves a 'running' journal row; recover() restores a consistent state."""
     setup, run, steps, after = _probe(tmp_path, scenario)
@@ -506,3 +523,299 @@ def test_recover_forgets_old_finished_operations_only(env):
         left = s.scalars(select(Operation).order_by(Operation.id)).all()
         # the recent one stays; a failed one is never forgotten, it is retried (and now rolled back)
         assert [(o.id, o.state) for o in left] == [(2, "done"), (3, "rolled_back")]
+
+
+# --- issue 7: one shape, undo only what a step made, the record, tenancy, locks, reconcile ------------
+def _unchanged(env, call, status, *words):
+    before = env.state()
+    with pytest.raises(BMIError) as err:
+        call()
+    assert err.value.status == status, err.value
+    for word in words:
+        assert word in str(err.value), err.value
+    assert env.state() == before
+    return err.value
+
+
+def test_rpc_allow_list_is_generated_from_the_facade():
+    from ims.einstein.ops.expose import exposed
+    from ims.rpc.methods import ADMIN_METHODS, ALLOWED_METHODS
+
+    public = {n for n in vars(Operations) if not n.startswith("_") and callable(getattr(Operations, n))}
+    assert ALLOWED_METHODS == exposed(Operations) and ALLOWED_METHODS <= public
+    # lifecycle helpers are never callable over RPC
+    assert not ALLOWED_METHODS & {"close", "recover", "from_config", "ceph_name"}
+    assert {"provision", "deprovision", "reconcile", "boot_script", "db_list"} <= ALLOWED_METHODS
+    assert ADMIN_METHODS == {"create_project", "remove_project", "db_create", "db_remove", "reconcile"}
+    assert "provision" not in exposed(Operations, read_only=True) and "db_list" in exposed(Operations, read_only=True)
+
+
+def test_iscsi_create_twice_keeps_the_live_target(env):
+    ops = env.ops
+    ops.import_image(USER, "bmi_infra", "bmi-test-image")
+    iqn = ops.iscsi_create(ADMIN, "bmi_infra", "bmi-test-image")
+    _unchanged(env, lambda: ops.iscsi_create(ADMIN, "bmi_infra", "bmi-test-image"), 409, "bmi-test-image", iqn)
+    # the race the pre-check cannot see (a target made behind BMI's locks): the failing step made nothing,
+    # so its roll-back removes nothing
+    env.iscsi.target_exists = lambda t: False
+    _unchanged(env, lambda: ops.iscsi_create(ADMIN, "bmi_infra", "bmi-test-image"), 409)
+    assert ceph(1) in env.iscsi.targets and ops.iscsi_list(USER, "bmi_infra") == [["bmi-test-image", iqn]]
+    with ops.journal.session() as s:
+        last = s.scalars(select(Operation).order_by(Operation.id.desc())).first()
+        assert last.state == "rolled_back" and json.loads(last.steps)[-1]["undo"] is None
+
+
+def test_export_and_import_races_never_remove_what_they_did_not_make(env):
+    ops = env.ops
+    ops.import_image(USER, "bmi_infra", "bmi-test-image")
+    env.storage.create_image("squat", 10)
+    env.storage.write("squat", 0, b"mine")
+    _unchanged(env, lambda: ops.export_image(USER, "bmi_infra", "bmi-test-image", "squat"), 409)
+    real = env.storage.image_exists
+    env.storage.image_exists = lambda n: False if n == "squat" else real(n)
+    _unchanged(env, lambda: ops.export_image(USER, "bmi_infra", "bmi-test-image", "squat"), 409)
+    env.storage.image_exists = real
+    assert env.storage.read("squat", 0, 4) == b"mine"
+    # the next internal name already taken in the pool (a squatter from before tenancy checks): import
+    # fails 409 and the squatter's image survives the roll-back
+    env.storage.create_image(ceph(2), 10)
+    env.storage.write(ceph(2), 0, b"squatter")
+    _unchanged(env, lambda: ops.import_image(USER, "bmi_infra", "cirros"), 409)
+    assert env.storage.read(ceph(2), 0, 8) == b"squatter"
+
+
+def test_deprovision_uses_the_record(env):
+    ops = env.ops
+    ops.import_image(USER, "bmi_infra", "bmi-test-image")
+    ops.provision(USER, "bmi_infra", "bmi_node", "bmi-test-image", "bmi_network", "bmi_port")
+    _unchanged(env, lambda: ops.deprovision(USER, "bmi_infra", "bmi_node", "other_network", "bmi_port"), 400,
+               "bmi_network", "bmi_port")
+    _unchanged(env, lambda: ops.deprovision(USER, "bmi_infra", "bmi_node", "bmi_network", "other_port"), 400,
+               "bmi_network", "bmi_port")
+    ops.deprovision(USER, "bmi_infra", "bmi_node", "bmi_network", "bmi_port")
+    assert env.hil.nodes["bmi_node"]["nics"]["bmi_port"]["networks"] == {}
+
+
+def test_deprovision_leaves_a_nic_that_was_attached_before(env):
+    ops = env.ops
+    ops.import_image(USER, "bmi_infra", "bmi-test-image")
+    env.hil.nodes["bmi_node"]["nics"]["bmi_port"]["networks"]["vlan/native"] = "bmi_network"
+    ops.provision(USER, "bmi_infra", "bmi_node", "bmi-test-image", "bmi_network", "bmi_port")
+    with ops.journal.session() as s:
+        assert s.get(Provision, "bmi_node").connected is False
+    ops.deprovision(USER, "bmi_infra", "bmi_node", "bmi_network", "bmi_port")
+    assert env.hil.nodes["bmi_node"]["nics"]["bmi_port"]["networks"] == {"vlan/native": "bmi_network"}
+    assert not [c for c in env.hil.calls if c[0] in ("connect", "detach")]
+    # a NIC pro did connect is detached
+    ops.provision(USER, "bmi_infra", "node2", "bmi-test-image", "bmi_network", "bmi_port")
+    ops.deprovision(USER, "bmi_infra", "node2", "bmi_network", "bmi_port")
+    assert env.hil.calls[-2:] == [("connect", "node2", "bmi_port", "bmi_network"),
+                                  ("detach", "node2", "bmi_port", "bmi_network")]
+
+
+def test_deprovision_disk_uses_the_recorded_nic(env):
+    ops = env.ops
+    ops.import_image(USER, "bmi_infra", "bmi-test-image")
+    ops.create_disk(USER, "bmi_infra", "disk1", "bmi-test-image")
+    ops.provision_disk(USER, "bmi_infra", "node2", "disk1", "bmi_port")
+    _unchanged(env, lambda: ops.deprovision_disk(USER, "bmi_infra", "node2", "eth9"), 400, "bmi_port")
+
+
+def test_tenants_cannot_name_bmis_internal_storage(env):
+    ops = env.ops
+    ops.import_image(USER, "bmi_infra", "bmi-test-image")
+    ops.provision(USER, "bmi_infra", "bmi_node", "bmi-test-image", "bmi_network", "bmi_port")
+    for name in (ceph(1), ceph(2), ceph(3), f"{UID}img", f"{UID}IMG1", f"{UID}imgx"):
+        _unchanged(env, lambda n=name: ops.import_image(OTHER, "other_project", n), 400, "reserved")
+        _unchanged(env, lambda n=name: ops.import_image(ADMIN, "other_project", n), 400, "reserved")
+        _unchanged(env, lambda n=name: ops.export_image(USER, "bmi_infra", "bmi-test-image", n), 400, "reserved")
+        _unchanged(env, lambda n=name: ops.copy_image(USER, "bmi_infra", "bmi-test-image", "bmi_infra", n), 400)
+        _unchanged(env, lambda n=name: ops.move_image(USER, "bmi_infra", "bmi-test-image", "bmi_infra", n), 400)
+        _unchanged(env, lambda n=name: ops.create_snapshot(USER, "bmi_infra", "bmi_node", n), 400)
+        _unchanged(env, lambda n=name: ops.create_disk(USER, "bmi_infra", n, "bmi-test-image"), 400)
+    # rows (and their internal names) of bmi_infra are not shown to another tenant
+    assert ops.db_list(OTHER) == [] and ops.db_list(OTHER, ceph=ceph(1)) == []
+    assert [r[3] for r in ops.db_list(USER)] == [ceph(1), ceph(2)]
+
+
+def test_operator_restricts_what_tenants_import(tmp_path):
+    env = Env(tmp_path, bmi_extra="import_pattern = bmi-[a-z-]+")
+    _unchanged(env, lambda: env.ops.import_image(USER, "bmi_infra", "cirros"), 400, "bmi-[a-z-]+")
+    env.ops.import_image(USER, "bmi_infra", "bmi-test-image")
+    assert env.ops.list_images(USER, "bmi_infra") == ["bmi-test-image"]
+    env.ops.close()
+
+
+def test_disk_delete_and_provision_from_disk_share_a_lock(env):
+    ops = env.ops
+    ops.import_image(USER, "bmi_infra", "bmi-test-image")
+    ops.create_disk(USER, "bmi_infra", "disk1", "bmi-test-image")
+    inside, release = threading.Event(), threading.Event()
+    original = env.ops.core.boot.write
+
+    def slow_write(*a, **kw):
+        inside.set()
+        release.wait(10)
+        return original(*a, **kw)
+
+    env.ops.core.boot.write = slow_write
+    result = []
+    t = threading.Thread(target=lambda: result.append(
+        ops.provision_disk(USER, "bmi_infra", "node2", "disk1", "bmi_port")))
+    t.start()
+    assert inside.wait(10)
+    with pytest.raises(NodeBusy):
+        ops.delete_disk(USER, "bmi_infra", "disk1")
+    release.set()
+    t.join(10)
+    assert result == [None] and (env.tftp / "node2.ipxe").exists() and env.iscsi.target_exists(ceph(2))
+    with pytest.raises(BMIError) as err:
+        ops.delete_disk(USER, "bmi_infra", "disk1")
+    assert err.value.status == 409 and "node2" in str(err.value)
+
+
+def test_id_bounds_and_missing_storage_is_404(env):
+    ops = env.ops
+    from ims.common.names import MAX_ID
+
+    for bad in (0, 2 ** 63 - 1, 2 ** 63, MAX_ID + 1):
+        with pytest.raises(BMIError) as err:
+            ops.create_project(ADMIN, "p1", id=bad)
+        assert err.value.status == 400
+        with pytest.raises(BMIError) as err:
+            ops.db_create(ADMIN, "bmi_infra", "row", id=bad)
+        assert err.value.status == 400
+    ops.create_project(ADMIN, "p1", id=MAX_ID)
+    ops.create_project(ADMIN, "p2")  # the counter still has room
+    ops.db_create(ADMIN, "bmi_infra", "norow")
+    _unchanged(env, lambda: ops.iscsi_create(ADMIN, "bmi_infra", "norow"), 404, "norow")
+
+
+def _drifted(env):
+    ops = env.ops
+    ops.import_image(USER, "bmi_infra", "bmi-test-image")
+    ops.provision(USER, "bmi_infra", "bmi_node", "bmi-test-image", "bmi_network", "bmi_port")
+    del env.iscsi.targets[ceph(2)]
+
+
+def test_reconcile_repair_skips_locked_resources(env):
+    ops = env.ops
+    _drifted(env)
+    with ops.journal.lock(["node:bmi_node"], "provision"):
+        report = ops.reconcile(ADMIN, repair=True)
+    assert report["missing_targets"] == [ceph(2)] and report["actions"] == []
+    assert len(report["skipped"]) == 1 and ceph(2) in report["skipped"][0] and "busy" in report["skipped"][0]
+    assert not env.iscsi.target_exists(ceph(2))
+    # an operation still running on it (a dead worker's, not yet recovered) keeps it skipped too
+    with ops.journal.session() as s:
+        s.add(Operation(kind="provision", args=json.dumps({"node": "bmi_node"}), steps="[]", state="running",
+                        owner="elsewhere:1:1"))
+    report = ops.reconcile(ADMIN, repair=True)
+    assert report["actions"] == [] and "unfinished operation" in report["skipped"][0]
+    with ops.journal.session() as s:
+        s.scalars(select(Operation).where(Operation.owner == "elsewhere:1:1")).one().state = "rolled_back"
+    report = ops.reconcile(ADMIN, repair=True)
+    assert report["skipped"] == [] and report["actions"] == [f"re-add target {ceph(2)}"]
+    assert env.iscsi.target_exists(ceph(2)) and ops.reconcile(ADMIN)["missing_targets"] == []
+
+
+def test_reconcile_finds_orphan_and_stale_boot_files_and_hil_attachments(env):
+    ops = env.ops
+    ops.import_image(USER, "bmi_infra", "bmi-test-image")
+    ops.provision(USER, "bmi_infra", "bmi_node", "bmi-test-image", "bmi_network", "bmi_port")
+    clean = ops.reconcile(ADMIN)
+    assert all(clean[k] == [] for k in ("orphan_boot_files", "stale_boot_files", "missing_boot_files",
+                                        "hil_attachments_without_provision"))
+    # boot files of a node nobody provisioned (left by a lost race or a hand edit)
+    ops.core.boot.write("node2", "52:54:00:aa:bb:02", "x", ops.iscsi.iqn(ceph(9)))
+    # an attachment to the provisioning network with no provision behind it
+    env.hil.nodes["node2"]["nics"]["bmi_port"]["networks"]["vlan/native"] = "bmi_network"
+    (env.tftp / "boot.ipxe").write_text("#!ipxe\nchain http://10.0.0.1/boot/${mac}\n")  # not BMI's per-node file
+    report = ops.reconcile(ADMIN)
+    assert report["orphan_boot_files"] == sorted([str(env.tftp / "node2.ipxe"),
+                                                  str(env.tftp / "pxelinux.cfg" / "01-52-54-00-aa-bb-02")])
+    assert report["hil_attachments_without_provision"] == ["node2/bmi_port/bmi_network"]
+    # the clone of a provisioned node vanished: its boot files point at nothing
+    env.storage.remove_image(ceph(2))
+    report = ops.reconcile(ADMIN, repair=True)
+    assert report["stale_boot_files"] == ["bmi_node"] and report["skipped"] == []
+    assert not (env.tftp / "node2.ipxe").exists() and (env.tftp / "boot.ipxe").exists()
+    assert not (env.tftp / "bmi_node.ipxe").exists()
+    after = ops.reconcile(ADMIN)
+    assert after["orphan_boot_files"] == [] and after["stale_boot_files"] == []
+    # dpro then cleans up what is left of the broken node
+    ops.deprovision(USER, "bmi_infra", "bmi_node", "bmi_network", "bmi_port")
+    assert ops.db_list(USER) == [[1, "bmi-test-image", "bmi_infra", ceph(1), False, False, ""]]
+
+
+def test_reconcile_rewrites_boot_files_pointing_elsewhere(env):
+    ops = env.ops
+    ops.import_image(USER, "bmi_infra", "bmi-test-image")
+    ops.provision(USER, "bmi_infra", "bmi_node", "bmi-test-image", "bmi_network", "bmi_port")
+    good = (env.tftp / "bmi_node.ipxe").read_text()
+    (env.tftp / "bmi_node.ipxe").write_text(good.replace(ceph(2), ceph(7)))
+    report = ops.reconcile(ADMIN, repair=True)
+    assert report["stale_boot_files"] == ["bmi_node"] and report["actions"] == ["rewrite boot files of bmi_node"]
+    assert (env.tftp / "bmi_node.ipxe").read_text() == good
+    # the node's PXELINUX file loading another node's script
+    pxe = env.tftp / "pxelinux.cfg" / "01-52-54-00-aa-bb-01"
+    right = pxe.read_text()
+    pxe.write_text(right.replace("bmi_node.ipxe", "node2.ipxe"))
+    report = ops.reconcile(ADMIN, repair=True)
+    assert report["stale_boot_files"] == ["bmi_node"] and report["orphan_boot_files"] == []
+    assert pxe.read_text() == right and ops.reconcile(ADMIN)["stale_boot_files"] == []
+
+
+@pytest.mark.parametrize("service", [True, False])
+def test_recovery_uses_the_service_account_for_hil(tmp_path, service):
+    extra = "service_username = haasadmin\nservice_password = admin1234" if service else ""
+    env = Env(tmp_path, net_extra=extra)
+    ops = env.ops
+    ops.import_image(USER, "bmi_infra", "bmi-test-image")
+    before = env.state()
+    assert ops.journal.context_factory().net is not None if service else ops.journal.context_factory().net is None
+
+    class Crash(BaseException):
+        pass
+
+    def hook(n, p):
+        if (n, p) == ("hil.connect", "after"):
+            raise Crash()
+
+    ops.journal.fault_hook = hook
+    ops.journal._finish_failed = lambda tx, exc: None
+    with pytest.raises(Crash):
+        ops.provision(USER, "bmi_infra", "bmi_node", "bmi-test-image", "bmi_network", "bmi_port")
+    ops.journal.fault_hook = None
+    with ops.journal.session() as s:
+        for op in s.scalars(select(Operation)).all():
+            op.owner = f"{os.uname().nodename}:999999999:1"
+        for lock in s.scalars(select(Lock)).all():
+            lock.owner = f"{os.uname().nodename}:999999999:1"
+    summary = ops.recover()  # no caller: Einstein's own start-up recovery
+    state = env.state()
+    if service:
+        assert state == before and summary["notes"] == []
+    else:
+        assert state["nets"][("bmi_node", "bmi_port")] == {"vlan/native": "bmi_network"}
+        assert any("detach network bmi_network" in n for n in summary["notes"])
+    ops.close()
+
+
+def test_a_database_from_before_the_connected_column_is_upgraded(tmp_path):
+    import sqlite3
+
+    env = Env(tmp_path)
+    env.ops.import_image(USER, "bmi_infra", "bmi-test-image")
+    env.ops.provision(USER, "bmi_infra", "bmi_node", "bmi-test-image", "bmi_network", "bmi_port")
+    env.ops.close()
+    with sqlite3.connect(tmp_path / "bmi.db") as db:
+        db.execute("ALTER TABLE provision DROP COLUMN connected")
+    boot = BootFiles(env.cfg.tftp.pxelinux_path, env.cfg.tftp.ipxe_path, "10.77.0.1")
+    env.ops = Operations(env.cfg, env.storage, env.iscsi, boot, env.hil.client)
+    with env.ops.journal.session() as s:
+        s.get(Provision, "bmi_node").connected = None  # an old row: nobody recorded who attached the NIC
+    # as before the record: detached if attached
+    env.ops.deprovision(USER, "bmi_infra", "bmi_node", "bmi_network", "bmi_port")
+    assert env.hil.nodes["bmi_node"]["nics"]["bmi_port"]["networks"] == {}
+    env.ops.close()

@@ -1,0 +1,1 @@
+"""The operations layer, one module per resource behind the thin ``ims.einstein.operations.Operations`` facade."""

@@ -1,0 +1,188 @@
+"""The guide's provision / deprovision, node IP and the HTTP boot script.
+
+Deprovision acts on what provision recorded (network, NIC, MAC, and whether provision itself
+connected the NIC), never on what the caller retyped: a request naming another network or
+NIC is refused (400, naming the recorded ones) before anything changes, and a NIC that was
+already on the network before provision stays attached.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+
+from ims.common import names
+from ims.common.errors import (
+    AuthenticationFailed,
+    Forbidden,
+    ImageExists,
+    InvalidInput,
+    LeaseNotFound,
+    NicNotFound,
+    NodeAlreadyProvisioned,
+    NodeNotFound,
+    NodeNotProvisioned,
+)
+from ims.database.models import Image, Provision
+from ims.einstein.journal import RecoveryContext, Tx
+from ims.einstein.ops.core import Auth, Core
+from ims.einstein.ops.steps import Steps
+
+
+def node_mac(net: Any, project: str, node: str, nic: str) -> str:
+    info = net.show_node(node)
+    if info.get("project") != project:
+        raise Forbidden(f"node {node} does not belong to project {project}")
+    for entry in info.get("nics", []):
+        if entry.get("label") == nic:
+            return names.normalize_mac(entry.get("macaddr", ""))
+    raise NicNotFound(f"node {node} has no NIC named {nic}")
+
+
+def boot_params(core: Core, node: str, mac: str, label: str, clone: str, owner: str) -> dict[str, Any]:
+    """The parameters of a write/remove-boot-files step."""
+    _, _, initiator = core.initiators(owner)
+    return {"node": node, "mac": mac, "label": label, "iqn": core.iscsi.iqn(clone), "initiator": initiator}
+
+
+def export_and_boot(core: Core, steps: Steps, tx: Tx, node: str, mac: str, label: str, clone: str, owner: str,
+                    add_target: bool = True) -> None:
+    if add_target:
+        steps.add_target.run(tx, **core.target_params(clone, owner))
+    if core.cfg.tftp.boot_mode == "http":
+        return  # nodes fetch their script from GET /boot/<mac> (boot_script): no per-node files
+    steps.write_boot.run(tx, **boot_params(core, node, mac, label, clone, owner))
+
+
+def provisioned(core: Core, project: str, node: str, kind: str) -> tuple[Provision, Image]:
+    with core.session() as session:
+        proj = core.project(session, project)
+        prov = session.get(Provision, node)
+        if prov is None or prov.project_id != proj.id:
+            raise NodeNotProvisioned(f"node {node} is not provisioned in project {project}")
+        row = session.get(Image, prov.image_id)
+        if row is None or row.kind != kind:
+            other = "bmi dpro" if kind == "disk" else "the split API (deprovision by disk)"
+            raise InvalidInput(f"node {node} was provisioned another way; use {other}")
+        _ = row.parent  # load while the session is open
+        return prov, row
+
+
+def check_recorded(prov: Provision, node: str, nic: str, network: str | None) -> None:
+    """400 unless the request names the network and NIC provision recorded (nothing has changed yet)."""
+    if nic != prov.nic or (network is not None and prov.network is not None and network != prov.network):
+        on = f"network {prov.network} and " if prov.network else ""
+        raise InvalidInput(f"node {node} was provisioned with {on}NIC {prov.nic}; deprovision names those "
+                           f"(you gave {'network ' + network + ' and ' if network else ''}NIC {nic}); "
+                           "nothing was changed")
+
+
+class Provisioning:
+    def __init__(self, core: Core, steps: Steps) -> None:
+        self.core = core
+        self.steps = steps
+
+    def provision(self, auth: Auth, project: str, node: str, img: str, network: str, nic: str) -> None:
+        """Clone ``img`` for ``node``, export it over iSCSI, write its boot files, connect its NIC."""
+        core, steps = self.core, self.steps
+        names.validate_names(project=project, node=node, image=img, network=network, nic=nic)
+        net = core.access(auth, project)
+        mac = node_mac(net, project, node, nic)
+        with core.journal.lock([f"node:{node}", f"image:{project}/{node}"], "provision"):
+            with core.session() as session:
+                proj = core.project(session, project)
+                if session.get(Provision, node) is not None:
+                    raise NodeAlreadyProvisioned(f"node {node} is already provisioned; deprovision it first")
+                parent = core.image(session, proj, img)
+                if parent.kind not in ("golden", "snapshot"):
+                    raise InvalidInput(f"{img} is a provisioned disk, not an image; snapshot it first")
+                if core.find(session, proj, node) is not None:
+                    raise ImageExists(f"project {project} already has an image named {node}; a node's clone is "
+                                      "named after the node")
+                project_id, parent_id, parent_ceph = proj.id, parent.id, core.ceph_name(parent.id)
+            # A NIC already on the network was not connected by us: deprovision must leave it there.
+            attached = network in net.nic_networks(node, nic).values()
+            args = {"project": project, "node": node, "image": img, "network": network, "nic": nic, "mac": mac}
+            with core.journal.operation("provision", args, RecoveryContext(net=net)) as tx:
+                image_id = steps.insert_image.run(
+                    tx, "db.insert_clone", name=node, project_id=project_id, parent_id=parent_id, kind="node",
+                    provision={"node": node, "nic": nic, "mac": mac, "network": network, "connected": not attached})
+                clone = core.ceph_name(image_id)
+                with core.bmi_names({clone: node, parent_ceph: img}):
+                    steps.clone.run(tx, parent=parent_ceph, snap=core.snap, image=clone)
+                    export_and_boot(core, steps, tx, node, mac, img, clone, node)
+                if not attached:
+                    steps.connect.run(tx, net=net, node=node, nic=nic, network=network)
+
+    def deprovision(self, auth: Auth, project: str, node: str, network: str, nic: str) -> None:
+        """Undo a provision: detach the NIC (if provision attached it), remove boot files, target, clone, rows."""
+        core, steps = self.core, self.steps
+        names.validate_names(project=project, node=node, network=network, nic=nic)
+        net = core.access(auth, project)
+        with core.journal.lock([f"node:{node}", f"image:{project}/{node}"], "deprovision"):
+            prov, row = provisioned(core, project, node, kind="node")
+            check_recorded(prov, node, nic, network)
+            network = prov.network or network
+            clone = core.ceph_name(row.id)
+            parent_name = row.parent.name if row.parent else node
+            attached = False
+            if prov.connected is not False:  # True, or None for a row older than the record
+                try:
+                    attached = network in net.nic_networks(node, nic).values()
+                except (NodeNotFound, NicNotFound, AuthenticationFailed, Forbidden):
+                    attached = False  # HIL took the node back: nothing to detach, clean up BMI's side anyway
+            args = {"project": project, "node": node, "mac": prov.mac, "image": clone, "image_id": row.id}
+            with core.journal.operation("deprovision", args, RecoveryContext(net=net)) as tx:
+                if attached:
+                    steps.detach.run(tx, net=net, node=node, nic=nic, network=network)
+                steps.remove_boot.run(tx, **boot_params(core, node, prov.mac, parent_name, clone, node))
+                if core.iscsi.target_exists(clone):
+                    steps.remove_target.run(tx, **core.target_params(clone, node))
+                tx.commit_point()
+                with core.bmi_names({clone: node}):
+                    steps.forward["removal"](args, tx.ctx)
+
+    def node_ip(self, auth: Auth, project: str, node: str) -> str:
+        core = self.core
+        names.validate_names(project=project, node=node)
+        net = core.access(auth, project)
+        with core.session() as session:
+            prov = session.get(Provision, node)
+            macs = [prov.mac] if prov is not None else []
+        if not macs:
+            info = net.show_node(node)
+            if info.get("project") != project:
+                raise Forbidden(f"node {node} does not belong to project {project}")
+            macs = [names.normalize_mac(n["macaddr"]) for n in info.get("nics", []) if n.get("macaddr")]
+        found: dict[str, str] = {}
+        try:
+            with open(core.cfg.tftp.leases_file, encoding="utf-8") as fh:
+                for line in fh:
+                    parts = line.split()
+                    if len(parts) >= 3:
+                        found[parts[1].lower()] = parts[2]
+        except FileNotFoundError:
+            pass
+        for mac in macs:
+            if mac in found:
+                return found[mac]
+        raise LeaseNotFound(f"node {node} ({', '.join(macs) or 'no MAC'}) has not been given an IP address by "
+                            "DHCP yet")
+
+    def boot_script(self, mac: str) -> str:
+        """The iPXE script of the node with NIC ``mac`` (HTTP boot path); NodeNotProvisioned if none.
+
+        Unauthenticated by design, like TFTP: it is served on the provisioning network only and
+        holds what the per-node TFTP file would (portal, target IQN, initiator name).
+        """
+        core = self.core
+        mac = names.normalize_mac(mac)
+        with core.session() as session:
+            prov = session.scalars(select(Provision).where(Provision.mac == mac)).first()
+            if prov is None:
+                raise NodeNotProvisioned(f"no node with MAC {mac} is provisioned")
+            row = session.get(Image, prov.image_id)
+            owner = prov.node if row is not None and row.kind == "node" else (row.name if row else prov.node)
+            clone = core.ceph_name(prov.image_id)
+        _, _, initiator = core.initiators(owner)
+        return core.boot.render_ipxe(core.iscsi.iqn(clone), initiator)

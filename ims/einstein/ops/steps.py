@@ -1,0 +1,375 @@
+"""Every journaled step BMI runs: its ``execute`` and its ``revert`` side by side.
+
+Modelled on taskflow's Task: one object per kind of step.  ``run(tx, **params)`` records the
+step in the journal with ``(undo_name, params)`` and calls ``execute(**params)``; the journal
+calls ``revert(params, ctx)`` (registered under ``undo_name``) to roll it back, in this process
+or in a later recovery.  Parameters are JSON (never a credential) and every revert is
+idempotent: undoing a step that never really happened is harmless.
+
+Undo only what a step made: a step whose ``execute`` fails because its object already existed
+(``made_nothing``) is *disarmed* before the error propagates, so the roll-back does not remove
+an object someone else made (a repeated ``iscsi create`` must not delete the live target).
+The verbs also check for existence under their locks first (409, nothing changed); the
+disarm covers the race with anything that does not take BMI's locks.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from ims.common.errors import (
+    ImageExists,
+    NotFound,
+    SnapshotExists,
+    TargetExists,
+    TargetNotFound,
+)
+from ims.database.models import Image, Operation, Provision
+from ims.einstein.journal import RecoveryContext, Tx
+from ims.einstein.ops.core import Core
+
+LOG = logging.getLogger(__name__)
+
+
+def _quietly(fn: Callable[[], Any]) -> None:
+    """Run ``fn``; an object that is already gone is what an undo wants."""
+    with contextlib.suppress(NotFound, TargetNotFound):
+        fn()
+
+
+class Step:
+    """One kind of journaled step. Subclasses set ``name``/``undo_name`` and implement both halves."""
+
+    name = ""                 # the journal's step name (also the fault-injection point)
+    undo_name: str | None = None  # the registered revert; None: nothing to undo (a later step's undo covers it)
+    made_nothing: tuple[type[BaseException], ...] = ()
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    def execute(self, **params: Any) -> Any:
+        raise NotImplementedError
+
+    def revert(self, params: dict[str, Any], ctx: RecoveryContext) -> None:
+        raise NotImplementedError
+
+    def run(self, tx: Tx, name: str | None = None, /, **params: Any) -> Any:
+        undo = (self.undo_name, params) if self.undo_name else None
+        try:
+            return tx.step(name or self.name, lambda: self.execute(**params), undo=undo)
+        except self.made_nothing:
+            self._disarm(tx)
+            raise
+
+    def _disarm(self, tx: Tx) -> None:
+        """The step failed because its object was already there: it made nothing, so undo nothing."""
+        entry = tx.steps[-1]
+        entry["undo"] = None
+        entry["state"] = "failed: already existed"
+        with self.core.journal.session() as session:
+            op = session.get(Operation, tx.op_id)
+            if op is not None:
+                op.steps = json.dumps(tx.steps)
+
+
+# --- storage ---------------------------------------------------------------------
+class Clone(Step):
+    name, undo_name = "storage.clone", "storage.purge"
+    made_nothing = (ImageExists,)
+
+    def execute(self, parent: str, snap: str, image: str) -> None:
+        self.core.storage.clone(parent, snap, image)
+
+    def revert(self, params: dict[str, Any], ctx: RecoveryContext) -> None:
+        purge(self.core, params["image"])
+
+
+def purge(core: Core, image: str) -> None:
+    """Remove ``image`` with its target and snapshots (idempotent)."""
+    st = core.storage
+    if not st.image_exists(image):
+        return
+    with contextlib.suppress(TargetNotFound):
+        if core.iscsi.target_exists(image):
+            core.iscsi.remove_target(image)
+    for snap in st.list_snapshots(image):
+        _quietly(lambda s=snap: st.unprotect_snapshot(image, s))
+        _quietly(lambda s=snap: st.remove_snapshot(image, s))
+    _quietly(lambda: st.remove_image(image))
+
+
+class Flatten(Step):
+    name = "storage.flatten"
+
+    def execute(self, image: str) -> None:
+        self.core.storage.flatten(image)
+
+
+class CreateSnapshot(Step):
+    name, undo_name = "storage.snapshot", "storage.remove_snapshot"
+    made_nothing = (SnapshotExists,)
+
+    def execute(self, image: str, snap: str) -> None:
+        self.core.storage.create_snapshot(image, snap)
+
+    def revert(self, params: dict[str, Any], ctx: RecoveryContext) -> None:
+        remove_snapshot(self.core, params["image"], params["snap"])
+
+
+def remove_snapshot(core: Core, image: str, snap: str) -> None:
+    st = core.storage
+    if not st.image_exists(image) or snap not in st.list_snapshots(image):
+        return
+    _quietly(lambda: st.unprotect_snapshot(image, snap))
+    _quietly(lambda: st.remove_snapshot(image, snap))
+
+
+class Protect(Step):
+    name, undo_name = "storage.protect", "storage.unprotect"
+
+    def execute(self, image: str, snap: str) -> None:
+        self.core.storage.protect_snapshot(image, snap)
+
+    def revert(self, params: dict[str, Any], ctx: RecoveryContext) -> None:
+        _quietly(lambda: self.core.storage.unprotect_snapshot(params["image"], params["snap"]))
+
+
+class Unprotect(Step):
+    name, undo_name = "storage.unprotect", "storage.protect"
+
+    def execute(self, image: str, snap: str) -> None:
+        self.core.storage.unprotect_snapshot(image, snap)
+
+    def revert(self, params: dict[str, Any], ctx: RecoveryContext) -> None:
+        _quietly(lambda: self.core.storage.protect_snapshot(params["image"], params["snap"]))
+
+
+# --- iSCSI -----------------------------------------------------------------------
+class AddTarget(Step):
+    name, undo_name = "iscsi.add_target", "iscsi.remove"
+    made_nothing = (TargetExists,)
+
+    def execute(self, target: str, image: str, initiators: list[str] | None = None,
+                initiator_names: list[str] | None = None) -> None:
+        self.core.iscsi.add_target(target, self.core.storage.backing(image), initiators, initiator_names)
+
+    def revert(self, params: dict[str, Any], ctx: RecoveryContext) -> None:
+        _quietly(lambda: self.core.iscsi.remove_target(params["target"]))
+
+
+def ensure_target(core: Core, params: dict[str, Any]) -> None:
+    """Re-add a target unless it is live (idempotent)."""
+    if not core.iscsi.target_exists(params["target"]):
+        # a conf file whose target is gone from the daemon would block the re-add
+        _quietly(lambda: core.iscsi.remove_target(params["target"]))
+        core.iscsi.add_target(params["target"], core.storage.backing(params["image"]), params.get("initiators"),
+                              params.get("initiator_names"))
+
+
+class RemoveTarget(Step):
+    name, undo_name = "iscsi.remove_target", "iscsi.add"
+
+    def execute(self, target: str, image: str, initiators: list[str] | None = None,
+                initiator_names: list[str] | None = None) -> None:
+        self.core.iscsi.remove_target(target)
+
+    def revert(self, params: dict[str, Any], ctx: RecoveryContext) -> None:
+        ensure_target(self.core, params)
+
+
+# --- boot files ------------------------------------------------------------------
+class WriteBoot(Step):
+    name, undo_name = "boot.write", "boot.remove"
+
+    def execute(self, node: str, mac: str, label: str, iqn: str, initiator: str | None = None) -> None:
+        self.core.boot.write(node, mac, label, iqn, initiator)
+
+    def revert(self, params: dict[str, Any], ctx: RecoveryContext) -> None:
+        self.core.boot.remove(params["node"], params["mac"])
+
+
+class RemoveBoot(Step):
+    name, undo_name = "boot.remove", "boot.write"
+
+    def execute(self, node: str, mac: str, label: str, iqn: str, initiator: str | None = None) -> None:
+        self.core.boot.remove(node, mac)
+
+    def revert(self, params: dict[str, Any], ctx: RecoveryContext) -> None:
+        self.core.boot.write(params["node"], params["mac"], params["label"], params["iqn"], params.get("initiator"))
+
+
+# --- HIL -------------------------------------------------------------------------
+class _HilStep(Step):
+    """HIL changes need the caller's client (``net``), which is not a journal parameter."""
+
+    def run(self, tx: Tx, name: str | None = None, /, **params: Any) -> Any:
+        net = params.pop("net")
+        undo = (self.undo_name, params) if self.undo_name else None
+        return tx.step(name or self.name, lambda: self.execute(net, **params), undo=undo)
+
+    def execute(self, net: Any, **params: Any) -> Any:  # type: ignore[override]
+        raise NotImplementedError
+
+
+class Connect(_HilStep):
+    name, undo_name = "hil.connect", "hil.detach"
+
+    def execute(self, net: Any, node: str, nic: str, network: str) -> None:  # type: ignore[override]
+        net.connect_network(node, nic, network)
+
+    def revert(self, params: dict[str, Any], ctx: RecoveryContext) -> None:
+        if ctx.net is None:
+            ctx.notes.append(f"detach network {params['network']} from {params['node']}/{params['nic']} in HIL "
+                             "by hand (no HIL credentials during recovery)")
+            return
+        if params["network"] in ctx.net.nic_networks(params["node"], params["nic"]).values():
+            ctx.net.detach_network(params["node"], params["nic"], params["network"])
+
+
+class Detach(_HilStep):
+    name, undo_name = "hil.detach", "hil.connect"
+
+    def execute(self, net: Any, node: str, nic: str, network: str) -> None:  # type: ignore[override]
+        net.detach_network(node, nic, network)
+
+    def revert(self, params: dict[str, Any], ctx: RecoveryContext) -> None:
+        if ctx.net is None:
+            ctx.notes.append(f"connect network {params['network']} to {params['node']}/{params['nic']} in HIL "
+                             "by hand (no HIL credentials during recovery)")
+            return
+        if params["network"] not in ctx.net.nic_networks(params["node"], params["nic"]).values():
+            ctx.net.connect_network(params["node"], params["nic"], params["network"])
+
+
+# --- database --------------------------------------------------------------------
+class DbStep(Step):
+    """A database change recorded (with its undo) in the same transaction as the change."""
+
+    def insert(self, session: Session, **params: Any) -> Any:
+        raise NotImplementedError
+
+    def undo_params(self, result: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def run(self, tx: Tx, name: str | None = None, /, **params: Any) -> Any:
+        assert self.undo_name
+        undo_name = self.undo_name
+        return tx.db_step(name or self.name, lambda s: self.insert(s, **params),
+                          lambda result: (undo_name, self.undo_params(result)))
+
+
+class InsertImage(DbStep):
+    """An image row (and, for a provision, the provision record in the same transaction)."""
+
+    name, undo_name = "db.insert_image", "db.delete_image"
+
+    def insert(self, session: Session, **params: Any) -> int:
+        prov = params.pop("provision", None)
+        row = Image(**params)
+        session.add(row)
+        try:
+            session.flush()
+        except IntegrityError:
+            raise ImageExists(f"image {params['name']} already exists") from None
+        if prov is not None:
+            session.add(Provision(image_id=row.id, project_id=row.project_id, **prov))
+        return row.id
+
+    def undo_params(self, result: Any) -> dict[str, Any]:
+        return {"id": result}
+
+    def revert(self, params: dict[str, Any], ctx: RecoveryContext) -> None:
+        delete_image_row(self.core, params["id"])
+
+
+def delete_image_row(core: Core, image_id: int) -> None:
+    with core.session() as session:
+        for prov in session.scalars(select(Provision).where(Provision.image_id == image_id)).all():
+            session.delete(prov)
+        session.flush()
+        img = session.get(Image, image_id)
+        if img is not None:
+            session.delete(img)
+
+
+class InsertProvision(DbStep):
+    name, undo_name = "db.insert_provision", "db.delete_provision"
+
+    def insert(self, session: Session, **params: Any) -> str:
+        session.add(Provision(**params))
+        return str(params["node"])
+
+    def undo_params(self, result: Any) -> dict[str, Any]:
+        return {"node": result}
+
+    def revert(self, params: dict[str, Any], ctx: RecoveryContext) -> None:
+        delete_provision_row(self.core, params["node"])
+
+
+def delete_provision_row(core: Core, node: str) -> None:
+    with core.session() as session:
+        prov = session.get(Provision, node)
+        if prov is not None:
+            session.delete(prov)
+
+
+class Steps:
+    """One instance of every step, registered with the journal (reverts and forward finishers)."""
+
+    def __init__(self, core: Core) -> None:
+        self.clone = Clone(core)
+        self.flatten = Flatten(core)
+        self.snapshot = CreateSnapshot(core)
+        self.protect = Protect(core)
+        self.unprotect = Unprotect(core)
+        self.add_target = AddTarget(core)
+        self.remove_target = RemoveTarget(core)
+        self.write_boot = WriteBoot(core)
+        self.remove_boot = RemoveBoot(core)
+        self.connect = Connect(core)
+        self.detach = Detach(core)
+        self.insert_image = InsertImage(core)
+        self.insert_provision = InsertProvision(core)
+        j = core.journal
+        for step in vars(self).values():
+            if isinstance(step, Step) and step.undo_name:
+                j.register_undo(step.undo_name, step.revert)
+
+        # Kept for journal rows written by earlier releases.
+        def restore_provision(params: dict[str, Any], _ctx: RecoveryContext) -> None:
+            with core.session() as session:
+                if session.get(Provision, params["node"]) is None:
+                    session.add(Provision(node=params["node"], project_id=params["project_id"],
+                                          image_id=params["image_id"], nic=params["nic"], mac=params["mac"],
+                                          network=params.get("network")))
+
+        j.register_undo("db.restore_provision", restore_provision)
+
+        # Forward finishers: what a committed operation still has to do (idempotent).
+        def finish_source_snapshot(args: dict[str, Any], _ctx: RecoveryContext) -> None:
+            remove_snapshot(core, args["source"], args["snap"])
+
+        def finish_removal(args: dict[str, Any], _ctx: RecoveryContext) -> None:
+            if args.get("node"):
+                core.boot.remove(args["node"], args["mac"])
+            _quietly(lambda: core.iscsi.remove_target(args["image"]))
+            purge(core, args["image"])
+            delete_image_row(core, args["image_id"])
+
+        def finish_unprovision(args: dict[str, Any], _ctx: RecoveryContext) -> None:
+            core.boot.remove(args["node"], args["mac"])
+            delete_provision_row(core, args["node"])
+
+        for kind, fn in {"import": finish_source_snapshot, "snapshot": finish_source_snapshot,
+                         "deprovision": finish_removal, "remove_image": finish_removal,
+                         "delete_disk": finish_removal, "deprovision_disk": finish_unprovision}.items():
+            j.register_forward(kind, fn)
+        self.forward = {"source_snapshot": finish_source_snapshot, "removal": finish_removal,
+                        "unprovision": finish_unprovision}
