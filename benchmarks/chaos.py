@@ -75,6 +75,10 @@ FAULT_KINDS = ("worker_kill", "einstein_kill_all", "picasso_restart", "tgtd_rest
 VERBS = ("pro", "dpro", "snap", "snaprm", "cp", "rm")
 VERB_WEIGHTS = (30, 25, 12, 10, 12, 11)
 
+# Error answers that say the call found the state it asks for already there, or never started.
+NO_EFFECT_ERRORS = {"NodeNotProvisioned", "ImageNotFound", "SnapshotNotFound", "NodeAlreadyProvisioned",
+                    "ImageExists", "SnapshotExists", "NodeBusy"}
+
 HTTP_TIMEOUT = 120.0       # one REST call; a paused OSD or HIL only delays
 MARKER_TIMEOUT = 60.0      # retrying a marker write while faults come and go
 FAULT_GAP = (3.0, 12.0)    # seconds between faults
@@ -269,6 +273,7 @@ class Call:
     status: int | None = None
     outcome: str = ""  # ok | failed | uncertain | committed
     detail: str = ""
+    error_type: str = ""
 
     @property
     def key(self) -> str:
@@ -418,7 +423,8 @@ class Chaos:
                 message = str(error.get("message", ""))
                 # The issue's rule: past the commit point the answer says the operation will complete.
                 call.outcome = "committed" if "committed" in message.lower() else "failed"
-                call.detail = f"{error.get('type')}: {message[:160]}"
+                call.error_type = str(error.get("type", ""))
+                call.detail = f"{call.error_type}: {message[:160]}"
         with self.lock:
             self.calls.append(call)
         return call
@@ -864,12 +870,14 @@ class Chaos:
                 candidates.add(initial)
             if state in candidates:
                 continue
-            culprits = [c for c in calls if c.outcome == "failed" and c.effect == state and not superseded(c)]
+            # The most recent failed call that would explain the state; errors that say the call found the
+            # state already so, or could not start, are no culprits.
+            culprits = [c for c in calls if c.outcome == "failed" and c.effect == state and not superseded(c)
+                        and c.error_type not in NO_EFFECT_ERRORS]
             what = key.replace(":", " ", 1)
             if culprits:
-                for c in culprits[-3:]:
-                    out.append(f"(d) failed-call-took-effect: {what} ended {' from '.join(state)}, yet "
-                               f"{c.describe(self.t0)}")
+                out.append(f"(d) failed-call-took-effect: {what} ended {' from '.join(state)}, yet "
+                           f"{culprits[-1].describe(self.t0)}")
             else:
                 last = [c for c in possible if c.outcome == "ok"][-1:] or possible[-1:]
                 why = f"; last call that counts: {last[0].describe(self.t0)}" if last else ""

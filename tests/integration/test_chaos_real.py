@@ -12,7 +12,7 @@ import importlib.util
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-MINUTES = 1.5  # the load phase; stack start, settle and checks add about a minute
+MINUTES = 2.0  # the load phase; stack start, settle and checks add under a minute
 SEED = 1
 
 
