@@ -850,39 +850,72 @@ class Chaos:
         return v
 
     def check_calls(self, final: dict[str, tuple[str, ...]]) -> list[str]:
-        """The final state of each node / image name must be the effect of a call that may have happened last."""
-        out = []
+        """(d) Per node / image name: the final state, and the state every answer shows a call found
+        (an ok pro found the node not provisioned, a 404 dpro found it so, ...), must each be the effect of
+        a call that may have taken effect last by then: one that succeeded, or whose answer never came."""
+        out: list[str] = []
+        blamed: set[int] = set()
         by_key: dict[str, list[Call]] = collections.defaultdict(list)
         for c in self.calls:
             by_key[c.key].append(c)
-        for key, state in sorted(final.items()):
+        for key in sorted(set(final) | set(by_key)):
             calls = by_key.get(key, [])
-            done = [c for c in calls if c.outcome == "ok"]
-
-            # an ok call that started after c ended decides instead of c
-            def superseded(c: Call, done: list[Call] = done) -> bool:
-                return any(d.start > c.end for d in done)
-
-            possible = [c for c in calls if c.outcome in ("ok", "uncertain", "committed") and not superseded(c)]
-            candidates = {c.effect for c in possible}
-            initial = ("not provisioned",) if key.startswith("node:") else ("absent",)
-            if not done:
-                candidates.add(initial)
-            if state in candidates:
-                continue
-            # The most recent failed call that would explain the state; errors that say the call found the
-            # state already so, or could not start, are no culprits.
-            culprits = [c for c in calls if c.outcome == "failed" and c.effect == state and not superseded(c)
-                        and c.error_type not in NO_EFFECT_ERRORS]
             what = key.replace(":", " ", 1)
-            if culprits:
-                out.append(f"(d) failed-call-took-effect: {what} ended {' from '.join(state)}, yet "
-                           f"{culprits[-1].describe(self.t0)}")
-            else:
-                last = [c for c in possible if c.outcome == "ok"][-1:] or possible[-1:]
-                why = f"; last call that counts: {last[0].describe(self.t0)}" if last else ""
-                out.append(f"(d) unexplained-state: {what} ended {' from '.join(state)}, which no call explains{why}")
+            initial = ("not provisioned",) if key.startswith("node:") else ("absent",)
+            checks: list[tuple[Call | None, tuple[str, ...]]] = []
+            if key in final:
+                checks.append((None, final[key]))
+            for c in calls:
+                seen = observed_state(c)
+                if seen is not None:
+                    checks.append((c, seen))
+            for c, state in checks:
+                # the window: effects that may have landed before c ran (the end of the run for the final state)
+                before_end = c.end if c else float("inf")
+                after_start = c.start if c else float("inf")
+                done = [e for e in calls if e.outcome == "ok" and e is not c and e.end < after_start]
+
+                def standing(d: Call, c: Call | None = c, done: list[Call] = done, before_end: float = before_end
+                             ) -> bool:  # d may have been the last to act on the key (an ok call after it decides)
+                    return d is not c and d.start < before_end and not any(e.start > d.end for e in done)
+
+                def same(effect: tuple[str, ...], c: Call | None = c, state: tuple[str, ...] = state) -> bool:
+                    return effect == state if c is None else effect[0] == state[0]
+
+                effects = [d.effect for d in calls if d.outcome in ("ok", "uncertain", "committed") and standing(d)]
+                if not done:
+                    effects.append(initial)
+                if any(same(e) for e in effects):
+                    continue
+                culprits = [d for d in calls if d.outcome == "failed" and d.error_type not in NO_EFFECT_ERRORS
+                            and same(d.effect) and standing(d)]
+                seen = f"ended {' from '.join(state)}" if c is None else \
+                    f"was {state[0]} when {c.describe(self.t0)}"
+                if culprits:
+                    if culprits[-1].seq not in blamed:
+                        blamed.add(culprits[-1].seq)
+                        out.append(f"(d) failed-call-took-effect: {what} {seen}; yet "
+                                   f"{culprits[-1].describe(self.t0)}")
+                elif c is None:
+                    last = [d for d in calls if d.outcome == "ok" and standing(d)][-1:]
+                    why = f"; last call that counts: {last[0].describe(self.t0)}" if last else ""
+                    out.append(f"(d) unexplained-state: {what} {seen}, which no call explains{why}")
+                else:
+                    out.append(f"(d) unexplained-observation: {what} {seen}, which no earlier call explains")
         return out
+
+
+def observed_state(c: Call) -> tuple[str, ...] | None:
+    """The state of the call's node / image name that its answer shows it found, if any."""
+    if c.outcome == "ok":
+        return {"pro": ("not provisioned",), "dpro": ("provisioned",), "snap": ("absent",), "cp": ("absent",),
+                "rm": ("exists",), "snaprm": ("exists",)}[c.verb]
+    if c.outcome != "failed":
+        return None
+    # only errors of the checks before anything changes, about this call's own node / image name
+    return {("pro", "NodeAlreadyProvisioned"): ("provisioned",), ("dpro", "NodeNotProvisioned"): ("not provisioned",),
+            ("snap", "ImageExists"): ("exists",), ("cp", "ImageExists"): ("exists",),
+            ("rm", "ImageNotFound"): ("absent",), ("snaprm", "ImageNotFound"): ("absent",)}.get((c.verb, c.error_type))
 
 
 def violation_kind(text: str) -> str:

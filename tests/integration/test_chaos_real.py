@@ -9,6 +9,8 @@ docstring).  ~2-3 minutes wall; `benchmarks/chaos.py --minutes 10 --seed 1` is t
 from __future__ import annotations
 
 import importlib.util
+import signal
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -20,12 +22,20 @@ def _chaos_module():  # benchmarks/ is not a package
     spec = importlib.util.spec_from_file_location("bmi_chaos", REPO / "benchmarks" / "chaos.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
 
+def _sigterm_to_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def test_chaos_run_ends_whole() -> None:
     chaos = _chaos_module()
+    # `timeout`/CI send SIGTERM: as KeyboardInterrupt, run()'s finally still brings the stack down.
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
     lines: list[str] = []
     result = chaos.run(MINUTES, SEED, clients=4, nodes=8, workers=2, emit=lines.append)
     report = "\n".join(lines)
