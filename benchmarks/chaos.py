@@ -855,6 +855,7 @@ class Chaos:
         a call that may have taken effect last by then: one that succeeded, or whose answer never came."""
         out: list[str] = []
         blamed: set[int] = set()
+        unexplained: collections.Counter[tuple[str, str]] = collections.Counter()
         by_key: dict[str, list[Call]] = collections.defaultdict(list)
         for c in self.calls:
             by_key[c.key].append(c)
@@ -901,8 +902,24 @@ class Chaos:
                     why = f"; last call that counts: {last[0].describe(self.t0)}" if last else ""
                     out.append(f"(d) unexplained-state: {what} {seen}, which no call explains{why}")
                 else:
-                    out.append(f"(d) unexplained-observation: {what} {seen}, which no earlier call explains")
+                    unexplained[(key, state[0])] += 1
+                    if unexplained[(key, state[0])] == 1:  # the first such call; the count follows
+                        out.append(f"(d) unexplained-observation: {what} {seen}, which no earlier call explains")
+        for (key, state_name), n in sorted(unexplained.items()):
+            if n > 1:
+                out.append(f"(d) unexplained-observation: {key.replace(':', ' ', 1)} was {state_name} when {n - 1} "
+                           "more calls ran, which no earlier call explains")
         return out
+
+    def dump(self, path: Path) -> None:
+        """Every call and fault as JSON lines (kept with the stack's logs) for a post-mortem."""
+        with path.open("w") as fh:
+            for c in self.calls:
+                fh.write(json.dumps({"seq": c.seq, "client": c.client, "verb": c.verb, "api": c.api, "args": c.args,
+                                     "start": round(c.start - self.t0, 3), "end": round(c.end - self.t0, 3),
+                                     "status": c.status, "outcome": c.outcome, "detail": c.detail}) + "\n")
+            for kind, at, detail in self.faults:
+                fh.write(json.dumps({"fault": kind, "at": round(at, 3), "detail": detail}) + "\n")
 
 
 def observed_state(c: Call) -> tuple[str, ...] | None:
@@ -963,7 +980,12 @@ def run(minutes: float, seed: int, clients: int = 4, nodes: int = 8, workers: in
     finally:
         if chaos is not None:
             chaos.resume_all()
+            try:
+                chaos.dump(directory / "logs" / "chaos-calls.jsonl")
+            except OSError as exc:
+                log(f"could not write the call log: {exc}")
         stack_down(directory)
+        log(f"stack down; logs and chaos-calls.jsonl in {directory}.last-logs")
     result.violations = list(dict.fromkeys(violations))
     calls = chaos.calls if chaos is not None else []
     result.ops = len(calls)
