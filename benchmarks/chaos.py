@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import random
@@ -45,7 +46,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -631,13 +632,19 @@ class Chaos:
         self.resume_all()
         tgt_pid = read_pid(self.dir / "tgt" / "tgtd.pid")
         if tgt_pid is None or not pid_alive(tgt_pid):
-            problems.append("tgtd was down after the run; restarted")
-            restart_tgtd_debian(self.dir / "tgt", self.cfg.iscsi.conf_dir)
+            problems.append("tgtd was down after the run; restarting it")
+            try:
+                restart_tgtd_debian(self.dir / "tgt", self.cfg.iscsi.conf_dir)
+            except (CommandFailed, RuntimeError, OSError) as exc:
+                problems.append(f"tgtd could not be restarted: {str(exc)[-400:]}")
         for service in ("hil-simulator", "picasso", "einstein"):
             pid = read_pid(self.dir / "pids" / f"{service}.pid")
             if pid is None or not pid_alive(pid):
-                problems.append(f"{service} was down after the run; restarted")
-                self.stack_cmd("restart", service)
+                problems.append(f"{service} was down after the run; restarting it")
+                try:
+                    self.stack_cmd("restart", service)
+                except CommandFailed as exc:
+                    problems.append(f"{service} could not be restarted: {str(exc)[-400:]}")
         deadline = time.monotonic() + SETTLE_TIMEOUT
         while True:
             status, _, _ = self.http("GET", "/v1/projects", user=ADMIN, timeout=30)
@@ -657,9 +664,14 @@ class Chaos:
             time.sleep(0.5)
         return problems
 
-    def db(self) -> sqlite3.Connection:
+    @contextlib.contextmanager
+    def db(self) -> Iterator[sqlite3.Connection]:
+        """BMI's SQLite database, read-only."""
         conn = sqlite3.connect(f"file:{self.cfg.db.path}?mode=ro", uri=True, timeout=30)
-        return conn
+        try:
+            yield conn
+        finally:
+            conn.close()
 
     # --- checks --------------------------------------------------------------------------------------
     def check(self) -> list[str]:
