@@ -9,9 +9,12 @@ docstring).  ~2-3 minutes wall; `benchmarks/chaos.py --minutes 10 --seed 1` is t
 from __future__ import annotations
 
 import importlib.util
+import json
 import signal
 import sys
 from pathlib import Path
+
+from tests.support.stack import running_stack
 
 REPO = Path(__file__).resolve().parents[2]
 MINUTES = 2.0  # the load phase; stack start, settle and checks add under a minute
@@ -43,3 +46,31 @@ def test_chaos_run_ends_whole() -> None:
     assert result.ops > 0 and result.ok > 0, report
     assert result.fault_count > 0, report
     assert result.violations == [], report
+
+
+def test_the_stack_and_fault_tools_the_chaos_run_relies_on() -> None:
+    """bmi-stack --nodes/--workers/restart, and the Debian-style tgtd restart (targets back, tids renumbered)."""
+    chaos = _chaos_module()
+    with running_stack(workers=3, nodes=8) as stack:
+        inventory = json.loads((stack.dir / "hil-inventory.json").read_text())
+        assert len([n for n in inventory["nodes"] if n["project"] == "bmi_infra"]) == 8
+        run = chaos.Chaos(stack.dir, 1, 4, 1)
+        assert len(run.worker_pids()) == 3
+        for service in ("hil-simulator", "picasso", "einstein"):
+            before = (stack.dir / "pids" / f"{service}.pid").read_text()
+            stack.restart(service)
+            assert (stack.dir / "pids" / f"{service}.pid").read_text() != before
+        assert len(run.worker_pids()) == 3
+
+        stack.rbd("create", "fault-img", "--size", "1", "--image-format", "2")
+        stack.bmi("import", "bmi_infra", "fault-img")
+        for node, nic in (("bmi_node", "bmi_port"), ("cisco-01", "enp130s0f0")):
+            stack.bmi("pro", "bmi_infra", node, "fault-img", "bmi_network", nic)
+        stack.bmi("dpro", "bmi_infra", "bmi_node", "bmi_network", "bmi_port")
+        (survivor,) = stack.targets()
+        assert stack.tid_of(survivor) != "1"
+        old_pid = (stack.dir / "tgt" / "tgtd.pid").read_text()
+        chaos.restart_tgtd_debian(stack.dir / "tgt", run.cfg.iscsi.conf_dir)
+        assert (stack.dir / "tgt" / "tgtd.pid").read_text() != old_pid
+        # back from its conf file under a new tid, as after a gateway reboot
+        assert stack.targets() == [survivor] and stack.tid_of(survivor) == "1"
