@@ -22,8 +22,11 @@ Then it settles (resumes/restarts whatever is down, waits for running operations
  (b) no clone, target, tgt conf file, boot file, DB row or HIL attachment without its owner, nor an
      owner without them; no unfinished operation;
  (c) `reconcile` (as admin, without repair) reports nothing;
- (d) every call ended whole: the final state of each node and image name is explained by the calls
-     that succeeded (or whose answer never arrived); a call that answered an error left no effect.
+ (d) every call ended whole: the final state of each node and image name, and the state each answer
+     shows its call found (an ok pro found the node not provisioned, a 404 dpro found it so, ...), is the
+     effect of a call that may have acted last by then: one that succeeded, or whose outcome is unknown
+     (no answer, or 503 ServiceUnavailable: Picasso lost the back-end), or that answered "committed".
+     A call that answered any other error must have left no effect, not even for a while.
 
 The last line is exactly ``chaos: ops N ok N failed N faults N violations N``; before it, the
 faults by kind and one line per violation.  Exit status 0 only with violations 0 and faults > 0.
@@ -423,9 +426,16 @@ class Chaos:
                 call.outcome, call.detail = "uncertain", f"not a BMI answer: {str(data)[:120]!r}"
             else:
                 message = str(error.get("message", ""))
-                # The rule: past the commit point the answer says the operation will complete.
-                call.outcome = "committed" if "committed" in message.lower() else "failed"
                 call.error_type = str(error.get("type", ""))
+                if "committed" in message.lower():
+                    # the rule: past the commit point the answer says the operation will complete
+                    call.outcome = "committed"
+                elif call.error_type == "ServiceUnavailable":
+                    # Picasso lost the back-end (unreachable, timed out, connection lost mid-call): the call may
+                    # have run, and recovery may roll it back or forward; either whole outcome is right
+                    call.outcome = "uncertain"
+                else:
+                    call.outcome = "failed"
                 call.detail = f"{call.error_type}: {message[:160]}"
         with self.lock:
             self.calls.append(call)
@@ -653,13 +663,14 @@ class Chaos:
             if time.monotonic() > deadline:
                 raise RuntimeError("BMI does not answer after the run")
             time.sleep(0.5)
-        # Running operations of live processes finish; those of dead ones get RECOVERY_GRACE to be recovered
-        # (by the supervisor, or the next caller under the lock) before the checks count them.
+        # Running operations of live processes finish; those of dead ones, and failed ones, get RECOVERY_GRACE
+        # to be recovered (by the supervisor, the journal, or the next caller under the lock) before they count.
         grace = time.monotonic() + RECOVERY_GRACE
         while time.monotonic() < deadline:
             with self.db() as db:
-                running = [o for (o,) in db.execute("SELECT owner FROM operation WHERE state = 'running'")]
-            if not running or (time.monotonic() > grace and not any(owner_alive(o) for o in running)):
+                pending = list(db.execute("SELECT owner, state FROM operation WHERE state IN ('running', 'failed')"))
+            if not pending or (time.monotonic() > grace and
+                               not any(state == "running" and owner_alive(o) for o, state in pending)):
                 break
             time.sleep(0.5)
         return problems
