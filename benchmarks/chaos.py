@@ -934,7 +934,9 @@ class Chaos:
                 else:
                     unexplained[(key, state[0])] += 1
                     if unexplained[(key, state[0])] == 1:  # the first such call; the count follows
-                        out.append(f"(d) unexplained-observation: {what} {seen}, which no earlier call explains")
+                        hint = " (its own request, sent twice?)" if c.effect[0] == state[0] else ""
+                        out.append(f"(d) unexplained-observation: {what} {seen}, which no earlier call "
+                                   f"explains{hint}")
         for (key, state_name), n in sorted(unexplained.items()):
             if n > 1:
                 out.append(f"(d) unexplained-observation: {key.replace(':', ' ', 1)} was {state_name} when {n - 1} "
