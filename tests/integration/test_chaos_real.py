@@ -37,10 +37,14 @@ def _sigterm_to_interrupt(signum: int, frame: object) -> None:
 def test_chaos_run_ends_whole() -> None:
     chaos = _chaos_module()
     # `timeout`/CI send SIGTERM: as KeyboardInterrupt, run()'s finally still brings the stack down.
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
     lines: list[str] = []
-    result = chaos.run(MINUTES, SEED, clients=4, nodes=8, workers=2, emit=lines.append)
+    try:
+        result = chaos.run(MINUTES, SEED, clients=4, nodes=8, workers=2, emit=lines.append)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     report = "\n".join(lines)
     assert lines[-1] == result.summary and lines[-1].startswith("chaos: ops ")
     assert result.ops > 0 and result.ok > 0, report
