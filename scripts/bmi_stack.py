@@ -1,9 +1,16 @@
 """bmi-stack: a throwaway single-machine BMI ecosystem (the guide's section 2.2, done right).
 
     scripts/bmi-stack up [--boot] [--dir DIR]   start Ceph, tgtd, the HIL simulator, Einstein, Picasso
+        [--workers N]                           Einstein worker processes (default 2)
+        [--nodes N]                             at least N HIL nodes in project bmi_infra (adds node-01, ...)
     scripts/bmi-stack status [--dir DIR]        show what runs
     scripts/bmi-stack down [--dir DIR]          stop exactly what `up` started
     scripts/bmi-stack env [--dir DIR]           print the path of the env file to `source`
+    scripts/bmi-stack restart SERVICE [--dir DIR]
+                                                stop (if running) and start again one of einstein, picasso,
+                                                hil-simulator, with the same config and ports; returns once it
+                                                answers (the HIL simulator's state is in memory: it restarts
+                                                from the inventory)
 
 With --boot the stack also creates a private boot network (a network namespace with a
 bridge, dnsmasq for DHCP+TFTP) with tgtd's portal on that bridge, and nodes backed by
@@ -109,9 +116,17 @@ def wait_http(url: str, timeout: float, name: str, d: Path) -> None:
     raise RuntimeError(f"{name} did not come up at {url}:\n{tail}")
 
 
-def inventory(boot: dict[str, str] | None, d: Path) -> dict:
-    """The guide's HIL objects (project bmi_infra, node bmi_node/bmi_port, network bmi_network) and a few more."""
+def inventory(boot: dict[str, str] | None, d: Path, nodes: int = 0) -> dict:
+    """The guide's HIL objects (project bmi_infra, node bmi_node/bmi_port, network bmi_network) and a few more.
+
+    With ``nodes`` > 0, project bmi_infra gets extra nodes ``node-01``, ... (one NIC ``eth0`` each) until it
+    has at least that many (for load and chaos runs).
+    """
     inv = json.loads((REPO / "config" / "hil-inventory.example.json").read_text())
+    have = sum(1 for n in inv["nodes"] if n["project"] == "bmi_infra")
+    for i in range(1, max(0, nodes - have) + 1):
+        inv["nodes"].append({"name": f"node-{i:02d}", "project": "bmi_infra",
+                             "nics": [{"label": "eth0", "macaddr": f"52:54:00:00:10:{i:02x}"}]})
     if boot:
         for node in (n for n in inv["nodes"] if n["project"] == "bmi_infra"):
             node["vm"] = {"netns": boot["BOOTNET_NETNS"], "bridge": boot["BOOTNET_BRIDGE"],
@@ -121,7 +136,7 @@ def inventory(boot: dict[str, str] | None, d: Path) -> dict:
 
 
 def write_config(d: Path, ceph_conf: str, tgt: dict[str, str], hil_url: str, boot: dict[str, str] | None,
-                 http_boot_port: int | None = None) -> Path:
+                 http_boot_port: int | None = None, workers: int = 2) -> Path:
     portal_ip, _, portal_port = tgt["TGT_PORTAL"].rpartition(":")
     tftp = Path(boot["BOOTNET_TFTP_ROOT"]) if boot else d / "tftp"
     (tftp / "pxelinux.cfg").mkdir(parents=True, exist_ok=True)
@@ -157,7 +172,7 @@ name_server_ip = 127.0.0.1
 name_server_port = {ns_port}
 rpc_server_ip = 127.0.0.1
 rpc_server_port = {rpc_port}
-workers = 2
+workers = {workers}
 hmac_key = {secrets.token_hex(32)}
 
 [tftp]
@@ -197,7 +212,7 @@ def read_env(path: Path) -> dict[str, str]:
     return out
 
 
-def up(d: Path, boot_net: bool, http_boot: bool = False) -> None:
+def up(d: Path, boot_net: bool, http_boot: bool = False, workers: int = 2, nodes: int = 0) -> None:
     if (d / "env").exists() and all(alive(p) for p in (d / "pids").glob("*.pid")) and \
             list((d / "pids").glob("*.pid")):
         log(f"already up (source {d / 'env'}); run `scripts/bmi-stack down` first to start afresh")
@@ -207,7 +222,8 @@ def up(d: Path, boot_net: bool, http_boot: bool = False) -> None:
         down(d)
     for sub in ("pids", "logs", "consoles", "vms"):
         (d / sub).mkdir(parents=True, exist_ok=True)
-    (d / "state").write_text(json.dumps({"boot": boot_net, "http_boot": http_boot}))
+    state: dict[str, object] = {"boot": boot_net, "http_boot": http_boot, "netns": None}
+    (d / "state").write_text(json.dumps(state))
     http_boot_port = free_port() if http_boot else None
     try:
         t0 = time.monotonic()
@@ -221,6 +237,7 @@ def up(d: Path, boot_net: bool, http_boot: bool = False) -> None:
             boot = read_env(d / "bootnet" / "env")
             global NETNS
             NETNS = boot["BOOTNET_NETNS"]
+            state["netns"] = NETNS
         log("starting a throwaway Ceph cluster")
         ceph_conf = run(str(SCRIPTS / "ceph-dev"), "start", str(d / "ceph")).strip().splitlines()[-1]
         log("starting tgtd")
@@ -233,16 +250,18 @@ def up(d: Path, boot_net: bool, http_boot: bool = False) -> None:
         tgt = read_env(d / "tgt" / "env")
         log("starting the HIL simulator")
         inv_path = d / "hil-inventory.json"
-        inv_path.write_text(json.dumps(inventory(boot, d), indent=1))
+        inv_path.write_text(json.dumps(inventory(boot, d, nodes), indent=1))
         hil_port = free_port()
-        spawn("hil-simulator", [PY, "-m", "ims.hilsim", "--inventory", str(inv_path), "--port", str(hil_port)], d)
+        state["hil_port"] = hil_port
+        (d / "state").write_text(json.dumps(state))
+        spawn("hil-simulator", service_argv("hil-simulator", d, hil_port=hil_port), d)
         hil_url = f"http://127.0.0.1:{hil_port}"
         wait_http(hil_url + "/v0/nodes/free", 30, "hil-simulator", d)
-        cfg = write_config(d, ceph_conf, tgt, hil_url, boot, http_boot_port)
+        cfg = write_config(d, ceph_conf, tgt, hil_url, boot, http_boot_port, workers)
         env = dict(os.environ, BMI_CONFIG=str(cfg), CEPH_CONF=ceph_conf)
         log("starting Einstein and Picasso")
-        spawn("einstein", [PY, str(SCRIPTS / "einstein_server"), "--config", str(cfg)], d, env)
-        spawn("picasso", [PY, str(SCRIPTS / "picasso_server"), "--config", str(cfg)], d, env)
+        spawn("einstein", service_argv("einstein", d, cfg=cfg), d, env)
+        spawn("picasso", service_argv("picasso", d, cfg=cfg), d, env)
         rest = read_env_ini(cfg)
         url = f"http://127.0.0.1:{rest}"
         wait_http(url + "/v1/openapi.json", 60, "picasso", d)
@@ -271,6 +290,40 @@ def up(d: Path, boot_net: bool, http_boot: bool = False) -> None:
         log("start-up failed; stopping what was started")
         down(d)
         raise
+
+
+def service_argv(name: str, d: Path, cfg: Path | None = None, hil_port: int | None = None) -> list[str]:
+    """How `up` (and `restart`) start each of the stack's Python services."""
+    if name == "hil-simulator":
+        return [PY, "-m", "ims.hilsim", "--inventory", str(d / "hil-inventory.json"), "--port", str(hil_port)]
+    script = {"einstein": "einstein_server", "picasso": "picasso_server"}[name]
+    return [PY, str(SCRIPTS / script), "--config", str(cfg)]
+
+
+SERVICES = ("einstein", "picasso", "hil-simulator")
+
+
+def restart(d: Path, service: str) -> None:
+    """Stop ``service`` if it runs, start it again as `up` did (same config, same ports), wait until it answers."""
+    if not (d / "env").exists() or not (d / "state").exists():
+        raise RuntimeError(f"no stack in {d}: run `scripts/bmi-stack up` first")
+    state = json.loads((d / "state").read_text())
+    global NETNS
+    NETNS = state.get("netns")
+    env_file = read_env(d / "env")
+    cfg = Path(env_file["BMI_CONFIG"])
+    env = dict(os.environ, BMI_CONFIG=str(cfg), CEPH_CONF=env_file["CEPH_CONF"])
+    stop_pid(d / "pids" / f"{service}.pid")
+    if service == "hil-simulator":
+        spawn(service, service_argv(service, d, hil_port=int(state["hil_port"])), d)
+        wait_http(f"http://127.0.0.1:{state['hil_port']}/v0/nodes/free", 30, service, d)
+        return
+    spawn(service, service_argv(service, d, cfg=cfg), d, env)
+    if service == "picasso":
+        wait_http(env_file["BMI_URL"] + "/v1/openapi.json", 60, service, d)
+    else:
+        wait_ready(dict(env, BMI_URL=env_file["BMI_URL"], HIL_USERNAME=ADMIN[0], HIL_PASSWORD=ADMIN[1]))
+    log(f"{service} restarted")
 
 
 def wait_ready(env: dict[str, str]) -> None:
@@ -359,15 +412,26 @@ def status(d: Path) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="bmi-stack", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["up", "down", "status", "env"])
+    parser.add_argument("command", choices=["up", "down", "status", "env", "restart"])
+    parser.add_argument("service", nargs="?", choices=SERVICES, help="for restart: the service to restart")
     parser.add_argument("--dir", default=os.environ.get("BMI_STACK_DIR", str(REPO / "run" / "stack")))
     parser.add_argument("--boot", action="store_true", help="also start the boot network and qemu-backed nodes")
     parser.add_argument("--http-boot", action="store_true",
                         help="with --boot: nodes chain to BMI's HTTP boot endpoint; no per-node TFTP files")
+    parser.add_argument("--workers", type=int, default=2, help="Einstein worker processes (default 2)")
+    parser.add_argument("--nodes", type=int, default=0,
+                        help="at least this many HIL nodes in project bmi_infra (extra ones are node-01, ...)")
     args = parser.parse_args()
     d = Path(args.dir).resolve()
+    if (args.service is None) == (args.command == "restart"):
+        parser.error("restart needs a SERVICE (einstein, picasso, hil-simulator); other commands take none")
+    if args.workers < 1:
+        parser.error("--workers must be 1 or more")
+    if args.command == "restart":
+        restart(d, args.service)
+        return 0
     if args.command == "up":
-        up(d, args.boot or args.http_boot, args.http_boot)
+        up(d, args.boot or args.http_boot, args.http_boot, args.workers, args.nodes)
         print(d / "env")
         return 0
     if args.command == "down":

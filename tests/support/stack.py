@@ -69,6 +69,13 @@ class Stack:
                              capture_output=True, text=True, timeout=120, check=True).stdout
         return int(out.strip())
 
+    def restart(self, service: str) -> None:
+        """``scripts/bmi-stack restart SERVICE`` (einstein, picasso, hil-simulator): back once it answers."""
+        proc = subprocess.run([STACK, "restart", service, "--dir", str(self.dir)], capture_output=True, text=True,
+                              timeout=300, check=False)
+        if proc.returncode != 0:
+            raise AssertionError(f"bmi-stack restart {service} failed: {proc.stderr[-3000:]}")
+
     def tgtadm(self, *args: str) -> str:
         """Run tgtadm against the stack's real tgtd."""
         cfg = configparser.ConfigParser(interpolation=None)
@@ -88,10 +95,12 @@ class Stack:
 
 
 @contextlib.contextmanager
-def running_stack(boot: bool = False, http_boot: bool = False) -> Iterator[Stack]:
+def running_stack(boot: bool = False, http_boot: bool = False, workers: int = 2,
+                  nodes: int = 0) -> Iterator[Stack]:
+    """``nodes``: at least that many HIL nodes in bmi_infra (extra ones are node-01, ...)."""
     directory = Path(tempfile.mkdtemp(prefix="bmi-boot-stack-" if boot else "bmi-stack-test-"))
-    argv = [STACK, "up", "--dir", str(directory)] + (["--boot"] if boot else []) + \
-        (["--http-boot"] if http_boot else [])
+    argv = [STACK, "up", "--dir", str(directory), "--workers", str(workers), "--nodes", str(nodes)] + \
+        (["--boot"] if boot else []) + (["--http-boot"] if http_boot else [])
     up = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
     try:
         if up.returncode != 0:
