@@ -166,6 +166,9 @@ control_port = {tgt['TGT_CONTROL_PORT']}
 
 [net_isolator]
 url = {hil_url}
+# HIL account journal recovery uses to undo a dead worker's network changes
+service_username = {ADMIN[0]}
+service_password = {ADMIN[1]}
 
 [rpc]
 name_server_ip = 127.0.0.1
