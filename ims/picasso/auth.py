@@ -13,7 +13,7 @@ from typing import Any
 
 from flask import current_app, request
 
-from ims.common.errors import AuthenticationFailed, Forbidden
+from ims.common.errors import AuthenticationFailed, Conflict, Forbidden, InvalidInput
 from ims.common.names import validate_name
 
 
@@ -45,8 +45,35 @@ class AuthCache:
             self._until[self.key(auth, scope)] = now + self.ttl
 
 
-def client() -> Any:
-    return current_app.extensions["bmi"]["client"]
+class Backend:
+    """The Einstein client as the routes use it.
+
+    Picasso checks every request against the OpenAPI document before calling Einstein, so an
+    ``InvalidInput`` coming back (exactly that class: not ``InvalidName``) is about the current state,
+    not the request's shape — "NAME is a provisioned disk, not an image", "the snapshot is not
+    protected", a network other than the recorded one: it is answered as 409 Conflict (message
+    kept), and 400 stays what the document says, a request that does not fit it.
+    """
+
+    def __init__(self, rpc: Any) -> None:
+        self._rpc = rpc
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._rpc, name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(*args, **kwargs)
+            except InvalidInput as exc:
+                if type(exc) is InvalidInput:
+                    raise Conflict(exc.message) from None
+                raise
+
+        return call
+
+
+def client() -> Backend:
+    return Backend(current_app.extensions["bmi"]["client"])
 
 
 # Longest username or password accepted (HIL's own limits are far below).

@@ -15,7 +15,16 @@ from ims.common.names import NAME_RE
 # top exhausts the counter for every later insert, so a reserve is kept: 1..2^62-1.
 MAX_ID = 2**62 - 1
 
-NAME: dict[str, Any] = {"type": "string", "pattern": NAME_RE.pattern}
+
+
+def name(kind: str) -> dict[str, Any]:
+    """A BMI name.  The format ``bmi-<kind>`` is informative (the pattern is the rule); the fuzzer
+    (benchmarks/fuzz.py) registers a strategy per kind that mixes the names a test stack knows with
+    random ones."""
+    return {"type": "string", "format": f"bmi-{kind}", "pattern": NAME_RE.pattern}
+
+
+NAME_KINDS = ("project", "node", "image", "snapshot", "network", "nic", "disk", "export")
 ID: dict[str, Any] = {"type": "integer", "minimum": 1, "maximum": MAX_ID}
 BOOL: dict[str, Any] = {"type": "boolean"}
 
@@ -39,22 +48,25 @@ class Body:
         return out
 
 
-PROJECT_CREATE = Body({"name": (NAME, "project"), "network": (nullable(NAME), "network"),
-                       "id": (nullable(ID), "project id")}, ("name",))
-IMPORT = Body({"name": (NAME, "image"), "snapshot": (nullable(NAME), "snapshot"), "protect": (BOOL, "")}, ("name",))
-EXPORT = Body({"name": (NAME, "export")}, ("name",))
-TRANSFER = Body({"dest_project": (NAME, "project"), "dest_name": (nullable(NAME), "image")}, ("dest_project",))
-SNAPSHOT = Body({"name": (NAME, "snapshot")}, ("name",))
-PROVISION_IMAGE = Body({"image": (NAME, "image"), "network": (NAME, "network"), "nic": (NAME, "nic")},
-                       ("image", "network", "nic"))
-PROVISION_DISK = Body({"disk": (NAME, "disk"), "nic": (NAME, "nic")}, ("disk", "nic"))
-DEPROVISION_NETWORK = Body({"network": (NAME, "network"), "nic": (NAME, "nic")}, ("network", "nic"))
-DEPROVISION_DISK = Body({"nic": (NAME, "nic")}, ("nic",))
-ISCSI_CREATE = Body({"image": (NAME, "image")}, ("image",))
-DISK_CREATE = Body({"name": (NAME, "disk"), "image": (NAME, "image")}, ("name", "image"))
-DB_CREATE = Body({"project": (NAME, "project"), "name": (NAME, "image"), "id": (nullable(ID), "image id"),
-                  "snapshot": (BOOL, ""), "parent": (nullable(NAME), "image"), "public": (BOOL, "")},
-                 ("project", "name"))
+def _n(kind: str, null: bool = False) -> tuple[dict[str, Any], str]:
+    """A body key holding a name of ``kind`` (``null``: may be null, as the CLI sends absent options)."""
+    return (nullable(name(kind)) if null else name(kind)), kind
+
+
+PROJECT_CREATE = Body({"name": _n("project"), "network": _n("network", True), "id": (nullable(ID), "project id")},
+                      ("name",))
+IMPORT = Body({"name": _n("image"), "snapshot": _n("snapshot", True), "protect": (BOOL, "")}, ("name",))
+EXPORT = Body({"name": _n("export")}, ("name",))
+TRANSFER = Body({"dest_project": _n("project"), "dest_name": _n("image", True)}, ("dest_project",))
+SNAPSHOT = Body({"name": _n("snapshot")}, ("name",))
+PROVISION_IMAGE = Body({"image": _n("image"), "network": _n("network"), "nic": _n("nic")}, ("image", "network", "nic"))
+PROVISION_DISK = Body({"disk": _n("disk"), "nic": _n("nic")}, ("disk", "nic"))
+DEPROVISION_NETWORK = Body({"network": _n("network"), "nic": _n("nic")}, ("network", "nic"))
+DEPROVISION_DISK = Body({"nic": _n("nic")}, ("nic",))
+ISCSI_CREATE = Body({"image": _n("image")}, ("image",))
+DISK_CREATE = Body({"name": _n("disk"), "image": _n("image")}, ("name", "image"))
+DB_CREATE = Body({"project": _n("project"), "name": _n("image"), "id": (nullable(ID), "image id"),
+                  "snapshot": (BOOL, ""), "parent": _n("image", True), "public": (BOOL, "")}, ("project", "name"))
 RECONCILE = Body({"repair": (BOOL, "")})
 
 # Query parameters of GET /v1/db/images: booleans are exactly "true" or "false".
@@ -67,8 +79,14 @@ _ERRORS = {"400": _ERR, "401": _ERR, "403": _ERR, "404": _ERR, "409": _ERR, "503
 _TOO_LARGE = {"413": _ERR}
 
 
-def _param(name: str, where: str = "path", schema: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"name": name, "in": where, "required": where == "path", "schema": schema or NAME}
+# path and query parameter -> the kind of name it holds
+_PARAM_KINDS = {"project": "project", "img": "image", "snap": "snapshot", "node": "node", "disk": "disk",
+                "name": "image", "ceph": "image"}
+
+
+def _param(param: str, where: str = "path", schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"name": param, "in": where, "required": where == "path",
+            "schema": schema or name(_PARAM_KINDS[param])}
 
 
 def _result(schema: dict[str, Any], code: str = "200", text: str = "OK") -> dict[str, Any]:
@@ -79,7 +97,11 @@ def _result(schema: dict[str, Any], code: str = "200", text: str = "OK") -> dict
 
 def _op(op_id: str, summary: str, params: list[str], responses: dict[str, Any],
         body: Body | list[Body] | None = None, admin: bool = False,
-        query: list[dict[str, Any]] | None = None, body_required: bool = True) -> dict[str, Any]:
+        query: list[dict[str, Any]] | None = None, body_required: bool = True,
+        links: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    if links:  # how to address what this operation created (used by the stateful fuzzer)
+        code = next(iter(responses))
+        responses = {**responses, code: {**responses[code], "links": links}}
     op: dict[str, Any] = {"operationId": op_id,
                           "summary": summary + (" (administrators only: 403 for others)" if admin else ""),
                           "responses": {**responses, **_ERRORS}}
@@ -107,13 +129,20 @@ _RECONCILE_RESULT = {"type": "object", "properties": {
     "repaired": BOOL}}
 
 
+_PROJ = "$request.path.project"
+
+
+def _links(**targets: dict[str, str]) -> dict[str, dict[str, Any]]:
+    return {op_id: {"operationId": op_id, "parameters": params} for op_id, params in targets.items()}
+
+
 def _paths() -> dict[str, dict[str, Any]]:
     return {
         "/v1/projects": {
             "get": _op("listProjects", "List the projects registered in BMI: rows [id, name, provision_network]",
                        [], _result(_ROWS), admin=True),
             "post": _op("createProject", "Register a HIL project in BMI", [], _CREATED_NULL, PROJECT_CREATE,
-                        admin=True),
+                        admin=True, links=_links(removeProject={"project": "$request.body#/name"})),
         },
         "/v1/projects/{project}": {
             "delete": _op("removeProject", "Remove a project (it must have no images)", _P, _NO_CONTENT,
@@ -122,7 +151,10 @@ def _paths() -> dict[str, dict[str, Any]]:
         "/v1/projects/{project}/images": {
             "get": _op("listImages", "List the project's golden images", _P, _result(_STRINGS)),
             "post": _op("importImage", "Import a storage image (optionally one of its snapshots) into the project",
-                        _P, _CREATED_NULL, IMPORT),
+                        _P, _CREATED_NULL, IMPORT, links=_links(
+                            removeImage={"project": _PROJ, "img": "$request.body#/name"},
+                            exportImage={"project": _PROJ, "img": "$request.body#/name"},
+                            copyImage={"project": _PROJ, "img": "$request.body#/name"})),
         },
         "/v1/projects/{project}/images/{img}": {
             "delete": _op("removeImage", "Remove an image (or snapshot)", _P + ["img"], _NO_CONTENT),
@@ -159,7 +191,8 @@ def _paths() -> dict[str, dict[str, Any]]:
         },
         "/v1/projects/{project}/nodes/{node}/snapshots": {
             "post": _op("createSnapshot", "Snapshot a node's disk as a new image (power the node off first)",
-                        _P + ["node"], _CREATED_NULL, SNAPSHOT),
+                        _P + ["node"], _CREATED_NULL, SNAPSHOT,
+                        links=_links(removeSnapshot={"project": _PROJ, "snap": "$request.body#/name"})),
         },
         "/v1/projects/{project}/nodes/{node}/ip": {
             "get": _op("nodeIp", "The node's IP address (from the DHCP leases)", _P + ["node"],
@@ -168,7 +201,8 @@ def _paths() -> dict[str, dict[str, Any]]:
         "/v1/projects/{project}/iscsi": {
             "get": _op("listTargets", "List exported images: rows [image, iqn]", _P, _result(_ROWS)),
             "post": _op("createTarget", "Export an image as an iSCSI target; returns the IQN", _P,
-                        _result({"type": "string"}, "201", "Created"), ISCSI_CREATE, admin=True),
+                        _result({"type": "string"}, "201", "Created"), ISCSI_CREATE, admin=True,
+                        links=_links(removeTarget={"project": _PROJ, "img": "$request.body#/image"})),
         },
         "/v1/projects/{project}/iscsi/{img}": {
             "delete": _op("removeTarget", "Remove an image's iSCSI target", _P + ["img"], _NO_CONTENT,
@@ -177,7 +211,8 @@ def _paths() -> dict[str, dict[str, Any]]:
         "/v1/projects/{project}/disks": {
             "get": _op("listDisks", "List disks: rows [disk, source image]", _P, _result(_ROWS)),
             "post": _op("createDisk", "Create a disk (clone + target) from an image; returns the target name", _P,
-                        _result({"type": "string"}, "201", "Created"), DISK_CREATE),
+                        _result({"type": "string"}, "201", "Created"), DISK_CREATE,
+                        links=_links(deleteDisk={"project": _PROJ, "disk": "$request.body#/name"})),
         },
         "/v1/projects/{project}/disks/{disk}": {
             "delete": _op("deleteDisk", "Delete a disk", _P + ["disk"], _NO_CONTENT),
@@ -188,7 +223,8 @@ def _paths() -> dict[str, dict[str, Any]]:
                        query=[_param(f, "query", BOOL) for f in DB_LIST_FLAGS]
                        + [_param(n, "query") for n in DB_LIST_NAMES]),
             "post": _op("createImageRecord", "Add an image record (database only)", [], _CREATED_NULL, DB_CREATE,
-                        admin=True),
+                        admin=True, links=_links(removeImageRecord={"project": "$request.body#/project",
+                                                                    "img": "$request.body#/name"})),
         },
         "/v1/db/images/{project}/{img}": {
             "delete": _op("removeImageRecord", "Remove an image record (database only)", _P + ["img"],

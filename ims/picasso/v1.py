@@ -17,6 +17,17 @@ from ims.picasso.auth import admin_access, client, credentials, project_access
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
 
+# the query parameters each route takes (the OpenAPI document lists them; any other is a 400)
+_QUERY = {"v1.db_list": frozenset(spec.DB_LIST_FLAGS) | frozenset(spec.DB_LIST_NAMES)}
+
+
+@bp.before_request
+def refuse_unknown_query_parameters() -> None:
+    unknown = sorted(set(request.args) - _QUERY.get(request.endpoint or "", frozenset()))
+    if unknown:
+        shown = ", ".join(repr(k[:64]) for k in unknown[:5])
+        raise InvalidInput(f"unknown query parameter(s) {shown}")
+
 
 def _json() -> dict[str, Any]:
     """The request body as a JSON object; an empty body is ``{}``."""

@@ -263,6 +263,9 @@ def test_json_bodies_are_checked_like_the_openapi_says(web: Any) -> None:
     err(web.post("/v1/projects/proj1/nodes/node2/deprovision", json={"network": None, "nic": "eno1"},
                  headers=ALICE), 400, text="'network'")
     err(web.get("/v1/db/images?snapshots=1", headers=ALICE), 400, text="'snapshots'")
+    err(web.get("/v1/db/images?snapshots=true&color=red", headers=ALICE), 400, text="'color'")
+    err(web.get("/v1/projects/proj1/images?x=1", headers=ALICE), 400, text="'x'")
+    err(web.get("/v1/db/images?=", headers=ALICE), 400, text="query parameter")
     # nulls where the document allows them, as the CLI sends them
     assert web.post(base, json={"name": "src1", "snapshot": None, "protect": False}, headers=ALICE
                     ).status_code == 201
@@ -351,6 +354,12 @@ def test_v1_iscsi_is_for_administrators_and_disks_for_members(web: Any, world: W
     resp = web.post("/v1/projects/proj1/disks", json={"name": "d1", "image": "golden"}, headers=ALICE)
     assert resp.status_code == 201 and resp.get_json() == {"result": "fakeimg5"}
     assert web.get("/v1/projects/proj1/disks", headers=ALICE).get_json() == {"result": [["d1", "golden"]]}
+    # the document allows this body; the state refuses it (d1 is a disk, not an image): 409, not 400
+    err(web.post("/v1/projects/proj1/nodes/node1/provision", json={"image": "d1", "network": "prov-net",
+                                                                    "nic": "eno1"}, headers=ALICE),
+        409, "Conflict", "d1 is a provisioned disk")
+    err(web.put("/provision/", data={"project": "proj1", "node": "node1", "img": "d1", "network": "prov-net",
+                                     "nic": "eno1"}, headers=ALICE), 409, "Conflict")
     assert web.post("/v1/projects/proj1/nodes/node2/provision", json={"disk": "d1", "nic": "eno1"},
                     headers=ALICE).status_code == 200
     assert web.post("/v1/projects/proj1/nodes/node2/deprovision", json={"nic": "eno1"},
