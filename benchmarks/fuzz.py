@@ -88,6 +88,7 @@ class Tally:
     ok: int = 0
     exported: set[str] = field(default_factory=set)      # storage images successful exports made
     db_created: set[tuple[str, str]] = field(default_factory=set)  # records `db create` made (no storage)
+    form_log: list[str] = field(default_factory=list)  # the legacy calls that succeeded, in order
 
     def violation(self, text: str, limit: int = 600) -> None:
         if len(self.violations) < 200:
@@ -242,6 +243,8 @@ def form_fuzz(url: str, seed: int, tally: Tally, count: int | None = None, secon
             tally.violation(f"{what}: no answer: {exc}")
             continue
         check_response(resp, what, tally)
+        if resp.status_code < 300 and method != "POST":
+            tally.form_log.append(f"{method} {path} {form}")
 
 
 # --- state ---------------------------------------------------------------------------------------------
@@ -400,6 +403,7 @@ def fuzz(stack: Any, seed: int, work: Path, max_examples: int | None = None, sec
                          exclude=("removeImageRecord",) if auth == ADMIN else ())
     import_golden(stack.url)
     form_fuzz(stack.url, seed, tally, count=form_requests, seconds=share)
+    (work / "form-calls.log").write_text("\n".join(tally.form_log) + "\n")
     leftovers = check_state(stack, initial, tally)
     return tally, leftovers
 
