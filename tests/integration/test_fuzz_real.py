@@ -26,6 +26,7 @@ def test_fuzzing_finds_no_server_error_and_leaves_nothing_unexplained(tmp_path: 
         validate(served.json())
         tally, leftovers = fuzz(stack, SEED, tmp_path, max_examples=15, form_requests=1500)
     report = summary(tally, leftovers) + "\n" + "\n".join(tally.violations)
+    print(report)
     # the run reached the code behind the checks, not only 404s and 401s
     assert tally.requests > 3000 and tally.ok > 100, report
     assert tally.server_errors == 0, report
