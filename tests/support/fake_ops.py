@@ -133,5 +133,8 @@ def client(world: World) -> InProcessClient:
 
 def build(cfg: Any) -> Operations:
     """Factory for ``einstein_server --ops-factory tests.support.fake_ops:build``: a fresh seeded world
-    per process (each Einstein worker has its own), the real Operations over the fakes."""
-    return World(uid=cfg.bmi.uid, auth_cache_seconds=cfg.net_isolator.auth_cache_seconds).ops
+    per process (each Einstein worker has its own), the real Operations over the fakes.  Its files go
+    beside the config file (a test's tmp dir), so a worker killed before it cleans up leaves nothing else."""
+    parent = Path(cfg.path).parent
+    directory = tempfile.mkdtemp(prefix="fake-ops-", dir=parent) if parent.is_dir() else None
+    return World(uid=cfg.bmi.uid, auth_cache_seconds=cfg.net_isolator.auth_cache_seconds, directory=directory).ops
