@@ -58,7 +58,10 @@ class Api:
 
     def __init__(self, url: str, auth: tuple[str, str]) -> None:
         self.url = url
-        self.auth = auth
+        # Sent as UTF-8 bytes (RFC 7617): requests would encode str as Latin-1 and crash on anything
+        # else.  surrogateescape gives back the exact bytes of an environment value that is not UTF-8;
+        # the server answers 401 for credentials it cannot use.
+        self.auth = (auth[0].encode("utf-8", "surrogateescape"), auth[1].encode("utf-8", "surrogateescape"))
         self.session = requests.Session()
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None,

@@ -8,6 +8,9 @@ import click
 
 from ims.cli import output
 from ims.cli.api import Api, credentials, server_url
+from ims.picasso.openapi import MAX_ID
+
+ID = click.IntRange(1, MAX_ID)
 
 
 class Ctx:
@@ -106,7 +109,7 @@ def _transfer(c: Ctx, verb: str, src_project: str, img1: str, dest_project: str,
 @click.argument("img2", required=False)
 @pass_ctx
 def cp(c: Ctx, src_project: str, img1: str, dest_project: str, img2: str | None) -> None:
-    """Copy IMG1 of SRC_PROJECT to DEST_PROJECT (as IMG2)."""
+    """Copy IMG1 of SRC_PROJECT to DEST_PROJECT (as IMG2; to another project: administrators only)."""
     _transfer(c, "copy", src_project, img1, dest_project, img2)
 
 
@@ -117,7 +120,7 @@ def cp(c: Ctx, src_project: str, img1: str, dest_project: str, img2: str | None)
 @click.argument("img2", required=False)
 @pass_ctx
 def mv(c: Ctx, src_project: str, img1: str, dest_project: str, img2: str | None) -> None:
-    """Move IMG1 of SRC_PROJECT to DEST_PROJECT (as IMG2)."""
+    """Move IMG1 of SRC_PROJECT to DEST_PROJECT (as IMG2; to another project: administrators only)."""
     _transfer(c, "move", src_project, img1, dest_project, img2)
 
 
@@ -142,7 +145,10 @@ def pro(c: Ctx, project: str, node: str, img: str, network: str, nic: str) -> No
 @click.argument("nic")
 @pass_ctx
 def dpro(c: Ctx, project: str, node: str, network: str, nic: str) -> None:
-    """Deprovision NODE of PROJECT, detaching NIC from NETWORK."""
+    """Deprovision NODE of PROJECT, detaching NIC from NETWORK.
+
+    NETWORK and NIC must be the ones given to `bmi pro`; the node's NIC is detached only if `pro` attached it.
+    """
     c.api.post(f"/projects/{q(project)}/nodes/{q(node)}/deprovision", {"network": network, "nic": nic})
     output.success(c.as_json)
 
@@ -207,20 +213,20 @@ def snap_rm(c: Ctx, project: str, snap_name: str) -> None:
 # --- projects ------------------------------------------------------------------------------------
 @cli.group("project")
 def project() -> None:
-    """Projects (create and rm: administrators only)."""
+    """Projects registered in BMI (administrators only)."""
 
 
 @project.command("ls")
 @pass_ctx
 def project_ls(c: Ctx) -> None:
-    """List projects."""
+    """List the projects registered in BMI."""
     output.rows(["Id", "Name", "Provision Network"], c.api.get("/projects"), c.as_json)
 
 
 @project.command("create")
 @click.argument("project_name", metavar="PROJECT")
 @click.argument("network", required=False)
-@click.option("--id", "id_", type=int, default=None, help="Use this project id.")
+@click.option("--id", "id_", type=ID, default=None, help=f"Use this project id (1 to {MAX_ID}).")
 @pass_ctx
 def project_create(c: Ctx, project_name: str, network: str | None, id_: int | None) -> None:
     """Create PROJECT with provisioning NETWORK."""
@@ -240,7 +246,7 @@ def project_rm(c: Ctx, project_name: str) -> None:
 # --- the image database ----------------------------------------------------------------------------
 @cli.group("db")
 def db() -> None:
-    """The image database (create and rm: administrators only)."""
+    """The image database (create and rm: administrators only; ls shows the projects you may use)."""
 
 
 @db.command("ls")
@@ -264,7 +270,7 @@ def db_ls(c: Ctx, snapshots: bool, clones: bool, public: bool, project: str | No
 @db.command("create")
 @click.argument("project_name", metavar="PROJECT")
 @click.argument("img")
-@click.option("--id", "id_", type=int, default=None, help="Use this image id.")
+@click.option("--id", "id_", type=ID, default=None, help=f"Use this image id (1 to {MAX_ID}).")
 @click.option("--snap", is_flag=True, help="The record is a snapshot.")
 @click.option("--parent", default=None, help="Name of the parent image.")
 @click.option("--public", is_flag=True, help="The image is public.")
@@ -290,7 +296,7 @@ def db_rm(c: Ctx, project_name: str, img: str) -> None:
 # --- iSCSI -------------------------------------------------------------------------------------------
 @cli.group("iscsi")
 def iscsi() -> None:
-    """iSCSI targets of images."""
+    """iSCSI targets of images (create and rm: administrators only)."""
 
 
 @iscsi.command("create")
@@ -298,7 +304,7 @@ def iscsi() -> None:
 @click.argument("img")
 @pass_ctx
 def iscsi_create(c: Ctx, project_name: str, img: str) -> None:
-    """Export IMG as an iSCSI target."""
+    """Export IMG as an iSCSI target (administrators only); prints the IQN with --json."""
     iqn = c.api.post(f"/projects/{q(project_name)}/iscsi", {"image": img})
     output.success(c.as_json, iqn)
 
@@ -308,7 +314,7 @@ def iscsi_create(c: Ctx, project_name: str, img: str) -> None:
 @click.argument("img")
 @pass_ctx
 def iscsi_rm(c: Ctx, project_name: str, img: str) -> None:
-    """Remove IMG's iSCSI target."""
+    """Remove IMG's iSCSI target (administrators only)."""
     c.api.delete(f"/projects/{q(project_name)}/iscsi/{q(img)}")
     output.success(c.as_json)
 
@@ -361,7 +367,12 @@ def showdisks(c: Ctx, project_name: str) -> None:
 @click.option("--repair", is_flag=True, help="Also repair what can be repaired (targets, leftover snapshots).")
 @pass_ctx
 def reconcile(c: Ctx, repair: bool) -> None:
-    """Compare database, storage, targets and boot files; report drift (administrators)."""
+    """Compare database, storage, targets and boot files; report drift (administrators only).
+
+    Prints a JSON object of lists (images_without_row, rows_without_image, targets_without_row,
+    missing_targets, missing_boot_files, leftover_snapshots, unfinished_operations); all empty means
+    nothing to repair.  With --repair the result also has "repaired": true.
+    """
     import json
 
     click.echo(json.dumps(c.api.post("/admin/reconcile", {"repair": repair}), indent=2, sort_keys=True))

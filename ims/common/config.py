@@ -102,6 +102,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "port": (int, 9000),
         "threads": (int, 8),
         "drain_seconds": (float, 60.0),
+        # Largest request body Picasso reads (both APIs): larger ones get a 413 before any parsing.
+        "max_body_bytes": (int, 1048576),
     },
     "logs": {
         "path": ("path", "/var/log/bmi"),

@@ -127,6 +127,11 @@ class NodeAlreadyProvisioned(Conflict):
     pass
 
 
+class WrongKind(Conflict):
+    """The named object exists but is of another kind, or in a state the verb cannot act on
+    (a node's disk where an image is needed, an unprotected snapshot): 409, not a malformed request."""
+
+
 class NodeNotProvisioned(NotFound):
     pass
 

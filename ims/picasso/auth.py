@@ -46,16 +46,44 @@ class AuthCache:
 
 
 def client() -> Any:
+    """The Einstein client.  Its errors carry their own status: a request that does not fit the
+    OpenAPI document is a 400 here, a state conflict from Einstein a 409 (WrongKind and the other
+    Conflict classes), and a request that names something other than what BMI recorded a 400."""
     return current_app.extensions["bmi"]["client"]
 
 
+# Longest username or password accepted (HIL's own limits are far below).
+MAX_CREDENTIAL_CHARS = 1024
+
+
+def usable_credential(value: str) -> bool:
+    """Whether ``value`` can be sent on to HIL unchanged.
+
+    Picasso decodes Basic credentials as UTF-8 (RFC 7617); bytes that are not UTF-8 never get
+    here.  Einstein's HIL client sends them on with HTTP Basic, whose portable character set is
+    Latin-1, so anything outside it (and any control character) is refused here with a 401,
+    never passed on to fail later as a 500.
+    """
+    if len(value) > MAX_CREDENTIAL_CHARS:
+        return False
+    return all(32 <= ord(c) <= 255 and not 127 <= ord(c) < 160 for c in value)
+
+
 def credentials() -> dict[str, str]:
-    """The request's Basic credentials as the auth dict every operation takes (401 if absent)."""
+    """The request's Basic credentials as the auth dict every operation takes (401 if absent or unusable)."""
+    header = request.headers.get("Authorization")
     basic = request.authorization
     if basic is None or basic.type != "basic" or not basic.username:
+        if header:
+            raise AuthenticationFailed("malformed Authorization header: send your HIL username and password "
+                                       "with HTTP Basic authentication (UTF-8)")
         raise AuthenticationFailed("authentication required: send your HIL username and password "
                                    "with HTTP Basic authentication")
-    return {"username": basic.username, "password": basic.password or ""}
+    password = basic.password or ""
+    if not usable_credential(basic.username) or not usable_credential(password):
+        raise AuthenticationFailed("authentication failed: usernames and passwords may only hold printable "
+                                   "Latin-1 characters (at most 1024)")
+    return {"username": basic.username, "password": password}
 
 
 def project_access(project: str) -> dict[str, str]:

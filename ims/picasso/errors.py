@@ -11,7 +11,7 @@ from ims.common.errors import BMIError
 LOG = logging.getLogger(__name__)
 
 _HTTP_TYPES = {400: "InvalidInput", 401: "AuthenticationFailed", 403: "Forbidden", 404: "NotFound",
-               405: "MethodNotAllowed", 409: "Conflict", 413: "InvalidInput", 415: "InvalidInput",
+               405: "MethodNotAllowed", 409: "Conflict", 413: "PayloadTooLarge", 415: "InvalidInput",
                503: "ServiceUnavailable"}
 
 

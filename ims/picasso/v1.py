@@ -1,4 +1,9 @@
-"""The JSON API under /v1: resources and verbs.  Bodies are JSON; answers ``{"result": ...}`` or 204."""
+"""The JSON API under /v1: resources and verbs.  Bodies are JSON; answers ``{"result": ...}`` or 204.
+
+Request bodies are checked against the same specs the OpenAPI document is built from
+(ims/picasso/openapi.py): unknown keys, wrong types, nulls where none is allowed and ids out of
+bounds are a 400 that names the key, before anything reaches Einstein.
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -7,51 +12,71 @@ from flask import Blueprint, Response, jsonify, request
 
 from ims.common.errors import Forbidden, InvalidInput
 from ims.common.names import validate_name
+from ims.picasso import openapi as spec
 from ims.picasso.auth import admin_access, client, credentials, project_access
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
 
-_MISSING = object()
+# the query parameters each route takes (the OpenAPI document lists them; any other is a 400)
+_QUERY = {"v1.db_list": frozenset(spec.DB_LIST_FLAGS) | frozenset(spec.DB_LIST_NAMES)}
 
 
-def _body() -> dict[str, Any]:
-    if not request.content_length and not request.data:
+@bp.before_request
+def refuse_unknown_query_parameters() -> None:
+    unknown = sorted(set(request.args) - _QUERY.get(request.endpoint or "", frozenset()))
+    if unknown:
+        shown = ", ".join(repr(k[:64]) for k in unknown[:5])
+        raise InvalidInput(f"unknown query parameter(s) {shown}")
+
+
+def _json() -> dict[str, Any]:
+    """The request body as a JSON object; an empty body is ``{}``."""
+    if not request.get_data(cache=True):
         return {}
-    data = request.get_json(silent=True)
+    data = request.get_json(force=True, silent=True)
     if not isinstance(data, dict):
         raise InvalidInput("the request body must be a JSON object")
     return data
 
 
-def _name(body: dict[str, Any], key: str, kind: str, default: Any = _MISSING) -> Any:
-    if key not in body or body[key] is None:
-        if default is _MISSING:
-            raise InvalidInput(f"missing JSON key '{key}'")
-        return default
-    return validate_name(body[key], kind)
+def _check(body: spec.Body, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` checked against ``body``; absent optional keys come back as None (booleans: False)."""
+    unknown = sorted(set(data) - set(body.props))
+    if unknown:
+        shown = ", ".join(repr(k[:64]) for k in unknown[:5])
+        raise InvalidInput(f"unknown JSON key(s) {shown}; expected: {', '.join(body.props)}")
+    out: dict[str, Any] = {}
+    for key, (schema, kind) in body.props.items():
+        value = data.get(key)
+        if value is None:
+            if key in body.required:
+                raise InvalidInput(f"missing JSON key '{key}'")
+            if key in data and not schema.get("nullable"):
+                raise InvalidInput(f"'{key}' must not be null")
+            out[key] = False if schema["type"] == "boolean" else None
+        elif schema["type"] == "string":
+            out[key] = validate_name(value, kind)
+        elif schema["type"] == "boolean":
+            if not isinstance(value, bool):
+                raise InvalidInput(f"'{key}' must be true or false")
+            out[key] = value
+        else:  # integer
+            if isinstance(value, bool) or not isinstance(value, int) \
+                    or not schema["minimum"] <= value <= schema["maximum"]:
+                raise InvalidInput(f"'{key}' must be an integer from {schema['minimum']} to {schema['maximum']}")
+            out[key] = value
+    return out
 
 
-def _flag(body: dict[str, Any], key: str) -> bool:
-    value = body.get(key, False)
-    if not isinstance(value, bool):
-        raise InvalidInput(f"'{key}' must be true or false")
-    return value
-
-
-def _int(body: dict[str, Any], key: str) -> int | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidInput(f"'{key}' must be a non-negative integer")
-    return value
+def _body(body: spec.Body) -> dict[str, Any]:
+    return _check(body, _json())
 
 
 def _query_flag(key: str) -> bool:
-    value = request.args.get(key, "false").lower()
-    if value not in ("true", "false", "1", "0", "yes", "no"):
+    value = request.args.get(key, "false")
+    if value not in ("true", "false"):
         raise InvalidInput(f"query parameter '{key}' must be true or false")
-    return value in ("true", "1", "yes")
+    return value == "true"
 
 
 def ok(result: Any = None, status: int = 200) -> tuple[Response, int]:
@@ -69,15 +94,14 @@ def no_content() -> Response:
 # --- projects ----------------------------------------------------------------------------
 @bp.get("/projects")
 def list_projects() -> Any:
-    return ok(client().list_projects(credentials()))
+    return ok(client().list_projects(admin_access()))
 
 
 @bp.post("/projects")
 def create_project() -> Any:
     auth = admin_access()
-    body = _body()
-    client().create_project(auth, _name(body, "name", "project"), _name(body, "network", "network", None),
-                            _int(body, "id"))
+    b = _body(spec.PROJECT_CREATE)
+    client().create_project(auth, b["name"], b["network"], b["id"])
     return created()
 
 
@@ -97,9 +121,8 @@ def list_images(project: str) -> Any:
 @bp.post("/projects/<project>/images")
 def import_image(project: str) -> Any:
     auth = project_access(project)
-    body = _body()
-    client().import_image(auth, project, _name(body, "name", "image"), _name(body, "snapshot", "snapshot", None),
-                          _flag(body, "protect"))
+    b = _body(spec.IMPORT)
+    client().import_image(auth, project, b["name"], b["snapshot"], b["protect"])
     return created()
 
 
@@ -113,21 +136,20 @@ def remove_image(project: str, img: str) -> Any:
 @bp.post("/projects/<project>/images/<img>/export")
 def export_image(project: str, img: str) -> Any:
     auth = project_access(project)
-    body = _body()
-    client().export_image(auth, project, validate_name(img, "image"), _name(body, "name", "image"))
+    validate_name(img, "image")
+    client().export_image(auth, project, img, _body(spec.EXPORT)["name"])
     return ok()
 
 
 def _transfer(project: str, img: str, method: str) -> Any:
     auth = project_access(project)
-    body = _body()
-    dest = _name(body, "dest_project", "project")
-    new_name = _name(body, "dest_name", "image", None)
     validate_name(img, "image")
+    b = _body(spec.TRANSFER)
+    dest = b["dest_project"]
     if dest != project and not client().is_admin(auth):
         raise Forbidden("copying or moving an image to another project needs a BMI administrator")
     project_access(dest)
-    getattr(client(), method)(auth, project, img, dest, new_name)
+    getattr(client(), method)(auth, project, img, dest, b["dest_name"])
     return created()
 
 
@@ -150,8 +172,8 @@ def list_snapshots(project: str) -> Any:
 @bp.post("/projects/<project>/nodes/<node>/snapshots")
 def create_snapshot(project: str, node: str) -> Any:
     auth = project_access(project)
-    body = _body()
-    client().create_snapshot(auth, project, validate_name(node, "node"), _name(body, "name", "snapshot"))
+    validate_name(node, "node")
+    client().create_snapshot(auth, project, node, _body(spec.SNAPSHOT)["name"])
     return created()
 
 
@@ -172,13 +194,14 @@ def list_provisioned(project: str) -> Any:
 def provision(project: str, node: str) -> Any:
     """Body ``{"image", "network", "nic"}``, or ``{"disk", "nic"}`` for a disk made by POST .../disks."""
     auth = project_access(project)
-    body = _body()
     validate_name(node, "node")
-    if "disk" in body:
-        client().provision_disk(auth, project, node, _name(body, "disk", "disk"), _name(body, "nic", "nic"))
+    data = _json()
+    if "disk" in data:
+        b = _check(spec.PROVISION_DISK, data)
+        client().provision_disk(auth, project, node, b["disk"], b["nic"])
     else:
-        client().provision(auth, project, node, _name(body, "image", "image"), _name(body, "network", "network"),
-                           _name(body, "nic", "nic"))
+        b = _check(spec.PROVISION_IMAGE, data)
+        client().provision(auth, project, node, b["image"], b["network"], b["nic"])
     return ok()
 
 
@@ -186,12 +209,14 @@ def provision(project: str, node: str) -> Any:
 def deprovision(project: str, node: str) -> Any:
     """Body ``{"network", "nic"}``, or ``{"nic"}`` alone for a node provisioned from a disk."""
     auth = project_access(project)
-    body = _body()
     validate_name(node, "node")
-    if "network" in body:
-        client().deprovision(auth, project, node, _name(body, "network", "network"), _name(body, "nic", "nic"))
+    data = _json()
+    if "network" in data:
+        b = _check(spec.DEPROVISION_NETWORK, data)
+        client().deprovision(auth, project, node, b["network"], b["nic"])
     else:
-        client().deprovision_disk(auth, project, node, _name(body, "nic", "nic"))
+        b = _check(spec.DEPROVISION_DISK, data)
+        client().deprovision_disk(auth, project, node, b["nic"])
     return ok()
 
 
@@ -201,7 +226,7 @@ def node_ip(project: str, node: str) -> Any:
     return ok(client().node_ip(auth, project, validate_name(node, "node")))
 
 
-# --- iSCSI targets -------------------------------------------------------------------------------
+# --- iSCSI targets (create and remove: administrators) -----------------------------------------------
 @bp.get("/projects/<project>/iscsi")
 def iscsi_list(project: str) -> Any:
     return ok(client().iscsi_list(project_access(project), project))
@@ -209,13 +234,15 @@ def iscsi_list(project: str) -> Any:
 
 @bp.post("/projects/<project>/iscsi")
 def iscsi_create(project: str) -> Any:
-    auth = project_access(project)
-    return created(client().iscsi_create(auth, project, _name(_body(), "image", "image")))
+    auth = admin_access()
+    validate_name(project, "project")
+    return created(client().iscsi_create(auth, project, _body(spec.ISCSI_CREATE)["image"]))
 
 
 @bp.delete("/projects/<project>/iscsi/<img>")
 def iscsi_remove(project: str, img: str) -> Any:
-    auth = project_access(project)
+    auth = admin_access()
+    validate_name(project, "project")
     client().iscsi_remove(auth, project, validate_name(img, "image"))
     return no_content()
 
@@ -229,8 +256,8 @@ def list_disks(project: str) -> Any:
 @bp.post("/projects/<project>/disks")
 def create_disk(project: str) -> Any:
     auth = project_access(project)
-    body = _body()
-    return created(client().create_disk(auth, project, _name(body, "name", "disk"), _name(body, "image", "image")))
+    b = _body(spec.DISK_CREATE)
+    return created(client().create_disk(auth, project, b["name"], b["image"]))
 
 
 @bp.delete("/projects/<project>/disks/<disk>")
@@ -244,24 +271,21 @@ def delete_disk(project: str, disk: str) -> Any:
 @bp.get("/db/images")
 def db_list() -> Any:
     auth = credentials()
-    project = request.args.get("project")
-    if project is not None:
-        project_access(project)
-    name = request.args.get("name")
-    ceph = request.args.get("ceph")
-    rows = client().db_list(auth, snapshots=_query_flag("snapshots"), clones=_query_flag("clones"),
-                            public=_query_flag("public"), project=project,
-                            name=validate_name(name, "image") if name is not None else None,
-                            ceph=validate_name(ceph, "image") if ceph is not None else None)
-    return ok(rows)
+    flags = {f: _query_flag(f) for f in spec.DB_LIST_FLAGS}
+    filters: dict[str, str | None] = {}
+    for key, kind in spec.DB_LIST_NAMES.items():
+        value = request.args.get(key)
+        filters[key] = validate_name(value, kind) if value is not None else None
+    if filters["project"] is not None:
+        project_access(filters["project"])
+    return ok(client().db_list(auth, **flags, **filters))
 
 
 @bp.post("/db/images")
 def db_create() -> Any:
     auth = admin_access()
-    body = _body()
-    client().db_create(auth, _name(body, "project", "project"), _name(body, "name", "image"), _int(body, "id"),
-                       _flag(body, "snapshot"), _name(body, "parent", "image", None), _flag(body, "public"))
+    b = _body(spec.DB_CREATE)
+    client().db_create(auth, b["project"], b["name"], b["id"], b["snapshot"], b["parent"], b["public"])
     return created()
 
 
@@ -275,11 +299,10 @@ def db_remove(project: str, img: str) -> Any:
 # --- administration ----------------------------------------------------------------------------------
 @bp.post("/admin/reconcile")
 def reconcile() -> Any:
-    return ok(client().reconcile(admin_access(), repair=_flag(_body(), "repair")))
+    auth = admin_access()
+    return ok(client().reconcile(auth, repair=_body(spec.RECONCILE)["repair"]))
 
 
 @bp.get("/openapi.json")
 def openapi() -> Any:
-    from ims.picasso.openapi import document
-
-    return jsonify(document())
+    return jsonify(spec.document())

@@ -1,4 +1,5 @@
-"""The bmi CLI against a REAL Picasso (waitress on a free port, in a thread) backed by the fake operations."""
+"""The bmi CLI against a REAL Picasso (waitress on a free port, in a thread) backed by the REAL Operations
+over the fake drivers (tests/support/fake_ops.py), through Einstein's RPC endpoint."""
 from __future__ import annotations
 
 import json
@@ -20,7 +21,8 @@ sys.path.insert(0, str(ROOT))
 from ims.cli.main import cli
 from ims.common import config as bmi_config
 from ims.picasso.app import create_app
-from tests.support.fake_ops import FakeOperations
+from ims.picasso.openapi import MAX_ID
+from tests.support.fake_ops import InProcessClient, World
 
 CFG_TEXT = "[bmi]\nuid = fake\n[net_isolator]\nurl = http://127.0.0.1:1\n[iscsi]\nip = 127.0.0.1\n"
 BMI = str(ROOT / ".venv" / "bin" / "bmi")
@@ -33,13 +35,15 @@ def _free_port() -> int:
 
 
 @pytest.fixture()
-def ops() -> FakeOperations:
-    return FakeOperations()
+def world(tmp_path: Path) -> Any:
+    w = World(directory=str(tmp_path / "world"))
+    yield w
+    w.close()
 
 
 @pytest.fixture()
-def picasso(ops: FakeOperations):
-    app = create_app(bmi_config.parse("t.cfg", text=CFG_TEXT), client=ops)
+def picasso(world: World):
+    app = create_app(bmi_config.parse("t.cfg", text=CFG_TEXT), client=InProcessClient(world.ops))
     server = waitress.create_server(app, host="127.0.0.1", port=0, threads=4)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -117,30 +121,36 @@ def test_url_from_config_file(picasso: str, tmp_path: Path) -> None:
     assert "golden" in ok(result, None)
 
 
-def test_images(picasso: str, ops: FakeOperations) -> None:
+def test_images(picasso: str, world: World) -> None:
     out = ok(run(picasso, "ls", "proj1"), None)
     assert out.splitlines()[1].split("|")[1].strip() == "Image" and "golden" in out
+    world.storage.create_snapshot("newimg", "s1")
     ok(run(picasso, "import", "proj1", "newimg", "--snap", "s1", "--protect"))
-    assert ("import_image", ("proj1", "newimg", "s1", True)) in ops.calls
+    assert world.storage.is_protected("newimg", "s1")
     fails(run(picasso, "import", "proj1", "newimg"), "already exists")
+    fails(run(picasso, "import", "proj1", "missing"), "no image named missing")
     ok(run(picasso, "export", "proj1", "newimg", "outname"))
+    assert world.storage.image_exists("outname")
     ok(run(picasso, "cp", "proj1", "newimg", "proj1", "copy1"))
     fails(run(picasso, "cp", "proj1", "newimg", "proj2"), "administrator")
     ok(run(picasso, "mv", "proj1", "copy1", "proj2", user="admin"))
-    assert ops._find("proj2", "copy1")
+    assert "copy1" in ok(run(picasso, "ls", "proj2"), None)
     ok(run(picasso, "rm", "proj1", "newimg"))
     fails(run(picasso, "rm", "proj1", "newimg"), "newimg")
     fails(run(picasso, "rm", "proj1", ".."), "invalid name")
-    fails(run(picasso, "ls", "proj1", user="bob"), "proj1")
+    fails(run(picasso, "ls", "proj1", user="bob"), "no access to project proj1")  # HIL's 401
     fails(run(picasso, "ls", "proj1", env={"HIL_PASSWORD": "wrong"}), "authentication failed")
 
 
-def test_nodes_and_snapshots(picasso: str) -> None:
-    ok(run(picasso, "pro", "proj1", "node1", "golden", "net1", "eno1"))
-    fails(run(picasso, "pro", "proj1", "node1", "golden", "net1", "eno1"), "already provisioned")
-    fails(run(picasso, "pro", "proj1", "broken", "golden", "net1", "eno1"), "cannot be reached")
+def test_nodes_and_snapshots(picasso: str, world: World) -> None:
+    ok(run(picasso, "pro", "proj1", "node1", "golden", "prov-net", "eno1"))
+    fails(run(picasso, "pro", "proj1", "node1", "golden", "prov-net", "eno1"), "already provisioned")
+    fails(run(picasso, "pro", "proj1", "node3", "golden", "prov-net", "eno1"), "does not belong to project proj1")
+    world.storage.broken = True
+    fails(run(picasso, "pro", "proj1", "node2", "golden", "prov-net", "eno1"), "storage is down")
+    world.storage.broken = False
     out = ok(run(picasso, "showpro", "proj1"), None)
-    assert "Provisioned Image" in out and "node1" in out
+    assert "Provisioned Image" in out and "node1" in out and "node2" not in out
     ok(run(picasso, "snap", "create", "proj1", "node1", "snap1"))
     out = ok(run(picasso, "snap", "ls", "proj1"), None)
     header = [c.strip() for c in out.splitlines()[1].split("|")[1:-1]]
@@ -149,8 +159,9 @@ def test_nodes_and_snapshots(picasso: str) -> None:
                for line in out.splitlines()[3:-1])
     ok(run(picasso, "snap", "rm", "proj1", "snap1"))
     assert ok(run(picasso, "node", "ip", "proj1", "node1"), "10.0.0.11")
-    ok(run(picasso, "dpro", "proj1", "node1", "net1", "eno1"))
-    fails(run(picasso, "dpro", "proj1", "node1", "net1", "eno1"), "not provisioned")
+    ok(run(picasso, "dpro", "proj1", "node1", "prov-net", "eno1"))
+    assert world.iscsi.targets == {} and world.hil.nodes["node1"]["nics"]["eno1"]["networks"] == {}
+    fails(run(picasso, "dpro", "proj1", "node1", "prov-net", "eno1"), "not provisioned")
 
 
 def test_db_ls_table_and_json(picasso: str) -> None:
@@ -159,19 +170,21 @@ def test_db_ls_table_and_json(picasso: str) -> None:
     assert [c.strip() for c in lines[1].split("|")[1:-1]] == ["Id", "Name", "Project", "Ceph", "Public", "Snapshot",
                                                               "Parent"]
     first = [c.strip() for c in lines[3].split("|")[1:-1]]
-    assert first == ["1", "golden", "proj1", "fakeimg1", "True", "False", ""]
+    assert first == ["1", "golden", "proj1", "fakeimg1", "False", "False", ""]
     out = ok(run(picasso, "db", "ls", "-s"), None)
     assert "golden-snap" in out and "fakeimg1 " not in out
     out = ok(run(picasso, "--json", "db", "ls", "--project", "proj1", "--name", "golden"), None)
-    assert json.loads(out) == [{"id": 1, "name": "golden", "project": "proj1", "ceph": "fakeimg1", "public": True,
+    assert json.loads(out) == [{"id": 1, "name": "golden", "project": "proj1", "ceph": "fakeimg1", "public": False,
                                 "snapshot": False, "parent": ""}]
     assert json.loads(ok(run(picasso, "--json", "ls", "proj1"), None)) == [{"image": "golden"}]
     assert json.loads(ok(run(picasso, "--json", "rm", "proj1", "golden-snap"), None)) == {"result": "Success"}
+    # a tenant sees the rows of its own projects only
+    assert [r["name"] for r in json.loads(ok(run(picasso, "--json", "db", "ls", user="bob"), None))] == ["other"]
     fails(run(picasso, "db", "ls", "--project", "proj1", user="bob"), "proj1")
 
 
 def test_db_create_rm_admin(picasso: str) -> None:
-    fails(run(picasso, "db", "create", "proj1", "rec"), "administrator")
+    fails(run(picasso, "db", "create", "proj1", "rec"), "admin")
     ok(run(picasso, "db", "create", "proj1", "rec", "--id", "50", "--snap", "--parent", "golden", "--public",
            user="admin"))
     out = ok(run(picasso, "db", "ls", "--name", "rec", user="admin"), None)
@@ -181,48 +194,88 @@ def test_db_create_rm_admin(picasso: str) -> None:
     fails(run(picasso, "db", "rm", "proj1", "rec", user="admin"), "rec")
 
 
-def test_projects(picasso: str) -> None:
-    out = ok(run(picasso, "project", "ls"), None)
+@pytest.mark.parametrize("value", ["0", "-3", str(MAX_ID + 1), str(2**63), "abc"])
+def test_ids_out_of_bounds_are_usage_errors(picasso: str, value: str) -> None:
+    for args in (("project", "create", "p9", "--id", value), ("db", "create", "proj1", "rec", "--id", value)):
+        result = run(picasso, *args, user="admin")
+        assert result.exit_code == 2 and "--id" in result.stderr, result.output
+
+
+def test_projects_are_for_administrators(picasso: str) -> None:
+    fails(run(picasso, "project", "ls"), "needs a BMI administrator")
+    out = ok(run(picasso, "project", "ls", user="admin"), None)
     assert [c.strip() for c in out.splitlines()[1].split("|")[1:-1]] == ["Id", "Name", "Provision Network"]
     assert "prov-net" in out
-    fails(run(picasso, "project", "create", "p9", "net9"), "administrator")
-    ok(run(picasso, "project", "create", "p9", "net9", "--id", "9", user="admin"))
-    assert "p9" in ok(run(picasso, "project", "ls", user="admin"), None)
+    fails(run(picasso, "project", "create", "p9", "net9"), "admin")
+    ok(run(picasso, "project", "create", "p9", "net9", "--id", str(MAX_ID), user="admin"))
+    assert str(MAX_ID) in ok(run(picasso, "project", "ls", user="admin"), None)
     fails(run(picasso, "project", "create", "p9", user="admin"), "already exists")
     ok(run(picasso, "project", "rm", "p9", user="admin"))
-    fails(run(picasso, "project", "rm", "p9", user="admin"), "not found")
+    fails(run(picasso, "project", "rm", "p9", user="admin"), "not registered")
 
 
-def test_iscsi(picasso: str) -> None:
-    ok(run(picasso, "iscsi", "create", "proj1", "golden"))
-    fails(run(picasso, "iscsi", "create", "proj1", "golden"), "already exported")
+def test_iscsi_create_and_rm_are_for_administrators(picasso: str, world: World) -> None:
+    fails(run(picasso, "iscsi", "create", "proj1", "golden"), "admin")
+    ok(run(picasso, "iscsi", "create", "proj1", "golden", user="admin"))
+    assert "fakeimg1" in world.iscsi.targets
     out = ok(run(picasso, "iscsi", "ls", "proj1"), None)
     assert "Target" in out and "iqn.2017-10.org.moc.bmi:fakeimg1" in out
-    ok(run(picasso, "iscsi", "rm", "proj1", "golden"))
-    fails(run(picasso, "iscsi", "rm", "proj1", "golden"), "not exported")
+    fails(run(picasso, "iscsi", "rm", "proj1", "golden"), "admin")
+    ok(run(picasso, "iscsi", "rm", "proj1", "golden", user="admin"))
+    fails(run(picasso, "iscsi", "rm", "proj1", "golden", user="admin"), "not exported")
 
 
-def test_disks(picasso: str) -> None:
-    assert ok(run(picasso, "disk", "create", "proj1", "golden", "d1"), "fakeimg4")
+def test_disks(picasso: str, world: World) -> None:
+    assert ok(run(picasso, "disk", "create", "proj1", "golden", "d1"), "fakeimg5")
+    assert "fakeimg5" in world.iscsi.targets
     fails(run(picasso, "disk", "create", "proj1", "golden", "d1"), "already exists")
     out = ok(run(picasso, "showdisks", "proj1"), None)
     assert "Source Image" in out and "d1" in out
     ok(run(picasso, "disk", "delete", "proj1", "d1"))
+    assert not world.storage.image_exists("fakeimg5")
     fails(run(picasso, "disk", "delete", "proj1", "d1"), "not found")
 
 
-def test_reconcile(picasso: str) -> None:
-    fails(run(picasso, "reconcile"), "administrator")
-    assert json.loads(ok(run(picasso, "reconcile", user="admin"), None))["drift"] == []
+def test_reconcile(picasso: str, world: World) -> None:
+    fails(run(picasso, "reconcile"), "admin")
+    report = json.loads(ok(run(picasso, "reconcile", user="admin"), None))
+    assert report and all(v == [] for v in report.values()), report
+    world.storage.create_image("fakeimg77", 16)
+    report = json.loads(ok(run(picasso, "reconcile", user="admin"), None))
+    assert report["images_without_row"] == ["fakeimg77"] and "repaired" not in report
     assert json.loads(ok(run(picasso, "reconcile", "--repair", user="admin"), None))["repaired"] is True
+
+
+@pytest.mark.parametrize("user,password", [("alice", "пароль"), ("用户", "x"), ("alice", "a\tb")])
+def test_credentials_of_any_encoding_are_a_clean_error(picasso: str, user: str, password: str) -> None:
+    fails(run(picasso, "ls", "proj1", env={"HIL_USERNAME": user, "HIL_PASSWORD": password}), "authentication failed")
+
+
+def test_credentials_that_are_not_utf8_are_a_clean_error(picasso: str) -> None:
+    env = {"PATH": "/usr/bin:/bin", "BMI_URL": picasso}
+    environb = {k.encode(): v.encode() for k, v in env.items()}
+    environb[b"HIL_USERNAME"] = b"alice"
+    environb[b"HIL_PASSWORD"] = b"\xff\xfe-not-utf8"
+    proc = subprocess.run([BMI, "ls", "proj1"], env=environb, capture_output=True, check=False, timeout=60)  # type: ignore[arg-type]
+    assert proc.returncode == 1 and proc.stdout == b"", proc.stderr
+    assert proc.stderr.startswith(b"Error: ") and b"Traceback" not in proc.stderr
+
+
+def test_help_follows_the_service(picasso: str) -> None:
+    text = " ".join(ok(CliRunner().invoke(cli, ["iscsi", "--help"]), None).split())
+    assert "administrators only" in text
+    text = " ".join(ok(CliRunner().invoke(cli, ["dpro", "--help"]), None).split())
+    assert "must be the ones given to `bmi pro`" in text
+    text = " ".join(ok(CliRunner().invoke(cli, ["project", "--help"]), None).split())
+    assert "administrators only" in text
 
 
 def test_console_script_end_to_end(picasso: str) -> None:
     env = {"PATH": "/usr/bin:/bin", "BMI_URL": picasso, "HIL_USERNAME": "alice", "HIL_PASSWORD": "alice-pw"}
-    proc = subprocess.run([BMI, "pro", "proj1", "node2", "golden", "n", "e"], env=env, capture_output=True,
+    proc = subprocess.run([BMI, "pro", "proj1", "node2", "golden", "prov-net", "eno1"], env=env, capture_output=True,
                           text=True, check=False, timeout=60)
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "Success\n", "")
-    proc = subprocess.run([BMI, "pro", "proj1", "node2", "golden", "n", "e"], env=env, capture_output=True,
+    proc = subprocess.run([BMI, "pro", "proj1", "node2", "golden", "prov-net", "eno1"], env=env, capture_output=True,
                           text=True, check=False, timeout=60)
     assert proc.returncode == 1 and proc.stdout == "" and proc.stderr.startswith("Error: ")
     assert os.path.exists(BMI)

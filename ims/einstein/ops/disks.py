@@ -11,10 +11,10 @@ from ims.common import names
 from ims.common.errors import (
     ImageBusy,
     ImageExists,
-    InvalidInput,
     NodeAlreadyProvisioned,
     TargetExists,
     TargetNotFound,
+    WrongKind,
 )
 from ims.database.models import Image, Provision
 from ims.einstein.journal import RecoveryContext
@@ -86,7 +86,7 @@ class Disks:
                 proj = core.project(session, project)
                 parent = core.image(session, proj, img)
                 if parent.kind not in ("golden", "snapshot"):
-                    raise InvalidInput(f"{img} is a provisioned disk, not an image")
+                    raise WrongKind(f"{img} is a provisioned disk, not an image")
                 if core.find(session, proj, disk) is not None:
                     raise ImageExists(f"image or disk {disk} already exists in project {project}")
                 project_id, parent_id, parent_ceph = proj.id, parent.id, core.ceph_name(parent.id)
@@ -107,7 +107,7 @@ class Disks:
             with core.session() as session:
                 row = core.image(session, core.project(session, project), disk, what="disk")
                 if row.kind != "disk":
-                    raise InvalidInput(f"{disk} is not a disk")
+                    raise WrongKind(f"{disk} is not a disk")
                 users = session.scalars(select(Provision).where(Provision.image_id == row.id)).all()
                 if users:
                     raise ImageBusy(f"disk {disk} is provisioned to node {users[0].node}; deprovision it first")
@@ -131,7 +131,7 @@ class Disks:
                 proj = core.project(session, project)
                 row = core.image(session, proj, disk, what="disk")
                 if row.kind != "disk":
-                    raise InvalidInput(f"{disk} is not a disk; create one with bmi disk create")
+                    raise WrongKind(f"{disk} is not a disk; create one with bmi disk create")
                 if session.get(Provision, node) is not None:
                     raise NodeAlreadyProvisioned(f"node {node} is already provisioned; deprovision it first")
                 clone, project_id, image_id = core.ceph_name(row.id), proj.id, row.id

@@ -14,9 +14,9 @@ from ims.common.errors import (
     ImageBusy,
     ImageExists,
     ImageNotFound,
-    InvalidInput,
     SnapshotExists,
     SnapshotNotFound,
+    WrongKind,
 )
 from ims.database.models import Image
 from ims.einstein.journal import RecoveryContext, Tx
@@ -81,7 +81,7 @@ class Images:
                 with core.journal.operation("import_snapshot", {"source": img, "snap": snap}, ctx) as tx:
                     if not st.is_protected(img, snap):
                         if not protect:
-                            raise InvalidInput(f"snapshot {img}@{snap} is not protected; import it with --protect")
+                            raise WrongKind(f"snapshot {img}@{snap} is not protected; import it with --protect")
                         steps.protect.run(tx, "storage.protect_source", image=img, snap=snap)
                     make_golden_copy(core, steps, tx, project_id, img, img, snap, is_snapshot=False, parent_id=None)
 
@@ -163,7 +163,7 @@ class Images:
                 src = core.image(session, core.project(session, src_project), img1)
                 dest = core.project(session, dest_project)
                 if src.kind in ("node", "disk"):
-                    raise InvalidInput(f"{img1} is a provisioned disk; snapshot it first")
+                    raise WrongKind(f"{img1} is a provisioned disk; snapshot it first")
                 if core.find(session, dest, new_name) is not None:
                     raise ImageExists(f"image {new_name} already exists in project {dest_project}")
                 same = src_project == dest_project
@@ -194,7 +194,7 @@ class Images:
                 row = core.image(session, core.project(session, src_project), img1)
                 dest = core.project(session, dest_project)
                 if row.kind in ("node", "disk"):
-                    raise InvalidInput(f"{img1} is a provisioned disk and cannot be moved")
+                    raise WrongKind(f"{img1} is a provisioned disk and cannot be moved")
                 if (src_project, img1) != (dest_project, new_name) and core.find(session, dest, new_name):
                     raise ImageExists(f"image {new_name} already exists in project {dest_project}")
                 if src_project != dest_project:

@@ -22,6 +22,7 @@ from ims.common.errors import (
     NodeAlreadyProvisioned,
     NodeNotFound,
     NodeNotProvisioned,
+    WrongKind,
 )
 from ims.database.models import Image, Provision
 from ims.einstein.journal import RecoveryContext, Tx
@@ -63,7 +64,7 @@ def provisioned(core: Core, project: str, node: str, kind: str) -> tuple[Provisi
         row = session.get(Image, prov.image_id)
         if row is None or row.kind != kind:
             other = "bmi dpro" if kind == "disk" else "the split API (deprovision by disk)"
-            raise InvalidInput(f"node {node} was provisioned another way; use {other}")
+            raise WrongKind(f"node {node} was provisioned another way; use {other}")
         _ = row.parent  # load while the session is open
         return prov, row
 
@@ -95,7 +96,7 @@ class Provisioning:
                     raise NodeAlreadyProvisioned(f"node {node} is already provisioned; deprovision it first")
                 parent = core.image(session, proj, img)
                 if parent.kind not in ("golden", "snapshot"):
-                    raise InvalidInput(f"{img} is a provisioned disk, not an image; snapshot it first")
+                    raise WrongKind(f"{img} is a provisioned disk, not an image; snapshot it first")
                 if core.find(session, proj, node) is not None:
                     raise ImageExists(f"project {project} already has an image named {node}; a node's clone is "
                                       "named after the node")
