@@ -41,17 +41,24 @@ def main(argv: list[str] | None = None) -> int:
         # Node boot scripts on the provisioning network, in their own server: the tenant API
         # is never exposed there.
         boot_server = waitress.create_server(create_boot_app(EinsteinClient(cfg)), map={}, host=cfg.boot_http.ip,
-                                             port=cfg.boot_http.port, threads=2, ident="bmi-boot")
+                                             port=cfg.boot_http.port, threads=2, ident="bmi-boot",
+                                             max_request_body_size=_BOOT_MAX_BODY)
         threading.Thread(target=boot_server.run, name="boot-http", daemon=True).start()
         LOG.info("serving node boot scripts on http://%s:%d/boot/<mac>", cfg.boot_http.ip, cfg.boot_http.port)
     LOG.info("Picasso listening on http://%s:%d/", cfg.rest_api.ip, cfg.rest_api.port)
     server = waitress.create_server(app, host=cfg.rest_api.ip, port=cfg.rest_api.port,
-                                    threads=cfg.rest_api.threads, ident="bmi-picasso")
+                                    threads=cfg.rest_api.threads, ident="bmi-picasso",
+                                    # waitress buffers a body before the app sees it: refuse a huge one there
+                                    # already, a little above the app's own limit (which answers a JSON 413).
+                                    max_request_body_size=cfg.rest_api.max_body_bytes + 65536)
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     serve_until(server, stopping, cfg.rest_api.drain_seconds)
     return 0
+
+
+_BOOT_MAX_BODY = 4096  # nodes only GET their script
 
 
 def _busy(server: Any) -> bool:

@@ -1,4 +1,4 @@
-"""Test-only Einstein ops factory: the fake operations, plus slow calls and a REAL journal.
+"""Test-only Einstein ops factory: the real Operations over the fakes, plus slow calls and a journaled provision.
 
 ``--ops-factory tests.support.journal_ops:build`` with ``[tests] dir = <directory>``:
 
@@ -21,7 +21,7 @@ from typing import Any
 
 from ims.database import make_engine, make_session_factory
 from ims.einstein.journal import Journal, RecoveryContext
-from tests.support.fake_ops import FakeOperations
+from tests.support.fake_ops import World
 
 WAIT_SECONDS = 120.0
 
@@ -55,14 +55,22 @@ def wait_for(path: Path) -> None:
         time.sleep(0.05)
 
 
-class JournalOps(FakeOperations):
+class JournalOps:
+    """The seeded world's real Operations (tests/support/fake_ops.py) with two verbs replaced."""
+
     def __init__(self, cfg: Any) -> None:
-        super().__init__(uid=cfg.bmi.uid)
         self.dir = Path(cfg.section("tests").dir)
+        self.world = World(uid=cfg.bmi.uid, directory=str(self.dir / f"world-{os.getpid()}"))
         self.files = self.dir / "files"
         self.files.mkdir(exist_ok=True)
         self.journal = make_journal(Path(cfg.db.path), self.files)
         self._event(f"build {os.getpid()}")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.world.ops, name)
+
+    def close(self) -> None:
+        self.world.close()
 
     def _event(self, line: str) -> None:
         with open(self.dir / "events", "a", encoding="utf-8") as fh:
@@ -73,7 +81,9 @@ class JournalOps(FakeOperations):
         if img.startswith("slow-"):
             (self.dir / f"started-{img}").write_text(str(os.getpid()))
             wait_for(self.dir / f"release-{img}")
-        return super().import_image(auth, project, img, snap, protect)
+            if not self.world.storage.image_exists(img):
+                self.world.storage.create_image(img, 4096)
+        return self.world.ops.import_image(auth, project, img, snap, protect)
 
     def provision(self, auth: dict[str, str], project: str, node: str, img: str, network: str, nic: str) -> None:
         self._event(f"provision {os.getpid()} {node}")
