@@ -5,6 +5,7 @@ Import the fixtures into a conftest.py::
     from tests.support.bootnet import boot_tgtd, bootnet, test_image  # noqa: F401
 
 * ``test_image`` (session): path of build/bmi-test.img (built by scripts/build-test-image, cached).
+* ``efi_test_image`` (session): build/bmi-test-efi.img, the same image as GPT + EFI system partition.
 * ``bootnet`` (session): :class:`BootNet` for a private netns + bridge + dnsmasq (scripts/bootnet).
 * ``boot_tgtd`` (session): :class:`BootTgtd`, a tgtd running inside that netns, portal on the bridge IP.
 
@@ -30,16 +31,18 @@ from ims.common.process import execute
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUILD = os.path.join(REPO, "build")
 IMAGE_PATH = os.path.join(BUILD, "bmi-test.img")
+EFI_IMAGE_PATH = os.path.join(BUILD, "bmi-test-efi.img")
 ISCSI_PORT = 3260
 
-# The partition offsets scripts/build-test-image uses (bytes).
+# The partition offsets scripts/build-test-image uses (bytes), for both the BIOS and the EFI image.
 BOOT_PART_OFFSET = 2048 * 512
 DATA_PART_OFFSET = (2048 + 36 * 2048) * 512
 
 
-def build_test_image(out: str = IMAGE_PATH) -> str:
-    """Run scripts/build-test-image (a no-op when the image is up to date)."""
-    execute(os.path.join(REPO, "scripts", "build-test-image"), out, timeout=600)
+def build_test_image(out: str | None = None, efi: bool = False) -> str:
+    """Run scripts/build-test-image [--efi] (a no-op when the image is up to date)."""
+    out = out or (EFI_IMAGE_PATH if efi else IMAGE_PATH)
+    execute(os.path.join(REPO, "scripts", "build-test-image"), *(["--efi"] if efi else []), out, timeout=600)
     if not os.path.getsize(out):
         raise AssertionError(f"build-test-image produced an empty {out}")
     return out
@@ -84,7 +87,7 @@ class BootNet:
 
     def write_boot_files(self, node: str, mac: str, target_iqn: str, initiator_iqn: str,
                          lun: int = 1, portal_port: int = ISCSI_PORT) -> tuple[str, str]:
-        """Write pxelinux.cfg/01-<mac> and <node>.ipxe the way BMI does; return both paths."""
+        """Write pxelinux.cfg/01-<mac>, <node>.ipxe and 01-<mac>.ipxe the way BMI does; return the first two."""
         validate_name(node, "node")
         cfg = os.path.join(self.tftp_root, "pxelinux.cfg", pxe_mac_filename(mac))
         os.makedirs(os.path.dirname(cfg), exist_ok=True)
@@ -100,6 +103,8 @@ class BootNet:
                     "ifconf --configurator=dhcp net0\n"
                     f"sanboot --keep iscsi:{self.ip}:tcp:{portal_port}:{lun}:{target_iqn}\n"
                     "boot\n")
+        # UEFI nodes: scripts/bootnet's efi-boot.ipxe chains to the script by MAC.
+        shutil.copyfile(script, os.path.join(self.tftp_root, pxe_mac_filename(mac) + ".ipxe"))
         return cfg, script
 
 
@@ -197,6 +202,11 @@ class BootTgtd:
 @pytest.fixture(scope="session")
 def test_image() -> str:
     return build_test_image()
+
+
+@pytest.fixture(scope="session")
+def efi_test_image() -> str:
+    return build_test_image(efi=True)
 
 
 @pytest.fixture(scope="session")
