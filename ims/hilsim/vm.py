@@ -17,9 +17,9 @@ Why these choices:
   SeaBIOS/iPXE/PXELINUX only draw on VGA, hence :meth:`QemuNode.screendump`.
 * ``firmware="uefi"`` runs OVMF (Debian's ``ovmf``) instead of SeaBIOS: the code from
   :data:`OVMF_CODE` read-only, a private copy of :data:`OVMF_VARS` per VM (fresh at every power-on,
-  so no boot entry survives a cycle, like a node whose NVRAM BMI does not manage). qemu's e1000 ROM
-  (``efi-e1000.rom``) carries iPXE's UEFI driver, so the firmware PXE-boots over it (DHCP option 93 =
-  7). OVMF ignores ``-boot order``: the NIC gets ``bootindex`` instead. It needs more RAM than
+  so no boot entry survives a cycle, like a node whose NVRAM BMI does not manage). By default a
+  UEFI node's NIC is a virtio-net without option ROM (:data:`UEFI_NIC_MODEL`), so the firmware's
+  own PXE client asks for a loader (DHCP option 93 = 7). OVMF ignores ``-boot order``: the NIC gets ``bootindex`` instead. It needs more RAM than
   SeaBIOS (GRUB's EFI loader runs out of memory at 256 MiB), hence :data:`UEFI_MIN_MEMORY_MB`.
   Without ``firmware`` in the options, ``BMI_VM_FIRMWARE`` in the environment picks it, so a
   whole boot bed (the HIL simulator's VMs) can be switched without a new inventory format.
@@ -50,6 +50,10 @@ FIRMWARES = ("bios", "uefi")
 OVMF_CODE = "/usr/share/OVMF/OVMF_CODE.fd"
 OVMF_VARS = "/usr/share/OVMF/OVMF_VARS.fd"
 UEFI_MIN_MEMORY_MB = 512
+# OVMF drives virtio-net itself (VirtioNetDxe); without an option ROM the firmware's own PXE client
+# does the first DHCP (option 93 = 7, no iPXE user class) and loads the iPXE EFI binary BMI's boot
+# network hands out, as on a real UEFI server. (An e1000 would bring qemu's iPXE ROM instead.)
+UEFI_NIC_MODEL = "virtio-net-pci"
 _NETNS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,14}$")
 
@@ -122,16 +126,16 @@ class QemuNode:
         self.memory_mb = int(memory_mb)
         self.boot_timeout = float(boot_timeout)
         self.extra = dict(extra)
-        self.nic_model = str(self.extra.get("nic_model", "e1000"))
+        self.firmware = str(self.extra.get("firmware") or os.environ.get("BMI_VM_FIRMWARE") or "bios")
+        if self.firmware not in FIRMWARES:
+            raise InvalidInput(f"invalid firmware {self.firmware!r}: one of {', '.join(FIRMWARES)}")
+        self.nic_model = str(self.extra.get("nic_model", "e1000" if self.firmware == "bios" else UEFI_NIC_MODEL))
         if not re.match(r"^[a-z0-9-]+$", self.nic_model):
             raise InvalidInput(f"invalid nic_model {self.nic_model!r}")
         self.qemu_args = [str(a) for a in self.extra.get("qemu_args", [])]
         self.boot_order = str(self.extra.get("boot_order", "n"))
         if not re.match(r"^[a-p]{1,4}$", self.boot_order):
             raise InvalidInput(f"invalid boot_order {self.boot_order!r}")
-        self.firmware = str(self.extra.get("firmware") or os.environ.get("BMI_VM_FIRMWARE") or "bios")
-        if self.firmware not in FIRMWARES:
-            raise InvalidInput(f"invalid firmware {self.firmware!r}: one of {', '.join(FIRMWARES)}")
         if self.firmware == "uefi":
             self.memory_mb = max(self.memory_mb, UEFI_MIN_MEMORY_MB)
         self.workdir = os.path.abspath(workdir) if workdir else tempfile.mkdtemp(prefix=f"bmi-vm-{self.name}-")
@@ -300,8 +304,9 @@ class QemuNode:
             dst.write(src.read())
         argv = ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={_qemu_path(OVMF_CODE)}",
                 "-drive", f"if=pflash,format=raw,unit=1,file={_qemu_path(self.vars_path)}"]
+        props = ",romfile=" if self.nic_model == UEFI_NIC_MODEL else ""
         # Network first unless the caller boots a disk (boot_order "c", with a -drive in qemu_args).
-        return argv, (",bootindex=1" if "n" in self.boot_order[:1] else "")
+        return argv, props + (",bootindex=1" if self.boot_order.startswith("n") else "")
 
     def _qemu_argv(self) -> list[str]:
         fw_argv, nic_props = self._firmware_argv()
