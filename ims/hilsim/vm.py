@@ -19,8 +19,9 @@ Why these choices:
   :data:`OVMF_CODE` read-only, a private copy of :data:`OVMF_VARS` per VM (fresh at every power-on,
   so no boot entry survives a cycle, like a node whose NVRAM BMI does not manage). By default a
   UEFI node's NIC is a virtio-net without option ROM (:data:`UEFI_NIC_MODEL`), so the firmware's
-  own PXE client asks for a loader (DHCP option 93 = 7). OVMF ignores ``-boot order``: the NIC gets ``bootindex`` instead. It needs more RAM than
-  SeaBIOS (GRUB's EFI loader runs out of memory at 256 MiB), hence :data:`UEFI_MIN_MEMORY_MB`.
+  own PXE client asks for a loader (DHCP option 93 = 7). OVMF ignores ``-boot order``: the NIC
+  gets ``bootindex`` instead. It needs more RAM than SeaBIOS (GRUB's EFI loader runs out of
+  memory at 256 MiB), hence :data:`UEFI_MIN_MEMORY_MB`.
   Without ``firmware`` in the options, ``BMI_VM_FIRMWARE`` in the environment picks it, so a
   whole boot bed (the HIL simulator's VMs) can be switched without a new inventory format.
 """

@@ -87,7 +87,7 @@ class BootNet:
 
     def write_boot_files(self, node: str, mac: str, target_iqn: str, initiator_iqn: str,
                          lun: int = 1, portal_port: int = ISCSI_PORT) -> tuple[str, str]:
-        """Write pxelinux.cfg/01-<mac>, <node>.ipxe and 01-<mac>.ipxe the way BMI does; return the first two."""
+        """Write pxelinux.cfg/01-<mac>, <node>.ipxe and by-mac/<mac>.ipxe the way BMI does; return the first two."""
         validate_name(node, "node")
         cfg = os.path.join(self.tftp_root, "pxelinux.cfg", pxe_mac_filename(mac))
         os.makedirs(os.path.dirname(cfg), exist_ok=True)
@@ -104,7 +104,9 @@ class BootNet:
                     f"sanboot --keep iscsi:{self.ip}:tcp:{portal_port}:{lun}:{target_iqn}\n"
                     "boot\n")
         # UEFI nodes: scripts/bootnet's efi-boot.ipxe chains to the script by MAC.
-        shutil.copyfile(script, os.path.join(self.tftp_root, pxe_mac_filename(mac) + ".ipxe"))
+        by_mac = os.path.join(self.tftp_root, "by-mac")
+        os.makedirs(by_mac, exist_ok=True)
+        shutil.copyfile(script, os.path.join(by_mac, normalize_mac(mac).replace(":", "-") + ".ipxe"))
         return cfg, script
 
 
