@@ -141,8 +141,7 @@ def test_exists_needs_every_file(dirs: tuple[Path, Path], lost: str) -> None:
     boot.write("node-1", MAC, "centos7", IQN)
     os.unlink(root / lost)
     assert not boot.exists("node-1", MAC)
-    # a rewrite (what reconcile --repair does) brings back the lost file, e.g. the per-MAC copy
-    # a provision made before UEFI support lacks
+    # a rewrite brings back the lost file, e.g. the per-MAC copy a provision made before UEFI support lacks
     boot.write("node-1", MAC, "centos7", IQN)
     assert boot.exists("node-1", MAC)
 
