@@ -35,6 +35,16 @@ NODE_MACS = {"bios": "52:54:00:be:0c:01", "uefi": "52:54:00:be:0c:11"}
 LOCAL_MACS = {"bios": "52:54:00:be:0c:02", "uefi": "52:54:00:be:0c:12"}
 
 
+def _local_disk_args(image: str, firmware: str) -> list[str]:
+    """The image as the VM's local disk, never written (snapshot=on)."""
+    path = image.replace(",", ",,")
+    if firmware == "bios":
+        return ["-drive", f"file={path},format=raw,if=ide,snapshot=on"]  # SeaBIOS boots it by -boot order=c
+    # OVMF ignores -boot order: the disk gets bootindex (on its device, so no if=ide shortcut).
+    return ["-drive", f"file={path},format=raw,if=none,id=disk0,snapshot=on",
+            "-device", "virtio-blk-pci,drive=disk0,bootindex=0"]
+
+
 def timed_boot(vm: QemuNode, timeout: float) -> float:
     """Power the VM on; seconds from qemu's start to the BMI-BOOT-OK line. Waits for power-off."""
     vm.power_cycle()
@@ -74,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                              console_log=os.path.join(work, f"local-{fw}-console.log"),
                              workdir=os.path.join(work, f"vm-local-{fw}"), boot_timeout=args.timeout,
                              boot_order="c", firmware=fw,
-                             qemu_args=["-drive", f"file={image.replace(',', ',,')},format=raw,if=ide,"
-                                        "snapshot=on" + (",bootindex=0" if fw == "uefi" else "")])
+                             qemu_args=_local_disk_args(image, fw))
             vms.append(local)
             results[("local", fw)] = []
             for i in range(args.runs):
