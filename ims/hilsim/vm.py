@@ -169,7 +169,7 @@ class QemuNode:
                 LOG.info("powering off VM %s (pid %d)", self.name, pid)
                 self._kill(pid)
             self.pid = None
-            for path in (self.pidfile, self.monitor_path):
+            for path in (self.pidfile, self.monitor_path, self.vars_path):
                 try:
                     os.unlink(path)
                 except FileNotFoundError:
@@ -297,12 +297,6 @@ class QemuNode:
         """(firmware arguments, extra ``-device`` NIC properties) for :attr:`firmware`."""
         if self.firmware == "bios":
             return ["-boot", f"order={self.boot_order},strict=on,reboot-timeout=1000"], ""
-        for path in (OVMF_CODE, OVMF_VARS):
-            if not os.path.isfile(path):
-                raise CommandFailed(f"VM {self.name}: missing {path} (install Debian's ovmf)")
-        # A fresh variable store per power-on: OVMF rebuilds its boot options from bootindex.
-        with open(OVMF_VARS, "rb") as src, open(self.vars_path, "wb") as dst:
-            dst.write(src.read())
         argv = ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={_qemu_path(OVMF_CODE)}",
                 "-drive", f"if=pflash,format=raw,unit=1,file={_qemu_path(self.vars_path)}"]
         props = ",romfile=" if self.nic_model == UEFI_NIC_MODEL else ""
@@ -326,7 +320,16 @@ class QemuNode:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
-        LOG.info("powering on VM %s (mac %s, netns %s)", self.name, self.mac, self.netns)
+        if self.firmware == "uefi":
+            for path in (OVMF_CODE, OVMF_VARS):
+                if not os.path.isfile(path):
+                    raise CommandFailed(f"VM {self.name}: missing {path} (install Debian's ovmf)")
+            # A fresh variable store per power-on: OVMF rebuilds its boot options from bootindex.
+            # A failed chain leaves OVMF in its boot manager (it does not exit like SeaBIOS with
+            # reboot-timeout): callers' console timeouts catch that.
+            with open(OVMF_VARS, "rb") as src, open(self.vars_path, "wb") as dst:
+                dst.write(src.read())
+        LOG.info("powering on VM %s (mac %s, netns %s, %s)", self.name, self.mac, self.netns, self.firmware)
         self.started_at = time.monotonic()
         self._netns_cmd(*self._qemu_argv(), timeout=60)
         try:

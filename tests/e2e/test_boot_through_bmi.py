@@ -14,6 +14,7 @@ the suite runs ONE node pair in ONE boot mode (``BMI_E2E_UEFI_MODE``, default tf
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -42,11 +43,25 @@ def boot(stack: Stack, node: str) -> str:
     raise AssertionError(f"{node} did not finish booting in {BOOT_TIMEOUT}s; console:\n{text[-3000:]}")
 
 
+@contextlib.contextmanager
+def vm_firmware(firmware: str) -> Iterator[None]:
+    """BMI_VM_FIRMWARE for the stack started inside (its HIL simulator's VMs inherit it)."""
+    saved = os.environ.get("BMI_VM_FIRMWARE")
+    os.environ["BMI_VM_FIRMWARE"] = firmware
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("BMI_VM_FIRMWARE", None)
+        else:
+            os.environ["BMI_VM_FIRMWARE"] = saved
+
+
 @pytest.fixture(scope="module", params=["tftp", "http"])
 def boot_stack(request) -> Iterator[Stack]:
     """tftp: BMI writes each node's PXELINUX + iPXE files; http: no per-node files, the nodes chain
     to BMI's GET /boot/<mac> through one static boot.ipxe."""
-    with running_stack(boot=True, http_boot=request.param == "http") as handle:
+    with vm_firmware("bios"), running_stack(boot=True, http_boot=request.param == "http") as handle:
         handle.mode = request.param
         yield handle
 
@@ -56,17 +71,9 @@ def uefi_stack() -> Iterator[Stack]:
     """A --boot stack whose qemu nodes run OVMF (the HIL simulator inherits BMI_VM_FIRMWARE)."""
     mode = os.environ.get("BMI_E2E_UEFI_MODE", "tftp")
     assert mode in ("tftp", "http"), f"BMI_E2E_UEFI_MODE must be tftp or http, not {mode!r}"
-    saved = os.environ.get("BMI_VM_FIRMWARE")
-    os.environ["BMI_VM_FIRMWARE"] = "uefi"
-    try:
-        with running_stack(boot=True, http_boot=mode == "http") as handle:
-            handle.mode = mode
-            yield handle
-    finally:
-        if saved is None:
-            os.environ.pop("BMI_VM_FIRMWARE", None)
-        else:
-            os.environ["BMI_VM_FIRMWARE"] = saved
+    with vm_firmware("uefi"), running_stack(boot=True, http_boot=mode == "http") as handle:
+        handle.mode = mode
+        yield handle
 
 
 def per_node_files(tftp: Path) -> list[str]:
