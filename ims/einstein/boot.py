@@ -1,7 +1,15 @@
 """Boot files for a provisioned node: its PXELINUX per-MAC file and its iPXE script.
 
-The chain is PXE ROM -> pxelinux.0 -> ``pxelinux.cfg/01-<mac>`` -> ``ipxe.lkrn`` with
+The BIOS chain is PXE ROM -> pxelinux.0 -> ``pxelinux.cfg/01-<mac>`` -> ``ipxe.lkrn`` with
 ``<node>.ipxe`` as its initrd -> ``sanboot iscsi:<ip>:tcp:<port>:<lun>:<target>``.
+UEFI nodes cannot run PXELINUX/ipxe.lkrn: the boot network's DHCP server picks the loader by
+client architecture (option 93: an iPXE EFI binary), and that iPXE fetches a static script which
+chains to ``by-mac/<mac with dashes>.ipxe`` (``chain by-mac/${mac:hexhyp}.ipxe``), a copy of
+``<node>.ipxe`` written here.  So BMI records no boot mode per node: the request says it, and
+the one script serves both, because iPXE's ``sanboot`` boots the SAN disk the platform's way
+(INT 13h + MBR under BIOS, a block device + ``EFI/BOOT/BOOTX64.EFI`` under UEFI) and leaves an
+iBFT either way.  The copy lives in a subdirectory, so no node name (no ``/`` allowed) can
+collide with it.
 The files are rendered from ``ims/templates/{mac,ipxe}.temp`` (the original BMI
 templates with interface, port and LUN made configurable) and replaced atomically,
 so a node that PXE-boots while BMI rewrites its files sees either the old or the new
@@ -23,6 +31,8 @@ from ims.common.names import normalize_mac, pxe_mac_filename, validate_name
 LOG = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATES_DIR = str(Path(__file__).resolve().parent.parent / "templates")
+# Under the iPXE directory (the TFTP root): the per-MAC copies of node scripts for UEFI iPXE.
+MAC_SCRIPT_DIR = "by-mac"
 
 # Target IQNs and plain target names (what tgt accepts and iPXE's iscsi: URI can carry).
 _IQN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.:_-]{0,222}$")
@@ -66,9 +76,13 @@ class BootFiles:
     def pxelinux_file(self, mac: str) -> str:
         return os.path.join(self.pxelinux_path, pxe_mac_filename(mac))
 
+    def mac_ipxe_file(self, mac: str) -> str:
+        """``<ipxe_path>/by-mac/aa-bb-cc-dd-ee-ff.ipxe``: what iPXE's ``${mac:hexhyp}`` expands to."""
+        return os.path.join(self.ipxe_path, MAC_SCRIPT_DIR, normalize_mac(mac).replace(":", "-") + ".ipxe")
+
     def paths(self, node: str, mac: str) -> list[str]:
-        """``[ipxe file, pxelinux file]`` for the node."""
-        return [self.ipxe_file(node), self.pxelinux_file(mac)]
+        """``[ipxe file, per-MAC ipxe file, pxelinux file]`` for the node."""
+        return [self.ipxe_file(node), self.mac_ipxe_file(mac), self.pxelinux_file(mac)]
 
     # --- rendering --------------------------------------------------------------
     def render_ipxe(self, target_iqn: str, initiator_iqn: str | None = None) -> str:
@@ -89,32 +103,35 @@ class BootFiles:
 
     # --- files ------------------------------------------------------------------
     def write(self, node: str, mac: str, label: str, target_iqn: str, initiator_iqn: str | None = None) -> list[str]:
-        """Write (or replace) both boot files; returns their paths.
+        """Write (or replace) the boot files; returns their paths (see :meth:`paths`).
 
         Everything is validated and rendered before the first file is touched, so bad
-        input writes nothing.  The iPXE script is written first: the PXELINUX file is
-        what makes a node use it.
+        input writes nothing.  The node's iPXE script is written first: the per-MAC files
+        (PXELINUX for BIOS nodes, the per-MAC iPXE copy for UEFI nodes) are what make a
+        node use it.
         :raises InvalidInput: bad node, label, MAC or IQN.
         """
         normalize_mac(mac)
-        ipxe_file, pxe_file = self.paths(node, mac)
+        ipxe_file, mac_ipxe_file, pxe_file = self.paths(node, mac)
         ipxe_text = self.render_ipxe(target_iqn, initiator_iqn)
         pxe_text = self.render_pxelinux(node, label)
         atomic_write(ipxe_file, ipxe_text, 0o644)
+        os.makedirs(os.path.dirname(mac_ipxe_file), mode=0o755, exist_ok=True)
+        atomic_write(mac_ipxe_file, ipxe_text, 0o644)
         atomic_write(pxe_file, pxe_text, 0o644)
-        LOG.info("wrote boot files for node %s: %s, %s", node, ipxe_file, pxe_file)
-        return [ipxe_file, pxe_file]
+        LOG.info("wrote boot files for node %s: %s, %s, %s", node, ipxe_file, mac_ipxe_file, pxe_file)
+        return [ipxe_file, mac_ipxe_file, pxe_file]
 
     def remove(self, node: str, mac: str) -> list[str]:
-        """Remove both files (PXELINUX first, so a booting node falls back cleanly); returns the removed ones."""
-        ipxe_file, pxe_file = self.paths(node, mac)
-        removed = [p for p in (pxe_file, ipxe_file) if unlink_quietly(p)]
+        """Remove the files (per-MAC ones first, so a booting node falls back cleanly); returns the removed ones."""
+        ipxe_file, mac_ipxe_file, pxe_file = self.paths(node, mac)
+        removed = [p for p in (pxe_file, mac_ipxe_file, ipxe_file) if unlink_quietly(p)]
         if removed:
             LOG.info("removed boot files for node %s: %s", node, ", ".join(removed))
         return removed
 
     def exists(self, node: str, mac: str) -> bool:
-        """True only if both files exist."""
+        """True only if all the files exist."""
         return all(os.path.isfile(p) for p in self.paths(node, mac))
 
     def read_ipxe(self, node: str) -> str:

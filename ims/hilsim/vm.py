@@ -15,6 +15,15 @@ Why these choices:
   simulator never leave a VM behind; :meth:`QemuNode.stop` is idempotent.
 * The serial console goes to a file (a new one per power cycle, the previous kept as ``.1``);
   SeaBIOS/iPXE/PXELINUX only draw on VGA, hence :meth:`QemuNode.screendump`.
+* ``firmware="uefi"`` runs OVMF (Debian's ``ovmf``) instead of SeaBIOS: the code from
+  :data:`OVMF_CODE` read-only, a private copy of :data:`OVMF_VARS` per VM (fresh at every power-on,
+  so no boot entry survives a cycle, like a node whose NVRAM BMI does not manage). By default a
+  UEFI node's NIC is a virtio-net without option ROM (:data:`UEFI_NIC_MODEL`), so the firmware's
+  own PXE client asks for a loader (DHCP option 93 = 7). OVMF ignores ``-boot order``: the NIC
+  gets ``bootindex`` instead. It needs more RAM than SeaBIOS (GRUB's EFI loader runs out of
+  memory at 256 MiB), hence :data:`UEFI_MIN_MEMORY_MB`.
+  Without ``firmware`` in the options, ``BMI_VM_FIRMWARE`` in the environment picks it, so a
+  whole boot bed (the HIL simulator's VMs) can be switched without a new inventory format.
 """
 from __future__ import annotations
 
@@ -38,6 +47,14 @@ from ims.common.process import execute
 LOG = logging.getLogger(__name__)
 
 _LIVE: weakref.WeakSet[QemuNode] = weakref.WeakSet()
+FIRMWARES = ("bios", "uefi")
+OVMF_CODE = "/usr/share/OVMF/OVMF_CODE.fd"
+OVMF_VARS = "/usr/share/OVMF/OVMF_VARS.fd"
+UEFI_MIN_MEMORY_MB = 512
+# OVMF drives virtio-net itself (VirtioNetDxe); without an option ROM the firmware's own PXE client
+# does the first DHCP (option 93 = 7, no iPXE user class) and loads the iPXE EFI binary BMI's boot
+# network hands out, as on a real UEFI server. (An e1000 would bring qemu's iPXE ROM instead.)
+UEFI_NIC_MODEL = "virtio-net-pci"
 _NETNS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,14}$")
 
@@ -89,8 +106,10 @@ class QemuNode:
     :param boot_timeout: default timeout for :meth:`wait_for_console` and :meth:`wait_exit`.
     :param workdir: directory for the pid file and monitor socket (default: a new temp dir).
     :param extra: optional ``qemu_args`` (list of extra qemu arguments), ``nic_model``
-        (default ``e1000``) and ``boot_order`` (default ``n``: network only; the benchmark uses ``c``
-        with a ``-drive`` in ``qemu_args``); other keys are kept in :attr:`extra` and ignored.
+        (default ``e1000``), ``boot_order`` (default ``n``: network only; the benchmark uses ``c``
+        with a ``-drive`` in ``qemu_args``) and ``firmware`` (``bios``, SeaBIOS, the default, or
+        ``uefi``, OVMF; default from ``$BMI_VM_FIRMWARE``); other keys are kept in :attr:`extra`
+        and ignored.
     """
 
     def __init__(self, name: str, mac: str, netns: str, bridge: str, console_log: str,
@@ -108,13 +127,18 @@ class QemuNode:
         self.memory_mb = int(memory_mb)
         self.boot_timeout = float(boot_timeout)
         self.extra = dict(extra)
-        self.nic_model = str(self.extra.get("nic_model", "e1000"))
+        self.firmware = str(self.extra.get("firmware") or os.environ.get("BMI_VM_FIRMWARE") or "bios")
+        if self.firmware not in FIRMWARES:
+            raise InvalidInput(f"invalid firmware {self.firmware!r}: one of {', '.join(FIRMWARES)}")
+        self.nic_model = str(self.extra.get("nic_model", "e1000" if self.firmware == "bios" else UEFI_NIC_MODEL))
         if not re.match(r"^[a-z0-9-]+$", self.nic_model):
             raise InvalidInput(f"invalid nic_model {self.nic_model!r}")
         self.qemu_args = [str(a) for a in self.extra.get("qemu_args", [])]
         self.boot_order = str(self.extra.get("boot_order", "n"))
         if not re.match(r"^[a-p]{1,4}$", self.boot_order):
             raise InvalidInput(f"invalid boot_order {self.boot_order!r}")
+        if self.firmware == "uefi":
+            self.memory_mb = max(self.memory_mb, UEFI_MIN_MEMORY_MB)
         self.workdir = os.path.abspath(workdir) if workdir else tempfile.mkdtemp(prefix=f"bmi-vm-{self.name}-")
         os.makedirs(self.workdir, exist_ok=True)
         # Interface names are at most 15 characters: "tap" + the 12 hex digits of the MAC.
@@ -122,6 +146,7 @@ class QemuNode:
         tag = hashlib.sha1(self.name.encode()).hexdigest()[:8]
         self.monitor_path = os.path.join(self.workdir, f"mon-{tag}.sock")
         self.pidfile = os.path.join(self.workdir, f"qemu-{tag}.pid")
+        self.vars_path = os.path.join(self.workdir, f"ovmf-vars-{tag}.fd")
         self.pid: int | None = None
         self.started_at: float | None = None
         self._lock = threading.RLock()
@@ -144,7 +169,7 @@ class QemuNode:
                 LOG.info("powering off VM %s (pid %d)", self.name, pid)
                 self._kill(pid)
             self.pid = None
-            for path in (self.pidfile, self.monitor_path):
+            for path in (self.pidfile, self.monitor_path, self.vars_path):
                 try:
                     os.unlink(path)
                 except FileNotFoundError:
@@ -268,15 +293,25 @@ class QemuNode:
             # The netns may already be gone (bootnet down): then so is the tap.
             LOG.debug("deleting tap %s: %s", self.tap, exc)
 
+    def _firmware_argv(self) -> tuple[list[str], str]:
+        """(firmware arguments, extra ``-device`` NIC properties) for :attr:`firmware`."""
+        if self.firmware == "bios":
+            return ["-boot", f"order={self.boot_order},strict=on,reboot-timeout=1000"], ""
+        argv = ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={_qemu_path(OVMF_CODE)}",
+                "-drive", f"if=pflash,format=raw,unit=1,file={_qemu_path(self.vars_path)}"]
+        props = ",romfile=" if self.nic_model == UEFI_NIC_MODEL else ""
+        # Network first unless the caller boots a disk (boot_order "c", with a -drive in qemu_args).
+        return argv, props + (",bootindex=1" if self.boot_order.startswith("n") else "")
+
     def _qemu_argv(self) -> list[str]:
+        fw_argv, nic_props = self._firmware_argv()
         return ["qemu-system-x86_64", "-name", f"bmi-{self.name}",
                 "-accel", "tcg", "-machine", "pc", "-m", str(self.memory_mb),
-                "-display", "none", "-vga", "std", "-no-reboot",
-                "-boot", f"order={self.boot_order},strict=on,reboot-timeout=1000",
+                "-display", "none", "-vga", "std", "-no-reboot", *fw_argv,
                 "-serial", f"file:{_qemu_path(self.console_log)}",
                 "-monitor", f"unix:{_qemu_path(self.monitor_path)},server,nowait",
                 "-netdev", f"tap,id=n0,ifname={self.tap},script=no,downscript=no",
-                "-device", f"{self.nic_model},netdev=n0,mac={self.mac}",
+                "-device", f"{self.nic_model},netdev=n0,mac={self.mac}{nic_props}",
                 "-pidfile", self.pidfile, "-daemonize", *self.qemu_args]
 
     def _start_qemu(self) -> None:
@@ -285,7 +320,16 @@ class QemuNode:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
-        LOG.info("powering on VM %s (mac %s, netns %s)", self.name, self.mac, self.netns)
+        if self.firmware == "uefi":
+            for path in (OVMF_CODE, OVMF_VARS):
+                if not os.path.isfile(path):
+                    raise CommandFailed(f"VM {self.name}: missing {path} (install Debian's ovmf)")
+            # A fresh variable store per power-on: OVMF rebuilds its boot options from bootindex.
+            # A failed chain leaves OVMF in its boot manager (it does not exit like SeaBIOS with
+            # reboot-timeout): callers' console timeouts catch that.
+            with open(OVMF_VARS, "rb") as src, open(self.vars_path, "wb") as dst:
+                dst.write(src.read())
+        LOG.info("powering on VM %s (mac %s, netns %s, %s)", self.name, self.mac, self.netns, self.firmware)
         self.started_at = time.monotonic()
         self._netns_cmd(*self._qemu_argv(), timeout=60)
         try:

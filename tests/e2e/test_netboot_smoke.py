@@ -50,7 +50,7 @@ def test_pxe_ipxe_iscsi_boot_and_marker_persists(test_image: str, bootnet: BootN
 
     vm = QemuNode(NODE, MAC, netns=bootnet.netns, bridge=bootnet.bridge,
                   console_log=str(tmp_path / "console.log"), workdir=str(tmp_path / "vm"),
-                  boot_timeout=BOOT_TIMEOUT)
+                  boot_timeout=BOOT_TIMEOUT, firmware="bios")
     try:
         first = _boot_and_expect(vm, str(tmp_path), [
             r"BMI-BOOT-OK ", r"BMI-PREVIOUS-MARKER ", r"BMI-MARKER-WRITTEN "])

@@ -7,7 +7,7 @@ import pytest
 
 from ims.common.errors import InvalidInput
 from ims.common.process import execute
-from ims.hilsim.vm import QemuNode
+from ims.hilsim.vm import OVMF_CODE, OVMF_VARS, QemuNode
 from tests.support.bootnet import BootNet
 
 
@@ -71,7 +71,7 @@ def test_power_cycle_screendump_power_off_stop(bootnet: BootNet, tmp_path) -> No
 
 @pytest.mark.parametrize("kwargs", [
     {"name": "../x"}, {"mac": "not-a-mac"}, {"netns": "ns;rm"}, {"bridge": "a-very-long-bridge-name"},
-    {"boot_order": "n,menu=on"}, {"nic_model": "e1000,bus=x"},
+    {"boot_order": "n,menu=on"}, {"nic_model": "e1000,bus=x"}, {"firmware": "coreboot"},
 ])
 def test_rejects_bad_arguments(kwargs: dict[str, str], tmp_path) -> None:
     args = {"name": "n1", "mac": "52:54:00:00:00:01", "netns": "bmi-x", "bridge": "br-bmi"}
@@ -80,3 +80,38 @@ def test_rejects_bad_arguments(kwargs: dict[str, str], tmp_path) -> None:
     with pytest.raises(InvalidInput):
         QemuNode(args.pop("name"), args.pop("mac"), console_log=str(tmp_path / "c.log"),
                  workdir=str(tmp_path / "w"), **args, **extra)
+
+
+def test_uefi_node_runs_ovmf_with_its_own_vars_and_a_romless_virtio_nic(bootnet: BootNet, tmp_path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """firmware=uefi (here from BMI_VM_FIRMWARE, as the HIL simulator of a UEFI stack gets it)."""
+    monkeypatch.setenv("BMI_VM_FIRMWARE", "uefi")
+    vm = QemuNode("uefi-check", "52:54:00:c0:ff:02", netns=bootnet.netns, bridge=bootnet.bridge,
+                  console_log=str(tmp_path / "console.log"), workdir=str(tmp_path / "vm"), boot_timeout=30)
+    assert vm.firmware == "uefi" and vm.memory_mb >= 512
+    try:
+        vm.power_cycle()
+        assert vm.is_running()
+        with open(f"/proc/{vm.pid}/cmdline", "rb") as f:
+            argv = f.read().decode().split("\0")
+        assert f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}" in argv
+        assert f"if=pflash,format=raw,unit=1,file={vm.vars_path}" in argv
+        assert "virtio-net-pci,netdev=n0,mac=52:54:00:c0:ff:02,romfile=,bootindex=1" in argv
+        assert "-boot" not in argv  # OVMF ignores -boot order; bootindex decides
+        # the VM writes its own copy of the variable store, never the package's
+        with open(OVMF_VARS, "rb") as a, open(vm.vars_path, "rb") as b:
+            assert len(a.read()) == len(b.read())
+        # OVMF draws its boot screen on ttyS0 too (unlike SeaBIOS): the firmware really runs
+        vm.wait_for_console(r"BdsDxe|UEFI|PXE", timeout=25)
+    finally:
+        vm.stop()
+    assert not vm.is_running()
+
+
+def test_bios_stays_the_default(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("BMI_VM_FIRMWARE", raising=False)
+    vm = QemuNode("n1", "52:54:00:00:00:01", netns="bmi-x", bridge="br-bmi", console_log=str(tmp_path / "c.log"),
+                  workdir=str(tmp_path / "w"))
+    argv = vm._qemu_argv()
+    assert vm.firmware == "bios" and "pflash" not in " ".join(argv)
+    assert "order=n,strict=on,reboot-timeout=1000" in argv and "e1000,netdev=n0,mac=52:54:00:00:00:01" in argv

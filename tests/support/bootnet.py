@@ -5,6 +5,7 @@ Import the fixtures into a conftest.py::
     from tests.support.bootnet import boot_tgtd, bootnet, test_image  # noqa: F401
 
 * ``test_image`` (session): path of build/bmi-test.img (built by scripts/build-test-image, cached).
+* ``efi_test_image`` (session): build/bmi-test-efi.img, the same image as GPT + EFI system partition.
 * ``bootnet`` (session): :class:`BootNet` for a private netns + bridge + dnsmasq (scripts/bootnet).
 * ``boot_tgtd`` (session): :class:`BootTgtd`, a tgtd running inside that netns, portal on the bridge IP.
 
@@ -16,6 +17,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -30,16 +32,18 @@ from ims.common.process import execute
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUILD = os.path.join(REPO, "build")
 IMAGE_PATH = os.path.join(BUILD, "bmi-test.img")
+EFI_IMAGE_PATH = os.path.join(BUILD, "bmi-test-efi.img")
 ISCSI_PORT = 3260
 
-# The partition offsets scripts/build-test-image uses (bytes).
+# The partition offsets scripts/build-test-image uses (bytes), for both the BIOS and the EFI image.
 BOOT_PART_OFFSET = 2048 * 512
 DATA_PART_OFFSET = (2048 + 36 * 2048) * 512
 
 
-def build_test_image(out: str = IMAGE_PATH) -> str:
-    """Run scripts/build-test-image (a no-op when the image is up to date)."""
-    execute(os.path.join(REPO, "scripts", "build-test-image"), out, timeout=600)
+def build_test_image(out: str | None = None, efi: bool = False) -> str:
+    """Run scripts/build-test-image [--efi] (a no-op when the image is up to date)."""
+    out = out or (EFI_IMAGE_PATH if efi else IMAGE_PATH)
+    execute(os.path.join(REPO, "scripts", "build-test-image"), *(["--efi"] if efi else []), out, timeout=600)
     if not os.path.getsize(out):
         raise AssertionError(f"build-test-image produced an empty {out}")
     return out
@@ -59,8 +63,10 @@ class BootNet:
     env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def up(cls, directory: str) -> BootNet:
-        execute(os.path.join(REPO, "scripts", "bootnet"), "up", directory, timeout=60)
+    def up(cls, directory: str, extra_env: dict[str, str] | None = None) -> BootNet:
+        """scripts/bootnet up; ``extra_env`` adds BOOTNET_* settings (HTTP boot port, loaders)."""
+        env = {**os.environ, **extra_env} if extra_env else None
+        execute(os.path.join(REPO, "scripts", "bootnet"), "up", directory, timeout=60, env=env)
         env: dict[str, str] = {}
         with open(os.path.join(directory, "env"), encoding="utf-8") as f:
             for line in f:
@@ -84,7 +90,7 @@ class BootNet:
 
     def write_boot_files(self, node: str, mac: str, target_iqn: str, initiator_iqn: str,
                          lun: int = 1, portal_port: int = ISCSI_PORT) -> tuple[str, str]:
-        """Write pxelinux.cfg/01-<mac> and <node>.ipxe the way BMI does; return both paths."""
+        """Write pxelinux.cfg/01-<mac>, <node>.ipxe and by-mac/<mac>.ipxe the way BMI does; return the first two."""
         validate_name(node, "node")
         cfg = os.path.join(self.tftp_root, "pxelinux.cfg", pxe_mac_filename(mac))
         os.makedirs(os.path.dirname(cfg), exist_ok=True)
@@ -100,6 +106,10 @@ class BootNet:
                     "ifconf --configurator=dhcp net0\n"
                     f"sanboot --keep iscsi:{self.ip}:tcp:{portal_port}:{lun}:{target_iqn}\n"
                     "boot\n")
+        # UEFI nodes: scripts/bootnet's efi-boot.ipxe chains to the script by MAC.
+        by_mac = os.path.join(self.tftp_root, "by-mac")
+        os.makedirs(by_mac, exist_ok=True)
+        shutil.copyfile(script, os.path.join(by_mac, normalize_mac(mac).replace(":", "-") + ".ipxe"))
         return cfg, script
 
 
@@ -200,6 +210,11 @@ def test_image() -> str:
 
 
 @pytest.fixture(scope="session")
+def efi_test_image() -> str:
+    return build_test_image(efi=True)
+
+
+@pytest.fixture(scope="session")
 def bootnet() -> Iterator[BootNet]:
     directory = tempfile.mkdtemp(prefix="bmi-bootnet-")
     net = BootNet.up(directory)
@@ -217,3 +232,87 @@ def boot_tgtd(bootnet: BootNet) -> Iterator[BootTgtd]:
         yield tgtd
     finally:
         tgtd.stop()
+
+
+# --- DHCP probe: what the boot network offers a client of a given architecture -----------------
+_PROBE_CODE = r"""
+import os, socket, struct, sys, time
+ifname, mac, arch, user_class = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+xid = int.from_bytes(os.urandom(4), "big")
+hw = bytes.fromhex(mac.replace(":", ""))
+opts = bytes([53, 1, 1])
+opts += bytes([93, 2]) + arch.to_bytes(2, "big")
+vendor = b"PXEClient:Arch:%05d:UNDI:003010" % arch
+opts += bytes([60, len(vendor)]) + vendor
+if user_class:
+    opts += bytes([77, len(user_class)]) + user_class.encode()
+opts += bytes([55, 3, 1, 66, 67, 255])
+pkt = struct.pack("!BBBBIHH4s4s4s4s16s64s128s4s", 1, 1, 6, 0, xid, 0, 0x8000, bytes(4), bytes(4), bytes(4),
+                  bytes(4), hw, bytes(64), bytes(128), b"\x63\x82\x53\x63") + opts
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
+s.bind(("0.0.0.0", 68))
+s.settimeout(1.0)
+deadline = time.monotonic() + 15
+while time.monotonic() < deadline:
+    s.sendto(pkt, ("255.255.255.255", 67))
+    try:
+        while True:
+            data, _ = s.recvfrom(2048)
+            if len(data) < 240 or data[0] != 2 or struct.unpack("!I", data[4:8])[0] != xid:
+                continue
+            name = data[108:236].split(b"\0", 1)[0]
+            i, msg = 240, 0
+            while i < len(data) and data[i] != 255:
+                if data[i] == 0:
+                    i += 1
+                    continue
+                code, ln = data[i], data[i + 1]
+                val = data[i + 2:i + 2 + ln]
+                if code == 53:
+                    msg = val[0]
+                if code == 67 and not name:
+                    name = val.rstrip(b"\0")
+                i += 2 + ln
+            if msg == 2:
+                print("OFFER file=" + name.decode(errors="replace"))
+                sys.exit(0)
+    except socket.timeout:
+        pass
+print("NO-OFFER")
+sys.exit(3)
+"""
+
+
+def dhcp_offer_filename(net: BootNet, mac: str, arch: int, user_class: str = "") -> str:
+    """The boot file name dnsmasq offers a client with this MAC, option 93 = ``arch`` and user class.
+
+    A veth pair joins the boot bridge for the probe (nothing leaves the namespace); the client is a
+    plain UDP socket bound to the veth, asking with the broadcast flag like a PXE ROM does. Returns
+    the offered file name ('' when the offer has none). :raises AssertionError: no offer at all.
+    """
+    # Fresh names per probe: a deleted namespace's veth pair disappears asynchronously.
+    tag = os.urandom(3).hex()
+    client, peer, probe_ns = f"vpc{tag}", f"vpb{tag}", f"{net.netns}-p{tag}"
+    nsx = ["ip", "netns", "exec", net.netns]
+    pnsx = ["ip", "netns", "exec", probe_ns]
+    # The client sits in a namespace of its own: it must have no IPv4 address at all, or the kernel
+    # would source its broadcast from the bridge's address and the bridge would drop it as martian.
+    execute("ip", "netns", "add", probe_ns)
+    try:
+        execute(*nsx, "ip", "link", "add", client, "type", "veth", "peer", "name", peer)
+        execute(*nsx, "ip", "link", "set", client, "netns", probe_ns)
+        execute(*nsx, "ip", "link", "set", peer, "master", net.bridge)
+        execute(*nsx, "ip", "link", "set", peer, "up")
+        execute(*pnsx, "ip", "link", "set", client, "address", normalize_mac(mac))
+        execute(*pnsx, "ip", "link", "set", client, "up")
+        out, _ = execute(*pnsx, sys.executable, "-c", _PROBE_CODE, client, normalize_mac(mac), str(arch), user_class,
+                         timeout=60, check_exit_code=(0, 3))
+    finally:
+        execute("ip", "netns", "del", probe_ns, check_exit_code=(0, 1, 2))  # takes the veth pair with it
+    line = out.strip().splitlines()[-1] if out.strip() else ""
+    if not line.startswith("OFFER file="):
+        raise AssertionError(f"no DHCP offer for arch {arch} user class {user_class!r}: {out!r}")
+    return line.removeprefix("OFFER file=")

@@ -59,9 +59,11 @@ def test_write_exact_content_and_paths(dirs: tuple[Path, Path]) -> None:
     boot = BootFiles(str(pxe), str(root), "10.0.0.5")
     written = boot.write("node-1", MAC, "centos7", IQN)
     ipxe_file = root / "node-1.ipxe"
+    mac_file = root / "by-mac" / "52-54-00-ab-cd-01.ipxe"   # what UEFI iPXE's ${mac:hexhyp} names
     pxe_file = pxe / "01-52-54-00-ab-cd-01"   # lower case, dashes
-    assert written == [str(ipxe_file), str(pxe_file)]
+    assert written == [str(ipxe_file), str(mac_file), str(pxe_file)]
     assert ipxe_file.read_text() == EXPECTED_IPXE
+    assert mac_file.read_text() == EXPECTED_IPXE
     assert pxe_file.read_text() == EXPECTED_PXELINUX
     for path in written:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
@@ -69,7 +71,7 @@ def test_write_exact_content_and_paths(dirs: tuple[Path, Path]) -> None:
     assert boot.read_ipxe("node-1") == EXPECTED_IPXE
     assert boot.paths("node-1", "52-54-00-ab-cd-01") == written
     # no temp files left behind
-    assert files_in(root, pxe) == sorted(written)
+    assert files_in(root, root / "by-mac", pxe) == sorted(written)
 
 
 def test_configurable_interface_port_lun_and_initiator(dirs: tuple[Path, Path]) -> None:
@@ -99,7 +101,7 @@ def test_rewrite_replaces_atomically(dirs: tuple[Path, Path], monkeypatch: pytes
 
     monkeypatch.setattr(boot_mod.os, "replace", spy_replace)
     boot.write("node-1", MAC, "centos7", "iqn.2017-10.org.moc.bmi:other")
-    assert [os.path.basename(d) for _, d in calls] == ["node-1.ipxe", "01-52-54-00-ab-cd-01"]
+    assert [os.path.basename(d) for _, d in calls] == ["node-1.ipxe", "52-54-00-ab-cd-01.ipxe", "01-52-54-00-ab-cd-01"]
     assert os.stat(root / "node-1.ipxe").st_ino != inode_before
     assert "iqn.2017-10.org.moc.bmi:other" in boot.read_ipxe("node-1")
 
@@ -116,7 +118,7 @@ def test_failed_write_leaves_old_file_and_no_temp(dirs: tuple[Path, Path], monke
     with pytest.raises(OSError):
         boot.write("node-1", MAC, "centos7", "iqn.2017-10.org.moc.bmi:other")
     assert boot.read_ipxe("node-1") == EXPECTED_IPXE
-    assert files_in(root, pxe) == sorted(boot.paths("node-1", MAC))
+    assert files_in(root, root / "by-mac", pxe) == sorted(boot.paths("node-1", MAC))
 
 
 def test_remove_is_idempotent(dirs: tuple[Path, Path]) -> None:
@@ -132,12 +134,29 @@ def test_remove_is_idempotent(dirs: tuple[Path, Path]) -> None:
         boot.read_ipxe("node-1")
 
 
-def test_exists_needs_both_files(dirs: tuple[Path, Path]) -> None:
+@pytest.mark.parametrize("lost", ["node-1.ipxe", "by-mac/52-54-00-ab-cd-01.ipxe", "pxelinux.cfg/01-52-54-00-ab-cd-01"])
+def test_exists_needs_every_file(dirs: tuple[Path, Path], lost: str) -> None:
     root, pxe = dirs
     boot = BootFiles(str(pxe), str(root), "10.0.0.5")
     boot.write("node-1", MAC, "centos7", IQN)
-    os.unlink(pxe / "01-52-54-00-ab-cd-01")
+    os.unlink(root / lost)
     assert not boot.exists("node-1", MAC)
+    # a rewrite brings back the lost file, e.g. the per-MAC copy a provision made before UEFI support lacks
+    boot.write("node-1", MAC, "centos7", IQN)
+    assert boot.exists("node-1", MAC)
+
+
+def test_mac_copy_is_per_mac_and_cannot_collide_with_node_names(dirs: tuple[Path, Path]) -> None:
+    """Two nodes get two per-MAC copies, each its own script; a node named like a MAC file stays apart."""
+    root, pxe = dirs
+    boot = BootFiles(str(pxe), str(root), "10.0.0.5")
+    boot.write("node-1", MAC, "centos7", IQN)
+    boot.write("52-54-00-ab-cd-02", "52:54:00:ab:cd:02", "centos7", "iqn.2017-10.org.moc.bmi:5img13")
+    assert (root / "by-mac" / "52-54-00-ab-cd-01.ipxe").read_text() == EXPECTED_IPXE
+    assert "5img13" in (root / "by-mac" / "52-54-00-ab-cd-02.ipxe").read_text()
+    assert "5img13" in (root / "52-54-00-ab-cd-02.ipxe").read_text()
+    boot.remove("node-1", MAC)
+    assert sorted(os.listdir(root / "by-mac")) == ["52-54-00-ab-cd-02.ipxe"]
 
 
 @pytest.mark.parametrize("node, mac, label, iqn, initiator", [
