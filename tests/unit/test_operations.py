@@ -736,6 +736,7 @@ def test_reconcile_finds_orphan_and_stale_boot_files_and_hil_attachments(env):
     (env.tftp / "boot.ipxe").write_text("#!ipxe\nchain http://10.0.0.1/boot/${mac}\n")  # not BMI's per-node file
     report = ops.reconcile(ADMIN)
     assert report["orphan_boot_files"] == sorted([str(env.tftp / "node2.ipxe"),
+                                                  str(env.tftp / "by-mac" / "52-54-00-aa-bb-02.ipxe"),
                                                   str(env.tftp / "pxelinux.cfg" / "01-52-54-00-aa-bb-02")])
     assert report["hil_attachments_without_provision"] == ["node2/bmi_port/bmi_network"]
     # the clone of a provisioned node vanished: its boot files point at nothing
@@ -743,6 +744,7 @@ def test_reconcile_finds_orphan_and_stale_boot_files_and_hil_attachments(env):
     report = ops.reconcile(ADMIN, repair=True)
     assert report["stale_boot_files"] == ["bmi_node"] and report["skipped"] == []
     assert not (env.tftp / "node2.ipxe").exists() and (env.tftp / "boot.ipxe").exists()
+    assert not (env.tftp / "by-mac" / "52-54-00-aa-bb-02.ipxe").exists()
     assert not (env.tftp / "bmi_node.ipxe").exists()
     after = ops.reconcile(ADMIN)
     assert after["orphan_boot_files"] == [] and after["stale_boot_files"] == []
@@ -767,6 +769,12 @@ def test_reconcile_rewrites_boot_files_pointing_elsewhere(env):
     report = ops.reconcile(ADMIN, repair=True)
     assert report["stale_boot_files"] == ["bmi_node"] and report["orphan_boot_files"] == []
     assert pxe.read_text() == right and ops.reconcile(ADMIN)["stale_boot_files"] == []
+    # the per-MAC copy UEFI nodes chain to, pointing at another target
+    by_mac = env.tftp / "by-mac" / "52-54-00-aa-bb-01.ipxe"
+    by_mac.write_text(good.replace(ceph(2), ceph(7)))
+    report = ops.reconcile(ADMIN, repair=True)
+    assert report["stale_boot_files"] == ["bmi_node"] and report["orphan_boot_files"] == []
+    assert by_mac.read_text() == good and ops.reconcile(ADMIN)["stale_boot_files"] == []
 
 
 @pytest.mark.parametrize("service", [True, False])

@@ -20,6 +20,7 @@ from sqlalchemy import select
 from ims.common import names
 from ims.common.errors import BMIError, NodeBusy
 from ims.database.models import Image, Operation, Project, Provision
+from ims.einstein.boot import MAC_SCRIPT_DIR
 from ims.einstein.journal import RecoveryContext
 from ims.einstein.ops.core import Auth, Core
 from ims.einstein.ops.provisioning import boot_params
@@ -28,6 +29,7 @@ from ims.einstein.ops.steps import Steps, ensure_target, remove_snapshot
 LOG = logging.getLogger(__name__)
 
 _PXE_FILE_RE = re.compile(r"^01-([0-9a-f]{2}(?:-[0-9a-f]{2}){5})$")
+_MAC_IPXE_RE = re.compile(r"^([0-9a-f]{2}(?:-[0-9a-f]{2}){5})\.ipxe$")
 _INITRD_RE = re.compile(r"^\s*INITRD\s+(\S+)\.ipxe\s*$", re.M)
 
 
@@ -75,12 +77,21 @@ class Reconcile:
         networks |= {p.network for p in provs if p.network}
         return rows, provs, networks
 
-    def _boot_files(self) -> tuple[dict[str, str], dict[str, str]]:
-        """BMI-made boot files on disk: ``{node: ipxe text}`` and ``{mac: node the PXELINUX file loads}``."""
+    def _boot_files(self) -> tuple[dict[str, str], dict[str, str], dict[str, tuple[str, str]]]:
+        """BMI-made boot files on disk: ``{node: ipxe text}``, ``{mac: node the PXELINUX file loads}`` and
+        ``{mac: (path, text)}`` of the per-MAC iPXE copies UEFI nodes chain to."""
         core = self.core
         marker = core.iscsi.iqn(names.internal_prefix(core.uid))
         ipxe: dict[str, str] = {}
         pxe: dict[str, str] = {}
+        by_mac_files: dict[str, tuple[str, str]] = {}
+        with _scandir(os.path.join(core.boot.ipxe_path, MAC_SCRIPT_DIR)) as entries:
+            for entry in entries:
+                m = _MAC_IPXE_RE.fullmatch(entry.name)
+                if m and entry.is_file():
+                    text = _read(entry.path)
+                    if marker in text:
+                        by_mac_files[m.group(1).replace("-", ":")] = (entry.path, text)
         with _scandir(core.boot.ipxe_path) as entries:
             for entry in entries:
                 node = entry.name[:-len(".ipxe")]
@@ -94,7 +105,7 @@ class Reconcile:
                 node = _pxe_node(entry.path) if m and entry.is_file() else None
                 if m and node:
                     pxe[m.group(1).replace("-", ":")] = node
-        return ipxe, pxe
+        return ipxe, pxe, by_mac_files
 
     def _hil_orphans(self, net: Any, provs: list[Prov], networks: set[str], notes: list[str]) -> list[str]:
         """``node/nic/network`` attachments to a provisioning network that no provision made."""
@@ -139,17 +150,20 @@ class Reconcile:
         targets = {t for t in core.iscsi.list_targets() if t.startswith(prefix) and core.iscsi.target_exists(t)}
         should_export = {c for c, row in rows.items() if row.kind in ("node", "disk")}
         tftp = core.cfg.tftp.boot_mode == "tftp"
-        ipxe, pxe = self._boot_files()
+        ipxe, pxe, mac_ipxe = self._boot_files()
         by_node = {p.node: p for p in provs}
         by_mac = {p.mac: p for p in provs}
         # files of a provision that point at a clone that does not exist, at another target, or
         # (PXELINUX) at another node's script
         stale = sorted({p.node for p in provs if tftp and (
             (p.node in ipxe and (p.clone not in in_storage or core.iscsi.iqn(p.clone) not in ipxe[p.node]))
-            or (p.mac in pxe and pxe[p.mac] != p.node))})
-        orphans: list[tuple[str, str, str | None]] = (
+            or (p.mac in pxe and pxe[p.mac] != p.node)
+            or (p.mac in mac_ipxe and core.iscsi.iqn(p.clone) not in mac_ipxe[p.mac][1]))})
+        # (path, node or None for a per-MAC iPXE copy, mac or None for a node's script)
+        orphans: list[tuple[str, str | None, str | None]] = (
             [(core.boot.ipxe_file(n), n, None) for n in ipxe if not tftp or n not in by_node]
-            + [(core.boot.pxelinux_file(m), n, m) for m, n in pxe.items() if not tftp or m not in by_mac])
+            + [(core.boot.pxelinux_file(m), n, m) for m, n in pxe.items() if not tftp or m not in by_mac]
+            + [(path, None, m) for m, (path, _) in mac_ipxe.items() if not tftp or m not in by_mac])
         notes: list[str] = []
         report: dict[str, Any] = {
             "images_without_row": sorted(in_storage - set(rows)),
@@ -206,7 +220,7 @@ class Reconcile:
         return locks, tokens
 
     def _repair(self, report: dict[str, Any], rows: dict[str, Row], by_node: dict[str, Prov],
-                orphans: list[tuple[str, str, str | None]]) -> None:
+                orphans: list[tuple[str, str | None, str | None]]) -> None:
         core, ctx = self.core, RecoveryContext()
 
         def fresh_prov(node: str) -> Prov | None:
@@ -267,12 +281,12 @@ class Reconcile:
                           rewrite)
 
         for path, node, mac in orphans:
-            def unlink(p: str = path, n: str = node, m: str | None = mac) -> bool:
+            def unlink(p: str = path, n: str | None = node, m: str | None = mac) -> bool:
                 fresh = self._db()[1]
                 owned = any(q.node == n for q in fresh) if m is None else any(q.mac == m for q in fresh)
                 if owned and core.cfg.tftp.boot_mode == "tftp":
-                    return False  # provisioned meanwhile
-                if m is not None and _pxe_node(p) != n:
+                    return False  # provisioned meanwhile (a provision records its row before its files)
+                if n is not None and m is not None and _pxe_node(p) != n:
                     return False  # rewritten meanwhile for another node (whose lock we do not hold)
                 try:
                     os.unlink(p)
@@ -280,7 +294,9 @@ class Reconcile:
                     return False
                 return True
 
-            self._guarded(report, f"remove orphan boot file {path}", [f"node:{node}"],
+            # a per-MAC copy names no node: nobody else takes its mac: lock, the re-check above decides
+            lock = f"node:{node}" if node is not None else f"mac:{mac}"
+            self._guarded(report, f"remove orphan boot file {path}", [lock],
                           [t for t in (node, mac) if t], unlink)
 
     def journal_unfinished(self) -> list[dict[str, Any]]:
