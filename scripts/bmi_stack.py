@@ -116,11 +116,12 @@ def wait_http(url: str, timeout: float, name: str, d: Path) -> None:
     raise RuntimeError(f"{name} did not come up at {url}:\n{tail}")
 
 
-def inventory(boot: dict[str, str] | None, d: Path, nodes: int = 0) -> dict:
+def inventory(boot: dict[str, str] | None, d: Path, nodes: int = 0, uefi_nodes: frozenset[str] = frozenset()) -> dict:
     """The guide's HIL objects (project bmi_infra, node bmi_node/bmi_port, network bmi_network) and a few more.
 
     With ``nodes`` > 0, project bmi_infra gets extra nodes ``node-01``, ... (one NIC ``eth0`` each) until it
-    has at least that many (for load and chaos runs).
+    has at least that many (for load and chaos runs).  With a boot network, nodes named in
+    ``uefi_nodes`` (or all, for ``{"*"}``) run OVMF instead of SeaBIOS.
     """
     inv = json.loads((REPO / "config" / "hil-inventory.example.json").read_text())
     have = sum(1 for n in inv["nodes"] if n["project"] == "bmi_infra")
@@ -132,6 +133,8 @@ def inventory(boot: dict[str, str] | None, d: Path, nodes: int = 0) -> dict:
             node["vm"] = {"netns": boot["BOOTNET_NETNS"], "bridge": boot["BOOTNET_BRIDGE"],
                           "console_log": str(d / "consoles" / f"{node['name']}.log"),
                           "workdir": str(d / "vms" / node["name"])}
+            if uefi_nodes:  # else the simulator's BMI_VM_FIRMWARE (default SeaBIOS) decides
+                node["vm"]["firmware"] = "uefi" if "*" in uefi_nodes or node["name"] in uefi_nodes else "bios"
     return inv
 
 
@@ -215,7 +218,8 @@ def read_env(path: Path) -> dict[str, str]:
     return out
 
 
-def up(d: Path, boot_net: bool, http_boot: bool = False, workers: int = 2, nodes: int = 0) -> None:
+def up(d: Path, boot_net: bool, http_boot: bool = False, workers: int = 2, nodes: int = 0,
+       uefi_nodes: frozenset[str] = frozenset()) -> None:
     if (d / "env").exists() and all(alive(p) for p in (d / "pids").glob("*.pid")) and \
             list((d / "pids").glob("*.pid")):
         log(f"already up (source {d / 'env'}); run `scripts/bmi-stack down` first to start afresh")
@@ -253,7 +257,7 @@ def up(d: Path, boot_net: bool, http_boot: bool = False, workers: int = 2, nodes
         tgt = read_env(d / "tgt" / "env")
         log("starting the HIL simulator")
         inv_path = d / "hil-inventory.json"
-        inv_path.write_text(json.dumps(inventory(boot, d, nodes), indent=1))
+        inv_path.write_text(json.dumps(inventory(boot, d, nodes, uefi_nodes), indent=1))
         hil_port = free_port()
         state["hil_port"] = hil_port
         (d / "state").write_text(json.dumps(state))
@@ -424,7 +428,10 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="Einstein worker processes (default 2)")
     parser.add_argument("--nodes", type=int, default=0,
                         help="at least this many HIL nodes in project bmi_infra (extra ones are node-01, ...)")
+    parser.add_argument("--uefi", default="", metavar="NODES",
+                        help="with --boot: these nodes (comma list, or 'all') boot with UEFI firmware (OVMF)")
     args = parser.parse_args()
+    uefi = frozenset({"*"} if args.uefi == "all" else {n for n in args.uefi.split(",") if n})
     d = Path(args.dir).resolve()
     if (args.service is None) == (args.command == "restart"):
         parser.error("restart needs a SERVICE (einstein, picasso, hil-simulator); other commands take none")
@@ -434,7 +441,7 @@ def main() -> int:
         restart(d, args.service)
         return 0
     if args.command == "up":
-        up(d, args.boot or args.http_boot, args.http_boot, args.workers, args.nodes)
+        up(d, args.boot or args.http_boot, args.http_boot, args.workers, args.nodes, uefi)
         print(d / "env")
         return 0
     if args.command == "down":
