@@ -43,12 +43,8 @@ last known tid for operators and lets :meth:`TgtTarget.restore` re-create target
 from __future__ import annotations
 
 import fcntl
-import ipaddress
 import logging
 import os
-import re
-import string
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from ims.common.errors import CommandFailed, InvalidInput, IscsiError, TargetExists, TargetNotFound
@@ -57,6 +53,16 @@ from ims.common.names import IQN_PREFIX_RE, validate_name
 from ims.common.process import execute
 from ims.einstein.boot import DEFAULT_TEMPLATES_DIR
 from ims.einstein.iscsi.base import IscsiTarget
+from ims.einstein.iscsi.tgt_conf import (
+    NO_ADDRESS,
+    LiveTarget,
+    TargetSpec,
+    check_backing,
+    check_initiators,
+    parse_conf,
+    parse_show,
+    render_conf,
+)
 from ims.einstein.storage.base import Backing
 
 LOG = logging.getLogger(__name__)
@@ -66,171 +72,10 @@ TID_ATTEMPTS = 64
 # The SCSI caching mode page with WCE cleared: what tgt-admin sends for "write-cache off".
 WRITE_CACHE_OFF = "mode_page=8:0:18:0x10:0:0xff:0xff:0:0:0xff:0xff:0xff:0xff:0x80:0x14:0:0:0:0:0:0"
 
-_BSTYPE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
-_BACKING_PATH_RE = re.compile(r"^[A-Za-z0-9._/@:+-]{1,1024}$")
-_BSOPTS_RE = re.compile(r"^[A-Za-z0-9._/=;:,@+-]{1,1024}$")
-_INITIATOR_NAME_RE = re.compile(
-    r"^(iqn\.\d{4}-\d{2}\.[A-Za-z0-9.-]+(:[A-Za-z0-9._:-]+)?|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16,32})$")
-_TID_LINE_RE = re.compile(r"^# bmi: tid=(\d+) lun=(\d+)\s*$", re.M)
-_SHOW_TARGET_RE = re.compile(r"^Target (\d+): (\S+)\s*$")
-_SHOW_LUN_RE = re.compile(r"^LUN: (\d+)$")
 DELETE_ATTEMPTS = 3
-
-# Written to conf files of names-only targets so tgt-admin does not bind ALL (see render_conf).
-NO_ADDRESS = "0.0.0.0/32"
 
 _EXISTS = "already exists"
 _NO_TARGET = "can't find the target"
-
-
-@dataclass
-class TargetSpec:
-    """Everything needed to (re-)create one target; what a conf file holds."""
-
-    name: str
-    iqn: str
-    backing: Backing
-    lun: int = 1
-    initiators: list[str] = field(default_factory=list)
-    initiator_names: list[str] = field(default_factory=list)
-    tid: int | None = None
-
-
-@dataclass
-class LiveTarget:
-    """One target as tgtd reports it in a full ``--op show --mode target``."""
-
-    tid: int
-    iqn: str
-    backing_stores: dict[int, str] = field(default_factory=dict)   # LUN -> backing store path (LUN 0 left out)
-    acl: list[str] = field(default_factory=list)                   # addresses and initiator names, in order
-
-
-def parse_show(text: str) -> dict[str, LiveTarget]:
-    """Parse a full ``tgtadm --op show --mode target``: ``{iqn: LiveTarget}``.
-
-    Only the lines BMI relies on are read: ``Target N: <iqn>`` (column 0), ``LUN: k`` and
-    ``Backing store path: p`` inside it, and the entries under ``ACL information:``.
-    """
-    targets: dict[str, LiveTarget] = {}
-    current: LiveTarget | None = None
-    section = ""
-    lun: int | None = None
-    for line in text.splitlines():
-        match = _SHOW_TARGET_RE.match(line)
-        if match:
-            current = LiveTarget(tid=int(match.group(1)), iqn=match.group(2))
-            targets[current.iqn] = current
-            section, lun = "", None
-            continue
-        if current is None or not line.strip():
-            continue
-        stripped = line.strip()
-        indent = len(line) - len(line.lstrip(" "))
-        if indent <= 4:
-            section = stripped            # "LUN information:", "ACL information:", ...
-            continue
-        if section == "ACL information:":
-            current.acl.append(stripped)
-        elif section == "LUN information:":
-            lun_match = _SHOW_LUN_RE.match(stripped)
-            if lun_match:
-                lun = int(lun_match.group(1))
-            elif stripped.startswith("Backing store path:") and lun:
-                current.backing_stores[lun] = stripped.split(":", 1)[1].strip()
-    return targets
-
-
-def check_backing(backing: Backing) -> Backing:
-    """Allow-list a Backing: its fields go on tgtadm's argv and into a conf file."""
-    if not _BSTYPE_RE.fullmatch(backing.bstype):
-        raise InvalidInput(f"invalid backing store type {backing.bstype!r}")
-    if not _BACKING_PATH_RE.fullmatch(backing.path) or ".." in backing.path.split("/"):
-        raise InvalidInput(f"invalid backing store {backing.path!r}")
-    if backing.bsopts is not None and not _BSOPTS_RE.fullmatch(backing.bsopts):
-        raise InvalidInput("invalid backing store options")
-    return backing
-
-
-def check_initiators(initiators: list[str] | None, initiator_names: list[str] | None) -> tuple[list[str], list[str]]:
-    """Validate ACL entries; returns ``(addresses, names)``.
-
-    Debian's tgtd (1.0.85) keeps addresses and names in ONE access list: a login is let in
-    when its address or its initiator name matches any entry.  So ``ALL`` admits everyone
-    whatever names are bound, and a names-only list admits exactly those names (checked
-    with libiscsi in tests/integration/test_tgt.py).  Never add ``ALL`` implicitly.
-    """
-    addresses = list(initiators or [])
-    names = list(initiator_names or [])
-    if not addresses and not names:
-        raise InvalidInput("a target needs initiator addresses or initiator names (or ['ALL'])")
-    for addr in addresses:
-        if addr == "ALL":
-            continue
-        try:
-            ipaddress.ip_network(addr, strict=False)
-        except ValueError:
-            raise InvalidInput(f"invalid initiator address {addr!r}") from None
-    for name in names:
-        if not isinstance(name, str) or not _INITIATOR_NAME_RE.fullmatch(name) or len(name) > 223:
-            raise InvalidInput(f"invalid initiator name {name!r}")
-    return addresses, names
-
-
-def render_conf(spec: TargetSpec, template: str | None = None) -> str:
-    """The tgt-admin conf text for one target (the original template plus the §6 fixes).
-
-    ``bs-type``/``bsopts``/``backing-store`` sit at target level (tgt-admin ignores
-    ``bs-type`` inside ``<backing-store>``), and bsopts is quoted ``"'...'"`` because
-    tgt-admin passes it through a shell, which would otherwise cut it at ``;``.
-    """
-    if template is None:
-        template = Path(DEFAULT_TEMPLATES_DIR, "tgt_target.temp").read_text(encoding="utf-8")
-    bsopts_line = f"    bsopts \"'{spec.backing.bsopts}'\"\n" if spec.backing.bsopts else ""
-    lines = [f"    initiator-address {a}\n" for a in spec.initiators]
-    if not spec.initiators:
-        # tgt-admin binds ALL to a target with no initiator-address line, and ALL would
-        # admit every initiator whatever names are bound (one OR-ed access list).
-        lines.append(f"    # {NO_ADDRESS} matches no initiator: only the names below may log in\n")
-        lines.append(f"    initiator-address {NO_ADDRESS}\n")
-    lines += [f"    initiator-name {n}\n" for n in spec.initiator_names]
-    return string.Template(template).substitute(
-        tid=spec.tid if spec.tid is not None else 0, lun=spec.lun, target_iqn=spec.iqn,
-        bstype=spec.backing.bstype, backing_store=spec.backing.path, bsopts_line=bsopts_line,
-        initiator_lines="".join(lines))
-
-
-def parse_conf(text: str, name: str) -> TargetSpec:
-    """Read back a conf file written by :func:`render_conf`. :raises InvalidInput: if malformed."""
-    values: dict[str, list[str]] = {}
-    iqn = None
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("<target ") and line.endswith(">"):
-            iqn = line[len("<target "):-1].strip()
-            continue
-        if line == "</target>":
-            continue
-        key, _, value = line.partition(" ")
-        values.setdefault(key, []).append(value.strip())
-    if not iqn or "bs-type" not in values or "backing-store" not in values:
-        raise InvalidInput(f"malformed tgt conf file for target {name}")
-    bsopts = values.get("bsopts", [None])[0]
-    if bsopts is not None:
-        bsopts = bsopts.strip("\"'")
-    tid_match = _TID_LINE_RE.search(text)
-    spec = TargetSpec(
-        name=name, iqn=iqn,
-        backing=Backing(bstype=values["bs-type"][0], path=values["backing-store"][0], bsopts=bsopts),
-        lun=int(tid_match.group(2)) if tid_match else 1,
-        initiators=[a for a in values.get("initiator-address", []) if a != NO_ADDRESS],
-        initiator_names=values.get("initiator-name", []),
-        tid=int(tid_match.group(1)) if tid_match and int(tid_match.group(1)) > 0 else None)
-    check_backing(spec.backing)
-    check_initiators(spec.initiators, spec.initiator_names)
-    return spec
 
 
 class TgtTarget(IscsiTarget):
