@@ -237,10 +237,13 @@ def complete(core: Core, image: str) -> str:
                 job.state, job.owner, job.error = QUEUED, None, str(exc)[:2000]
                 job.attempts += 1
         return "retry"
+    try:  # before the row goes: whoever waits for the job sees the garbage gone too
+        collect(core, source, snap)
+    except BMIError as exc:
+        LOG.warning("after flattening %s, %s@%s could not be cleaned up yet: %s", image, source, snap, exc)
     with core.session() as session:
         session.execute(delete(FlattenJob).where(FlattenJob.image == image))
     LOG.info("flatten of %s done", image)
-    collect(core, source, snap)
     return "done"
 
 
