@@ -112,6 +112,8 @@ class Storage(abc.ABC):
 
         :raises FlattenCancelled: when stopped (the image is still a clone; running it again resumes).
         """
+        if self.parent_info(image) is None:
+            return
         if progress(0, 1):
             raise FlattenCancelled(image)
         self.flatten(image)

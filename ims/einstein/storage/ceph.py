@@ -303,7 +303,10 @@ class CephStorage(Storage):
             img.flatten()
 
     def flatten_with_progress(self, image: str, progress: Callable[[int, int], bool]) -> None:
+        seen = [0]
+
         def on_progress(done: int, total: int) -> int:
+            seen[0] = int(total)
             try:
                 stop = progress(int(done), int(total))
             except Exception:  # noqa: BLE001 - never let a callback error escape into librbd
@@ -320,6 +323,7 @@ class CephStorage(Storage):
                 img.flatten(on_progress=on_progress)
             except rbd.OperationCanceled as exc:
                 raise FlattenCancelled(image) from exc
+        progress(seen[0] or 1, seen[0] or 1)  # librbd's last report is one object short of the total
 
     # --- export -----------------------------------------------------------------
     def backing(self, image: str) -> Backing:
