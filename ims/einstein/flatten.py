@@ -229,7 +229,7 @@ def complete(core: Core, image: str) -> str:
             session.execute(delete(FlattenJob).where(FlattenJob.image == image))
         collect(core, source, snap)
         return "gone"
-    except BMIError as exc:
+    except Exception as exc:  # noqa: BLE001 - anything else: back to the queue, retried with back-off
         LOG.warning("flatten of %s failed (%s); will retry", image, exc)
         with core.session() as session:
             job = session.get(FlattenJob, image)
