@@ -252,3 +252,29 @@ def test_einstein_killed_mid_flatten_resumes(env):
     assert same_as_source(st, gold)
     ops.deprovision(USER, "bmi_infra", NODE, NET, NIC)
     assert st.list_snapshots(BIG) == []
+
+
+def test_einstein_workers_flatten_in_the_background():
+    """Through a whole stack (scripts/bmi-stack, real Einstein workers): the workers' thread does the flatten."""
+    from tests.support.stack import running_stack
+
+    with running_stack(workers=2) as stack:
+        stack.rbd("create", "bg-golden", "--size", "256M", "--image-format", "2")
+        stack.rbd("bench", "--io-type", "write", "--io-size", "4M", "--io-total", "256M", "--io-pattern", "seq",
+                  "bg-golden")
+        assert stack.bmi("import", "bmi_infra", "bg-golden").stdout == "Success\n"
+        assert "bg-golden" in stack.bmi("ls", "bmi_infra").stdout  # listed at once
+        ceph = next(line.split()[0] for line in stack.rbd("ls", "-l").splitlines()
+                    if line.split() and line.split()[0].endswith("img1"))
+
+        def independent() -> bool:
+            info = stack.rbd("info", ceph)
+            return "parent:" not in info and f"{ceph}@snapshot" in stack.rbd("ls", "-l")
+
+        wait_for("a worker to flatten the import", independent, timeout=300)
+        wait_for("the source's transient snapshot to go", lambda: stack.rbd("snap", "ls", "bg-golden").strip() == "",
+                 timeout=60)
+        assert stack.bmi("pro", "bmi_infra", "bmi_node", "bg-golden", "bmi_network", "bmi_port").stdout == "Success\n"
+        assert stack.bmi("dpro", "bmi_infra", "bmi_node", "bmi_network", "bmi_port").stdout == "Success\n"
+        assert stack.bmi("rm", "bmi_infra", "bg-golden").stdout == "Success\n"
+        stack.rbd("rm", "bg-golden")
