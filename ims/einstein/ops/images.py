@@ -145,7 +145,6 @@ class Images:
                     raise ImageBusy(f"image {img} is in use by {', '.join(sorted(users))}; deprovision first")
                 ceph, image_id = core.ceph_name(row.id), row.id
             with core.bmi_names({ceph: img}):
-                flatten.cancel(core, ceph)  # removing an image whose flatten runs stops the flatten
                 has_snap = st.image_exists(ceph) and core.snap in st.list_snapshots(ceph)
                 children = st.list_children(ceph, core.snap) if has_snap else []
                 foreign = [c for c in children if not c.startswith(f"{core.uid}img")]
@@ -155,7 +154,8 @@ class Images:
                 args = {"image": ceph, "image_id": image_id}
                 with core.journal.operation("remove_image", args, RecoveryContext(net=net)) as tx:
                     # BMI copies still awaiting their flatten keep the storage alive (doomed, collected
-                    # when the last one is independent); the row goes now.
+                    # when the last one is independent); the row goes now.  The removal (purge, past
+                    # the commit point) cancels this image's own flatten if one is pending.
                     if has_snap and not children:
                         steps.unprotect.run(tx, image=ceph, snap=core.snap)
                     tx.commit_point()
