@@ -940,3 +940,66 @@ def test_background_fault_at_every_step_restores_everything(tmp_path, scenario):
         env.ops.journal.fault_hook = None
         assert env.state() == before and _jobs(env) == jobs, point
         env.ops.close()
+
+
+@pytest.mark.parametrize("scenario", ["import", "snapshot"])
+def test_background_crash_mid_operation_is_recovered(tmp_path, scenario):
+    """A process dying anywhere in a background import/snapshot: recover() leaves no job, snapshot or clone."""
+    runs = {"import": lambda o: o.import_image(USER, "bmi_infra", "bmi-test-image"),
+            "snapshot": lambda o: o.create_snapshot(USER, "bmi_infra", "bmi_node", "s1")}
+
+    def setup(e):
+        if scenario == "snapshot":
+            e.ops.import_image(USER, "bmi_infra", "bmi-test-image")
+            _run_jobs(e)
+            e.ops.provision(USER, "bmi_infra", "bmi_node", "bmi-test-image", "bmi_network", "bmi_port")
+
+    probe = _bg_env(tmp_path / "probe")
+    setup(probe)
+    seen: list[tuple[str, str]] = []
+    probe.ops.journal.fault_hook = lambda n, p: seen.append((n, p))
+    runs[scenario](probe.ops)
+    probe.ops.close()
+    for i, point in enumerate(seen):
+        env = _bg_env(tmp_path / f"crash{i}")
+        setup(env)
+        before = env.state()
+
+        class Crash(BaseException):
+            pass
+
+        def hook(n, p, point=point):
+            if (n, p) == point:
+                raise Crash()
+
+        env.ops.journal.fault_hook = hook
+        env.ops.journal._finish_failed = lambda tx, exc: None  # the process "dies": no in-process rollback
+        with pytest.raises(Crash):
+            runs[scenario](env.ops)
+        with env.ops.journal.session() as s:
+            op = s.scalars(select(Operation)).all()[-1]
+            op.owner = f"{os.uname().nodename}:999999999:1"
+            for lock in s.scalars(select(Lock)).all():
+                lock.owner = op.owner
+        env.ops.journal.fault_hook = None
+        env.ops.recover(USER)
+        assert env.state() == before and _jobs(env) == [], point
+        runs[scenario](env.ops)  # and it can run again, then be flattened
+        assert _run_jobs(env) == 1 and _jobs(env) == []
+        env.ops.close()
+
+
+def test_background_job_failure_is_retried(tmp_path):
+    from ims.einstein import flatten
+
+    env = _bg_env(tmp_path)
+    env.ops.import_image(USER, "bmi_infra", "bmi-test-image")
+    env.storage.broken = True  # storage down during the flatten: the job goes back to the queue
+    assert _run_jobs(env) == 1
+    job = flatten.job_of(env.ops.core, ceph(1))
+    assert job["state"] == "queued" and job["attempts"] == 1 and "down" in job["error"]
+    env.storage.broken = False
+    assert _run_jobs(env) == 0  # backing off
+    with env.ops.journal.session() as s:  # pretend the back-off has passed
+        s.get(flatten.FlattenJob, ceph(1)).attempts = 0
+    assert _run_jobs(env) == 1 and _jobs(env) == [] and env.storage.parent_info(ceph(1)) is None
