@@ -150,6 +150,9 @@ def worker_main(config_path: str, index: int, factory_spec: str, parent_pid: int
     if index == 0 and hasattr(ops, "recover") and cfg.journal.retry_seconds > 0:
         threading.Thread(target=_recover_loop, args=(ops, cfg.journal.retry_seconds, stop), name="journal-retry",
                          daemon=True).start()
+    if hasattr(ops, "core"):  # every worker flattens new images in the background (issue 8)
+        from ims.einstein import flatten
+        flatten.start(ops.core, stop)
     try:
         daemon.requestLoop()
     finally:

@@ -20,7 +20,7 @@ from ims.common.errors import (
     SnapshotNotFound,
     StorageError,
 )
-from ims.einstein.storage.base import Storage
+from ims.einstein.storage.base import FlattenCancelled, Storage
 from ims.einstein.storage.ceph import CephStorage
 from tests.support.ceph import CephCluster, ceph_cluster, ceph_storage, file_storage, purge_images
 
@@ -202,6 +202,29 @@ def test_flatten_cuts_parent_and_keeps_data(storage: Storage, names: Names) -> N
     assert storage.read(child, SIZE - 4096, 4096) == b"\xee" * 4096
     storage.flatten(child)  # no-op on a non-clone
     assert storage.parent_info(child) is None
+
+
+def test_flatten_with_progress_reports_stops_and_resumes(storage: Storage, names: Names) -> None:
+    parent, child = names("golden"), names("node1")
+    head = golden(storage, parent)
+    protected_snapshot(storage, parent)
+    storage.clone(parent, "snap", child)
+    calls: list[tuple[int, int]] = []
+
+    def stop_at_once(done: int, total: int) -> bool:
+        calls.append((done, total))
+        return True
+
+    with pytest.raises(FlattenCancelled):
+        storage.flatten_with_progress(child, stop_at_once)
+    assert calls and storage.parent_info(child) == (parent, "snap")  # stopped: still a clone
+    assert storage.read(child, 0, len(head)) == head
+    seen: list[tuple[int, int]] = []
+    storage.flatten_with_progress(child, lambda d, t: bool(seen.append((d, t))))  # runs again: resumes
+    assert storage.parent_info(child) is None and storage.list_children(parent, "snap") == []
+    assert seen and seen[-1][0] == seen[-1][1] and storage.read(child, 0, len(head)) == head
+    storage.flatten_with_progress(child, lambda d, t: True)  # a non-clone: nothing to do, not even to stop
+    assert storage.background_flatten is isinstance(storage, CephStorage)
 
 
 # --- the error contract -----------------------------------------------------------------

@@ -830,3 +830,184 @@ def test_a_database_from_before_the_connected_column_is_upgraded(tmp_path):
     env.ops.deprovision(USER, "bmi_infra", "bmi_node", "bmi_network", "bmi_port")
     assert env.hil.nodes["bmi_node"]["nics"]["bmi_port"]["networks"] == {}
     env.ops.close()
+
+
+# --- background flatten (issue 8): O(1) import, snapshot and cp ---------------------------------
+class _ClonesStorage(FakeStorage):
+    """A fake whose flatten "copies data" (like Ceph): copies are flattened in the background."""
+
+    background_flatten = True
+
+
+def _bg_env(tmp_path, extra=""):
+    e = Env(tmp_path, bmi_extra="flatten_sync_max_bytes = 0\n" + extra)
+    e.storage.__class__ = _ClonesStorage
+    return e
+
+
+def _jobs(env):
+    from ims.einstein.flatten import FlattenJob
+
+    with env.ops.journal.session() as s:
+        return sorted(j.image for j in s.scalars(select(FlattenJob)).all())
+
+
+def _run_jobs(env):
+    from ims.einstein import flatten
+
+    return flatten.run_pending(env.ops.core)
+
+
+def test_background_import_snapshot_provision_and_cleanup(tmp_path):
+    env = _bg_env(tmp_path)
+    ops, st = env.ops, env.storage
+    ops.import_image(USER, "bmi_infra", "bmi-test-image")
+    gold = ceph(1)
+    # usable at once: a clone of a transient snapshot of the source, listed, with a queued job
+    (tmp,) = st.list_snapshots("bmi-test-image")
+    assert tmp.startswith(f"{UID}img.t") and st.parent_info(gold) == ("bmi-test-image", tmp)
+    assert ops.list_images(USER, "bmi_infra") == ["bmi-test-image"] and _jobs(env) == [gold]
+    # provisioning before the flatten clones the same bytes from the source's transient snapshot
+    ops.provision(USER, "bmi_infra", "bmi_node", "bmi-test-image", "bmi_network", "bmi_port")
+    node = ceph(2)
+    assert st.parent_info(node) == ("bmi-test-image", tmp) and st.read(node, 0, 12) == b"golden-bytes"
+    assert _run_jobs(env) == 1 and _jobs(env) == []
+    assert st.parent_info(gold) is None and st.is_protected(gold, "snapshot")
+    assert st.list_snapshots("bmi-test-image") == [tmp]  # the early node still needs it
+    st.write(node, 0, b"N" * 12)
+    # a snapshot of the node, twice while the first still awaits its flatten
+    ops.create_snapshot(USER, "bmi_infra", "bmi_node", "s1")
+    ops.create_snapshot(USER, "bmi_infra", "bmi_node", "s2")
+    s1, s2 = ceph(3), ceph(4)
+    assert _jobs(env) == [s1, s2] and len(st.list_snapshots(node)) == 2
+    assert st.read(s1, 0, 12) == b"N" * 12
+    # removing a snapshot whose flatten is pending cancels it and leaves nothing behind
+    ops.remove_image(USER, "bmi_infra", "s2")
+    assert _jobs(env) == [s1] and s2 not in st.images and len(st.list_snapshots(node)) == 1
+    # deprovisioning the source of a pending flatten: the row goes, the storage stays until then
+    ops.deprovision(USER, "bmi_infra", "bmi_node", "bmi_network", "bmi_port")
+    assert node in st.images and [r[1] for r in ops.db_list(USER)] == ["bmi-test-image", "s1"]
+    assert st.list_snapshots("bmi-test-image") == [tmp]  # the node's storage still clones it
+    assert _run_jobs(env) == 1
+    assert st.list_snapshots("bmi-test-image") == []  # the node's storage left: the source is as it was
+    assert node not in st.images and st.parent_info(s1) is None and st.read(s1, 0, 12) == b"N" * 12
+    assert sorted(st.images) == sorted(["bmi-test-image", "cirros", gold, s1])
+
+
+def test_background_copy_of_a_removed_golden_and_clone_depth(tmp_path):
+    env = _bg_env(tmp_path, "max_clone_depth = 1\n")
+    ops, st = env.ops, env.storage
+    ops.import_image(USER, "bmi_infra", "bmi-test-image")
+    _run_jobs(env)
+    ops.copy_image(USER, "bmi_infra", "bmi-test-image", "bmi_infra", "cp1")
+    assert st.parent_info(ceph(2)) == (ceph(1), "snapshot") and _jobs(env) == [ceph(2)]
+    # the golden image can go while its copy flattens: its storage is removed afterwards
+    ops.remove_image(USER, "bmi_infra", "bmi-test-image")
+    assert ceph(1) in st.images and [r[1] for r in ops.db_list(USER)] == ["cp1"]
+    _run_jobs(env)
+    assert ceph(1) not in st.images and st.read(ceph(2), 0, 12) == b"golden-bytes"
+    # a node is one link deep; its snapshot would be two: flattened within the operation instead
+    ops.provision(USER, "bmi_infra", "bmi_node", "cp1", "bmi_network", "bmi_port")
+    ops.create_snapshot(USER, "bmi_infra", "bmi_node", "s1")
+    assert _jobs(env) == [] and st.parent_info(ceph(4)) is None and st.is_protected(ceph(4), "snapshot")
+    assert st.list_snapshots(ceph(3)) == []
+
+
+@pytest.mark.parametrize("scenario", ["import", "snapshot", "copy"])
+def test_background_fault_at_every_step_restores_everything(tmp_path, scenario):
+    runs = {"import": lambda o: o.import_image(USER, "bmi_infra", "bmi-test-image"),
+            "snapshot": lambda o: o.create_snapshot(USER, "bmi_infra", "bmi_node", "s1"),
+            "copy": lambda o: o.copy_image(USER, "bmi_infra", "gold", "bmi_infra", "cp1")}
+
+    def setup(e):
+        if scenario != "import":
+            e.ops.import_image(USER, "bmi_infra", "bmi-test-image")
+            e.ops.move_image(USER, "bmi_infra", "bmi-test-image", "bmi_infra", "gold")
+        if scenario == "snapshot":
+            e.ops.provision(USER, "bmi_infra", "bmi_node", "gold", "bmi_network", "bmi_port")
+
+    probe = _bg_env(tmp_path / "probe")
+    setup(probe)
+    seen: list[tuple[str, str]] = []
+    probe.ops.journal.fault_hook = lambda n, p: seen.append((n, p))
+    runs[scenario](probe.ops)
+    assert ("storage.queue_flatten", "after") in seen
+    probe.ops.close()
+    for i, point in enumerate(seen):
+        env = _bg_env(tmp_path / f"run{i}")
+        setup(env)
+        before, jobs = env.state(), _jobs(env)
+
+        def hook(n, p, point=point):
+            if (n, p) == point:
+                raise RuntimeError("injected")
+
+        env.ops.journal.fault_hook = hook
+        with pytest.raises(RuntimeError):
+            runs[scenario](env.ops)
+        env.ops.journal.fault_hook = None
+        assert env.state() == before and _jobs(env) == jobs, point
+        env.ops.close()
+
+
+@pytest.mark.parametrize("scenario", ["import", "snapshot"])
+def test_background_crash_mid_operation_is_recovered(tmp_path, scenario):
+    """A process dying anywhere in a background import/snapshot: recover() leaves no job, snapshot or clone."""
+    runs = {"import": lambda o: o.import_image(USER, "bmi_infra", "bmi-test-image"),
+            "snapshot": lambda o: o.create_snapshot(USER, "bmi_infra", "bmi_node", "s1")}
+
+    def setup(e):
+        if scenario == "snapshot":
+            e.ops.import_image(USER, "bmi_infra", "bmi-test-image")
+            _run_jobs(e)
+            e.ops.provision(USER, "bmi_infra", "bmi_node", "bmi-test-image", "bmi_network", "bmi_port")
+
+    probe = _bg_env(tmp_path / "probe")
+    setup(probe)
+    seen: list[tuple[str, str]] = []
+    probe.ops.journal.fault_hook = lambda n, p: seen.append((n, p))
+    runs[scenario](probe.ops)
+    probe.ops.close()
+    for i, point in enumerate(seen):
+        env = _bg_env(tmp_path / f"crash{i}")
+        setup(env)
+        before = env.state()
+
+        class Crash(BaseException):
+            pass
+
+        def hook(n, p, point=point):
+            if (n, p) == point:
+                raise Crash()
+
+        env.ops.journal.fault_hook = hook
+        env.ops.journal._finish_failed = lambda tx, exc: None  # the process "dies": no in-process rollback
+        with pytest.raises(Crash):
+            runs[scenario](env.ops)
+        with env.ops.journal.session() as s:
+            op = s.scalars(select(Operation)).all()[-1]
+            op.owner = f"{os.uname().nodename}:999999999:1"
+            for lock in s.scalars(select(Lock)).all():
+                lock.owner = op.owner
+        env.ops.journal.fault_hook = None
+        env.ops.recover(USER)
+        assert env.state() == before and _jobs(env) == [], point
+        runs[scenario](env.ops)  # and it can run again, then be flattened
+        assert _run_jobs(env) == 1 and _jobs(env) == []
+        env.ops.close()
+
+
+def test_background_job_failure_is_retried(tmp_path):
+    from ims.einstein import flatten
+
+    env = _bg_env(tmp_path)
+    env.ops.import_image(USER, "bmi_infra", "bmi-test-image")
+    env.storage.broken = True  # storage down during the flatten: the job goes back to the queue
+    assert _run_jobs(env) == 1
+    job = flatten.job_of(env.ops.core, ceph(1))
+    assert job["state"] == "queued" and job["attempts"] == 1 and "down" in job["error"]
+    env.storage.broken = False
+    assert _run_jobs(env) == 0  # backing off
+    with env.ops.journal.session() as s:  # pretend the back-off has passed
+        s.get(flatten.FlattenJob, ceph(1)).attempts = 0
+    assert _run_jobs(env) == 1 and _jobs(env) == [] and env.storage.parent_info(ceph(1)) is None

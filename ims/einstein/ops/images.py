@@ -19,19 +19,31 @@ from ims.common.errors import (
     WrongKind,
 )
 from ims.database.models import Image
+from ims.einstein import flatten
 from ims.einstein.journal import RecoveryContext, Tx
 from ims.einstein.ops.core import Auth, Core
 from ims.einstein.ops.steps import Steps
 
 
 def make_golden_copy(core: Core, steps: Steps, tx: Tx, project_id: int, name: str, source: str, source_snap: str,
-                     is_snapshot: bool, parent_id: int | None, kind: str = "golden") -> str:
-    """Insert the row, clone ``source@source_snap``, flatten, snapshot+protect: a standalone BMI image."""
+                     is_snapshot: bool, parent_id: int | None, kind: str = "golden",
+                     background: bool = False) -> str:
+    """Insert the row and clone ``source@source_snap``: a BMI image usable at once.
+
+    ``background``: the copy stays a clone and a worker flattens it, then takes its snapshot
+    (ims/einstein/flatten.py): O(1) whatever the data.  Otherwise flatten, snapshot and protect
+    here (small images, the file driver, or a clone chain at ``[bmi] max_clone_depth``).
+    """
     image_id = steps.insert_image.run(tx, name=name, project_id=project_id, parent_id=parent_id,
                                       is_snapshot=is_snapshot, kind=kind)
     copy = core.ceph_name(image_id)
     with core.bmi_names({copy: name}):
         steps.clone.run(tx, parent=source, snap=source_snap, image=copy)
+        if background:
+            # the source it was really cloned from (a pending source resolves further back)
+            parent = core.storage.parent_info(copy) or (source, source_snap)
+            steps.queue_flatten.run(tx, image=copy, source=parent[0], snap=parent[1])
+            return copy
         steps.flatten.run(tx, image=copy)
         steps.snapshot.run(tx, "storage.snapshot_copy", image=copy, snap=core.snap)
         steps.protect.run(tx, "storage.protect_copy", image=copy, snap=core.snap)
@@ -63,7 +75,18 @@ class Images:
                 raise ImageNotFound(f"no image named {img} in the storage pool")
             src_snaps = st.list_snapshots(img)
             ctx = RecoveryContext(net=net)
-            if snap is None:
+            background = flatten.use_background(core, img)
+            if snap is None and background:
+                # The copy stays a clone of a transient snapshot until a worker has flattened it;
+                # the worker (or the copy's removal) then removes that snapshot again.
+                tmp = flatten.transient_snap(core)
+                with core.journal.operation("import", {"source": img, "snap": tmp, "project": project},
+                                            ctx) as tx:
+                    steps.snapshot.run(tx, "storage.snapshot_source", image=img, snap=tmp)
+                    steps.protect.run(tx, "storage.protect_source", image=img, snap=tmp)
+                    make_golden_copy(core, steps, tx, project_id, img, img, tmp, is_snapshot=False,
+                                     parent_id=None, background=True)
+            elif snap is None:
                 if core.snap in src_snaps:
                     raise SnapshotExists(f"image {img} already has a snapshot named {core.snap!r}; remove it, or "
                                          f"import that snapshot with --snap {core.snap}")
@@ -83,7 +106,8 @@ class Images:
                         if not protect:
                             raise WrongKind(f"snapshot {img}@{snap} is not protected; import it with --protect")
                         steps.protect.run(tx, "storage.protect_source", image=img, snap=snap)
-                    make_golden_copy(core, steps, tx, project_id, img, img, snap, is_snapshot=False, parent_id=None)
+                    make_golden_copy(core, steps, tx, project_id, img, img, snap, is_snapshot=False, parent_id=None,
+                                     background=background)
 
     # --- lists ---------------------------------------------------------------------
     def list_images(self, auth: Auth, project: str) -> list[str]:
@@ -122,12 +146,17 @@ class Images:
                 ceph, image_id = core.ceph_name(row.id), row.id
             with core.bmi_names({ceph: img}):
                 has_snap = st.image_exists(ceph) and core.snap in st.list_snapshots(ceph)
-                if has_snap and st.list_children(ceph, core.snap):
-                    raise ImageBusy(f"image {img} still has {len(st.list_children(ceph, core.snap))} clone(s) "
-                                    "in storage")
+                children = st.list_children(ceph, core.snap) if has_snap else []
+                foreign = [c for c in children if not c.startswith(f"{core.uid}img")]
+                if foreign:
+                    raise ImageBusy(f"image {img} still has {len(foreign)} clone(s) in storage that BMI does not "
+                                    "manage")
                 args = {"image": ceph, "image_id": image_id}
                 with core.journal.operation("remove_image", args, RecoveryContext(net=net)) as tx:
-                    if has_snap:
+                    # BMI copies still awaiting their flatten keep the storage alive (doomed, collected
+                    # when the last one is independent); the row goes now.  The removal (purge, past
+                    # the commit point) cancels this image's own flatten if one is pending.
+                    if has_snap and not children:
                         steps.unprotect.run(tx, image=ceph, snap=core.snap)
                     tx.commit_point()
                     steps.forward["removal"](args, tx.ctx)
@@ -172,10 +201,11 @@ class Images:
                 parent_id = src.parent_id if same else None
                 kind = src.kind if same else "golden"
                 dest_id = dest.id
+            background = flatten.use_background(core, ceph)
             with core.journal.operation("copy", {"image": img1}, RecoveryContext(net=net)) as tx, \
                     core.bmi_names({ceph: img1}):
                 make_golden_copy(core, self.steps, tx, dest_id, new_name, ceph, core.snap, is_snapshot=is_snap,
-                                 parent_id=parent_id, kind=kind)
+                                 parent_id=parent_id, kind=kind, background=background)
 
     def move_image(self, auth: Auth, src_project: str, img1: str, dest_project: str,
                    img2: str | None = None) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ims.common import names
 from ims.common.errors import ImageExists, NodeNotProvisioned, SnapshotExists
+from ims.einstein import flatten
 from ims.einstein.journal import RecoveryContext
 from ims.einstein.ops.core import Auth, Core
 from ims.einstein.ops.images import make_golden_copy
@@ -30,9 +31,20 @@ class Snapshots:
                     raise ImageExists(f"image {snap_name} already exists in project {project}")
                 src, project_id, parent_id = core.ceph_name(row.id), proj.id, row.parent_id
             core.require_storage(src, node)
+            ctx = RecoveryContext(net=net)
+            if flatten.use_background(core, src):
+                # O(1): the new image is a clone of a transient snapshot of the node's clone, flattened
+                # by a worker; a unique name, so the node can be snapshotted again meanwhile.
+                tmp = flatten.transient_snap(core)
+                with core.journal.operation("snapshot", {"source": src, "snap": tmp}, ctx) as tx, \
+                        core.bmi_names({src: node}):
+                    steps.snapshot.run(tx, "storage.snapshot_source", image=src, snap=tmp)
+                    steps.protect.run(tx, "storage.protect_source", image=src, snap=tmp)
+                    make_golden_copy(core, steps, tx, project_id, snap_name, src, tmp, is_snapshot=True,
+                                     parent_id=parent_id, kind="snapshot", background=True)
+                return
             if core.snap in core.storage.list_snapshots(src):
                 raise SnapshotExists(f"{node} already has a snapshot in progress; try again later")
-            ctx = RecoveryContext(net=net)
             with core.journal.operation("snapshot", {"source": src, "snap": core.snap}, ctx) as tx, \
                     core.bmi_names({src: node}):
                 steps.snapshot.run(tx, "storage.snapshot_source", image=src, snap=core.snap)

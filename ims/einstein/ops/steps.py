@@ -28,10 +28,12 @@ from ims.common.errors import (
     ImageExists,
     NotFound,
     SnapshotExists,
+    SnapshotNotFound,
     TargetExists,
     TargetNotFound,
 )
 from ims.database.models import Image, Operation, Provision
+from ims.einstein import flatten
 from ims.einstein.journal import RecoveryContext, Tx
 from ims.einstein.ops.core import Core
 
@@ -85,24 +87,58 @@ class Clone(Step):
     made_nothing = (ImageExists,)
 
     def execute(self, parent: str, snap: str, image: str) -> None:
-        self.core.storage.clone(parent, snap, image)
+        st = self.core.storage
+        for _attempt in range(3):
+            try:
+                st.clone(parent, snap, image)
+                return
+            except SnapshotNotFound:
+                # ``parent`` awaits its background flatten: ``parent@snap`` is not taken yet, and
+                # ``source@transient`` holds the same bytes (see ims/einstein/flatten.py).
+                src = flatten.pending_source(self.core, parent, snap)
+                if src is None:
+                    if snap in st.list_snapshots(parent):
+                        continue  # the flatten finished between our two looks
+                    raise
+            try:
+                st.clone(src[0], src[1], image)
+                return
+            except SnapshotNotFound:
+                continue  # collected just now: the flatten finished, so parent@snap exists
+        st.clone(parent, snap, image)
 
     def revert(self, params: dict[str, Any], ctx: RecoveryContext) -> None:
         purge(self.core, params["image"])
 
 
 def purge(core: Core, image: str) -> None:
-    """Remove ``image`` with its target and snapshots (idempotent)."""
+    """Remove ``image`` with its target and snapshots (idempotent).
+
+    Its pending flatten is cancelled first.  A snapshot something is still cloned from (a copy
+    awaiting its flatten, a node provisioned from it) is left, and so is the image: once its row
+    is gone it is *doomed* and :func:`flatten.collect` removes it when its last clone leaves.
+    """
     st = core.storage
+    flatten.cancel(core, image)
     if not st.image_exists(image):
         return
     with contextlib.suppress(TargetNotFound):
         if core.iscsi.target_exists(image):
             core.iscsi.remove_target(image)
+    kept = []
     for snap in st.list_snapshots(image):
+        if st.list_children(image, snap):
+            kept.append(snap)
+            continue
         _quietly(lambda s=snap: st.unprotect_snapshot(image, s))
         _quietly(lambda s=snap: st.remove_snapshot(image, s))
+    if kept:
+        LOG.info("%s still has clones of %s: removed once they are gone", image, ", ".join(kept))
+        return
+    parent = st.parent_info(image)
     _quietly(lambda: st.remove_image(image))
+    if parent is not None:
+        flatten.collect(core, parent[0], parent[1])
 
 
 class Flatten(Step):
@@ -110,6 +146,18 @@ class Flatten(Step):
 
     def execute(self, image: str) -> None:
         self.core.storage.flatten(image)
+
+
+class QueueFlatten(Step):
+    """Leave ``image`` a clone of ``source@snap`` and have a worker flatten it (ims/einstein/flatten.py)."""
+
+    name, undo_name = "storage.queue_flatten", "storage.forget_flatten"
+
+    def execute(self, image: str, source: str, snap: str) -> None:
+        flatten.enqueue(self.core, image, source, snap)
+
+    def revert(self, params: dict[str, Any], ctx: RecoveryContext) -> None:
+        flatten.cancel(self.core, params["image"])
 
 
 class CreateSnapshot(Step):
@@ -326,6 +374,7 @@ class Steps:
     def __init__(self, core: Core) -> None:
         self.clone = Clone(core)
         self.flatten = Flatten(core)
+        self.queue_flatten = QueueFlatten(core)
         self.snapshot = CreateSnapshot(core)
         self.protect = Protect(core)
         self.unprotect = Unprotect(core)
@@ -354,7 +403,11 @@ class Steps:
 
         # Forward finishers: what a committed operation still has to do (idempotent).
         def finish_source_snapshot(args: dict[str, Any], _ctx: RecoveryContext) -> None:
-            remove_snapshot(core, args["source"], args["snap"])
+            src, snap = args["source"], args["snap"]
+            if core.storage.image_exists(src) and snap in core.storage.list_snapshots(src) \
+                    and core.storage.list_children(src, snap):
+                return  # something is still cloned from it; flatten.collect removes it later
+            remove_snapshot(core, src, snap)
 
         def finish_removal(args: dict[str, Any], _ctx: RecoveryContext) -> None:
             if args.get("node"):
@@ -362,6 +415,7 @@ class Steps:
             _quietly(lambda: core.iscsi.remove_target(args["image"]))
             purge(core, args["image"])
             delete_image_row(core, args["image_id"])
+            flatten.collect(core, args["image"])  # if purge had to leave it: its clones may be gone now
 
         def finish_unprovision(args: dict[str, Any], _ctx: RecoveryContext) -> None:
             core.boot.remove(args["node"], args["mac"])

@@ -14,7 +14,12 @@ BMI names before they reach a user.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
+
+
+class FlattenCancelled(Exception):
+    """A flatten stopped because its progress callback asked it to (the clone keeps its parent)."""
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,9 @@ class Storage(abc.ABC):
     """A pool of block images with snapshots, protection, copy-on-write clones and flatten."""
 
     name: str = "base"
+    # True when flatten copies data (Ceph): copies are then flattened in the background.  False
+    # when clone already copied everything (file driver): flatten only cuts a link.
+    background_flatten: bool = False
 
     # --- images ---------------------------------------------------------------
     @abc.abstractmethod
@@ -98,6 +106,18 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def flatten(self, image: str) -> None:
         """Make a clone independent of its parent (no-op for a non-clone)."""
+
+    def flatten_with_progress(self, image: str, progress: Callable[[int, int], bool]) -> None:
+        """:meth:`flatten`, calling ``progress(done, total)`` as it goes; a True answer stops it.
+
+        :raises FlattenCancelled: when stopped (the image is still a clone; running it again resumes).
+        """
+        if self.parent_info(image) is None:
+            return
+        if progress(0, 1):
+            raise FlattenCancelled(image)
+        self.flatten(image)
+        progress(1, 1)
 
     # --- export ---------------------------------------------------------------
     @abc.abstractmethod

@@ -9,10 +9,11 @@ the pid that opened it and a forked child opens its own.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import rados
@@ -28,7 +29,7 @@ from ims.common.errors import (
     SnapshotNotFound,
     StorageError,
 )
-from ims.einstein.storage.base import Backing, Storage
+from ims.einstein.storage.base import Backing, FlattenCancelled, Storage
 
 LOG = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ class CephStorage(Storage):
     """Images are RBD images (format 2, layering) in one pool."""
 
     name = "ceph"
+    background_flatten = True
 
     def __init__(self, pool: str, conf_file: str, client_id: str = "admin", keyring: str | None = None,
                  timeout: float = 30.0) -> None:
@@ -299,6 +301,29 @@ class CephStorage(Storage):
             except rbd.ImageNotFound:
                 return
             img.flatten()
+
+    def flatten_with_progress(self, image: str, progress: Callable[[int, int], bool]) -> None:
+        seen = [0]
+
+        def on_progress(done: int, total: int) -> int:
+            seen[0] = int(total)
+            try:
+                stop = progress(int(done), int(total))
+            except Exception:  # noqa: BLE001 - never let a callback error escape into librbd
+                LOG.exception("flatten progress callback failed")
+                return 0
+            return -errno.ECANCELED if stop else 0  # librbd aborts on a negative answer
+
+        with self._image(image) as img:
+            try:
+                img.parent_info()
+            except rbd.ImageNotFound:
+                return
+            try:
+                img.flatten(on_progress=on_progress)
+            except rbd.OperationCanceled as exc:
+                raise FlattenCancelled(image) from exc
+        progress(seen[0] or 1, seen[0] or 1)  # librbd's last report is one object short of the total
 
     # --- export -----------------------------------------------------------------
     def backing(self, image: str) -> Backing:
