@@ -29,6 +29,11 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         # Regex (full match) of storage names tenants may import; empty = any name outside
         # BMI's own namespace (<uid>img...), which is always refused.
         "import_pattern": (str, ""),
+        # Background flatten (ims/einstein/flatten.py): copies deeper than this many clone links, or
+        # of at most this many bytes, are flattened inside the operation; job queue poll interval.
+        "max_clone_depth": (int, 6),
+        "flatten_sync_max_bytes": (int, 64 << 20),
+        "flatten_poll_seconds": (float, 1.0),
     },
     "db": {
         # ``url`` wins; ``path`` is the original's key (an SQLite file).

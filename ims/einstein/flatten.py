@@ -50,9 +50,6 @@ LOG = logging.getLogger(__name__)
 QUEUED, RUNNING, CANCELLING = "queued", "running", "cancelling"
 # Above this virtual size a copy is flattened in the background; at or below it a synchronous
 # flatten costs less than the bookkeeping (an 8 MiB image flattens in ~30 ms).
-DEFAULT_SYNC_MAX_BYTES = 64 << 20
-DEFAULT_MAX_CLONE_DEPTH = 6
-DEFAULT_POLL_SECONDS = 1.0
 
 
 class FlattenJob(Base):
@@ -74,17 +71,8 @@ class FlattenJob(Base):
 
 
 # --- configuration ---------------------------------------------------------------------
-def _setting(core: Core, key: str, default: float) -> float:
-    raw = core.cfg.section("bmi").values.get(key, "")
-    try:
-        return float(raw) if str(raw).strip() != "" else default
-    except ValueError:
-        LOG.warning("[bmi] %s = %r is not a number; using %s", key, raw, default)
-        return default
-
-
 def max_clone_depth(core: Core) -> int:
-    return int(_setting(core, "max_clone_depth", DEFAULT_MAX_CLONE_DEPTH))
+    return int(core.cfg.bmi.max_clone_depth)
 
 
 def depth(core: Core, image: str) -> int:
@@ -109,7 +97,7 @@ def use_background(core: Core, source: str) -> bool:
     if not st.background_flatten:
         return False
     try:
-        if st.image_size(source) <= _setting(core, "flatten_sync_max_bytes", DEFAULT_SYNC_MAX_BYTES):
+        if st.image_size(source) <= int(core.cfg.bmi.flatten_sync_max_bytes):
             return False
         return depth(core, source) + 1 <= max_clone_depth(core)
     except NotFound:
@@ -293,7 +281,7 @@ class Worker:
     def __init__(self, core: Core, stop: threading.Event) -> None:
         self.core = core
         self.stop = stop
-        self.poll = _setting(core, "flatten_poll_seconds", DEFAULT_POLL_SECONDS)
+        self.poll = float(core.cfg.bmi.flatten_poll_seconds)
 
     def run(self) -> None:
         while not self.stop.is_set():
