@@ -261,11 +261,11 @@ def _paths() -> dict[str, dict[str, Any]]:
                        query=[_param("state", "query", {"type": "string", "enum": list(OPERATION_STATES)}),
                               _param("project", "query")]),
         },
-        "/v1/operations/{id}": {
+        "/v1/operations/{op_id}": {
             "get": _op("showOperation", "One operation: state, queue position, progress, steps done, result or "
                        "error.  ?wait=N waits up to N seconds for it to finish first.  404 when it does not exist "
                        "or belongs to a project the caller may not use", [], _result(OPERATION),
-                       query=[{"name": "id", "in": "path", "required": True, "schema": ID},
+                       query=[{"name": "op_id", "in": "path", "required": True, "schema": ID},
                               _param("wait", "query", {"type": "integer", "minimum": 0,
                                                        "maximum": MAX_POLL_SECONDS})]),
         },

@@ -68,6 +68,43 @@ def is_success(resp: Any) -> None:
     assert resp.mimetype == "text/plain"
 
 
+def follow(web: Any, resp: Any, who: dict[str, str]) -> dict[str, Any]:
+    """A 202 answer followed at its Location (long polls) to the finished operation record."""
+    assert resp.status_code == 202, resp.get_data(as_text=True)
+    record = resp.get_json()["result"]
+    assert resp.headers["Location"] == f"/v1/operations/{record['id']}"
+    assert record["state"] in ("queued", "running", "done", "failed") and record["error"] is None \
+        or record["state"] == "failed"
+    while record["state"] not in ("done", "failed"):
+        answer = web.get(f"{resp.headers['Location']}?wait=30", headers=who)
+        assert answer.status_code == 200, answer.get_data(as_text=True)
+        record = answer.get_json()["result"]
+    return record
+
+
+def done(web: Any, resp: Any, who: dict[str, str]) -> Any:
+    """The operation a 202 queued finished as done: its result."""
+    record = follow(web, resp, who)
+    assert record["state"] == "done" and record["error"] is None, record
+    assert record["progress"] == 100 and record["finished_at"]
+    return record["result"]
+
+
+def refused(web: Any, resp: Any, who: dict[str, str], status: int, type_: str | None = None,
+            text: str | None = None) -> None:
+    """Refused with ``status``: at submit time (the answer) or when run (the failed operation's error)."""
+    if resp.status_code != 202:
+        err(resp, status, type_, text)
+        return
+    record = follow(web, resp, who)
+    assert record["state"] == "failed", record
+    assert record["error"]["status"] == status, record
+    if type_:
+        assert record["error"]["type"] == type_, record
+    if text:
+        assert text in record["error"]["message"], record
+
+
 def names(web: Any, who: dict[str, str] = ADMIN) -> list[tuple[str, str]]:
     return [(r[2], r[1]) for r in web.get("/v1/db/images", headers=who).get_json()["result"]]
 
@@ -267,10 +304,9 @@ def test_json_bodies_are_checked_like_the_openapi_says(web: Any) -> None:
     err(web.get("/v1/projects/proj1/images?x=1", headers=ALICE), 400, text="'x'")
     err(web.get("/v1/db/images?=", headers=ALICE), 400, text="query parameter")
     # nulls where the document allows them, as the CLI sends them
-    assert web.post(base, json={"name": "src1", "snapshot": None, "protect": False}, headers=ALICE
-                    ).status_code == 201
-    assert web.post("/v1/projects/proj1/images/src1/copy", json={"dest_project": "proj1", "dest_name": None},
-                    headers=ALICE).status_code == 409
+    done(web, web.post(base, json={"name": "src1", "snapshot": None, "protect": False}, headers=ALICE), ALICE)
+    refused(web, web.post("/v1/projects/proj1/images/src1/copy", json={"dest_project": "proj1", "dest_name": None},
+                          headers=ALICE), ALICE, 409)
 
 
 def test_options_and_unknown_methods_are_405(web: Any) -> None:
@@ -286,32 +322,33 @@ def test_v1_images(web: Any, world: World) -> None:
     world.storage.create_snapshot("new", "s")
     resp = web.post("/v1/projects/proj1/images", json={"name": "new", "snapshot": "s", "protect": True},
                     headers=ALICE)
-    assert resp.status_code == 201 and resp.get_json() == {"result": None}
+    assert done(web, resp, ALICE) is None
     assert world.storage.is_protected("new", "s")
-    err(web.post("/v1/projects/proj1/images", json={"name": "new"}, headers=ALICE), 409, "ImageExists")
-    err(web.post("/v1/projects/proj1/images", json={"name": "missing"}, headers=ALICE), 404, "ImageNotFound")
+    refused(web, web.post("/v1/projects/proj1/images", json={"name": "new"}, headers=ALICE), ALICE, 409,
+            "ImageExists")
+    refused(web, web.post("/v1/projects/proj1/images", json={"name": "missing"}, headers=ALICE), ALICE, 404,
+            "ImageNotFound")
     err(web.post("/v1/projects/proj1/images", json={}, headers=ALICE), 400, "InvalidInput", "'name'")
     err(web.post("/v1/projects/proj1/images", json={"name": "a b"}, headers=ALICE), 400, "InvalidName")
     err(web.post("/v1/projects/proj1/images", data="nojson", headers=ALICE), 400, "InvalidInput")
     err(web.post("/v1/projects/proj1/images", json={"name": "x", "protect": "yes"}, headers=ALICE), 400)
-    assert web.post("/v1/projects/proj1/images/new/export", json={"name": "out"}, headers=ALICE).status_code == 200
+    done(web, web.post("/v1/projects/proj1/images/new/export", json={"name": "out"}, headers=ALICE), ALICE)
     assert world.storage.image_exists("out")
-    resp = web.delete("/v1/projects/proj1/images/new", headers=ALICE)
-    assert resp.status_code == 204 and resp.get_data() == b""
-    err(web.delete("/v1/projects/proj1/images/new", headers=ALICE), 404, "ImageNotFound")
+    done(web, web.delete("/v1/projects/proj1/images/new", headers=ALICE), ALICE)
+    refused(web, web.delete("/v1/projects/proj1/images/new", headers=ALICE), ALICE, 404, "ImageNotFound")
     err(web.put("/v1/projects/proj1/images", headers=ALICE), 405)
 
 
 def test_v1_copy_move_need_admin_across_projects(web: Any) -> None:
-    assert web.post("/v1/projects/proj1/images/golden/copy", json={"dest_project": "proj1", "dest_name": "g2"},
-                    headers=ALICE).status_code == 201
+    done(web, web.post("/v1/projects/proj1/images/golden/copy", json={"dest_project": "proj1", "dest_name": "g2"},
+                       headers=ALICE), ALICE)
     err(web.post("/v1/projects/proj1/images/golden/copy", json={"dest_project": "proj2"}, headers=ALICE), 403)
     err(web.post("/v1/projects/proj1/images/g2/move", json={"dest_project": "proj2"}, headers=ALICE), 403)
-    assert web.post("/v1/projects/proj1/images/g2/move", json={"dest_project": "proj2", "dest_name": "g3"},
-                    headers=ADMIN).status_code == 201
+    done(web, web.post("/v1/projects/proj1/images/g2/move", json={"dest_project": "proj2", "dest_name": "g3"},
+                       headers=ADMIN), ADMIN)
     assert ("proj2", "g3") in names(web) and ("proj1", "g2") not in names(web)
-    assert web.post("/v1/projects/proj1/images/golden/copy", json={"dest_project": "proj2"},
-                    headers=ADMIN).status_code == 201
+    done(web, web.post("/v1/projects/proj1/images/golden/copy", json={"dest_project": "proj2"}, headers=ADMIN),
+         ADMIN)
     assert ("proj2", "golden") in names(web)
     err(web.post("/v1/projects/proj1/images/golden/copy", json={}, headers=ADMIN), 400, text="'dest_project'")
 
@@ -319,53 +356,54 @@ def test_v1_copy_move_need_admin_across_projects(web: Any) -> None:
 def test_v1_nodes_and_snapshots(web: Any, world: World) -> None:
     base = "/v1/projects/proj1/nodes/node1"
     body = {"image": "golden", "network": "prov-net", "nic": "eno1"}
-    assert web.post(f"{base}/provision", json=body, headers=ALICE).get_json() == {"result": None}
-    err(web.post(f"{base}/provision", json=body, headers=ALICE), 409)
+    assert done(web, web.post(f"{base}/provision", json=body, headers=ALICE), ALICE) is None
+    refused(web, web.post(f"{base}/provision", json=body, headers=ALICE), ALICE, 409)
     err(web.post(f"{base}/provision", json={"image": "golden", "nic": "eno1"}, headers=ALICE), 400, text="'network'")
-    err(web.post("/v1/projects/proj1/nodes/ghost/provision", json=body, headers=ALICE), 404, "NodeNotFound")
-    err(web.post("/v1/projects/proj1/nodes/node3/provision", json=body, headers=ALICE), 403, "Forbidden")
-    err(web.post("/v1/projects/proj1/nodes/node2/provision", json={**body, "nic": "eth9"}, headers=ALICE), 404,
-        "NicNotFound")
+    refused(web, web.post("/v1/projects/proj1/nodes/ghost/provision", json=body, headers=ALICE), ALICE, 404,
+            "NodeNotFound")
+    refused(web, web.post("/v1/projects/proj1/nodes/node3/provision", json=body, headers=ALICE), ALICE, 403,
+            "Forbidden")
+    refused(web, web.post("/v1/projects/proj1/nodes/node2/provision", json={**body, "nic": "eth9"}, headers=ALICE),
+            ALICE, 404, "NicNotFound")
     world.storage.broken = True
-    err(web.post("/v1/projects/proj1/nodes/node2/provision", json=body, headers=ALICE), 503, "StorageError")
+    refused(web, web.post("/v1/projects/proj1/nodes/node2/provision", json=body, headers=ALICE), ALICE, 503,
+            "StorageError")
     world.storage.broken = False
     assert web.get("/v1/projects/proj1/nodes", headers=ALICE).get_json() == {"result": [["node1", "golden"]]}
-    assert web.post(f"{base}/snapshots", json={"name": "snap1"}, headers=ALICE).status_code == 201
+    done(web, web.post(f"{base}/snapshots", json={"name": "snap1"}, headers=ALICE), ALICE)
     assert ["snap1", "golden"] in web.get("/v1/projects/proj1/snapshots", headers=ALICE).get_json()["result"]
-    assert web.delete("/v1/projects/proj1/snapshots/snap1", headers=ALICE).status_code == 204
+    done(web, web.delete("/v1/projects/proj1/snapshots/snap1", headers=ALICE), ALICE)
     assert web.get(f"{base}/ip", headers=ALICE).get_json() == {"result": "10.0.0.11"}
-    assert web.post(f"{base}/deprovision", json={"network": "prov-net", "nic": "eno1"},
-                    headers=ALICE).status_code == 200
-    err(web.post(f"{base}/deprovision", json={"network": "prov-net", "nic": "eno1"}, headers=ALICE), 404,
-        "NodeNotProvisioned")
+    done(web, web.post(f"{base}/deprovision", json={"network": "prov-net", "nic": "eno1"}, headers=ALICE), ALICE)
+    refused(web, web.post(f"{base}/deprovision", json={"network": "prov-net", "nic": "eno1"}, headers=ALICE), ALICE,
+            404, "NodeNotProvisioned")
 
 
 def test_v1_iscsi_is_for_administrators_and_disks_for_members(web: Any, world: World) -> None:
     err(web.post("/v1/projects/proj1/iscsi", json={"image": "golden"}, headers=ALICE), 403, "Forbidden")
     resp = web.post("/v1/projects/proj1/iscsi", json={"image": "golden"}, headers=ADMIN)
-    assert resp.status_code == 201 and resp.get_json()["result"] == "iqn.2017-10.org.moc.bmi:fakeimg1"
+    assert done(web, resp, ADMIN) == "iqn.2017-10.org.moc.bmi:fakeimg1"
     assert web.get("/v1/projects/proj1/iscsi", headers=ALICE).get_json()["result"] == \
         [["golden", "iqn.2017-10.org.moc.bmi:fakeimg1"]]
     err(web.delete("/v1/projects/proj1/iscsi/golden", headers=ALICE), 403)
-    assert web.delete("/v1/projects/proj1/iscsi/golden", headers=ADMIN).status_code == 204
-    err(web.delete("/v1/projects/proj1/iscsi/golden", headers=ADMIN), 404, "TargetNotFound")
+    done(web, web.delete("/v1/projects/proj1/iscsi/golden", headers=ADMIN), ADMIN)
+    refused(web, web.delete("/v1/projects/proj1/iscsi/golden", headers=ADMIN), ADMIN, 404, "TargetNotFound")
     # (a repeated create answers 409 TargetExists; that it leaves the target alone is issue 7 item 3,
     # tested with the operations)
     resp = web.post("/v1/projects/proj1/disks", json={"name": "d1", "image": "golden"}, headers=ALICE)
-    assert resp.status_code == 201 and resp.get_json() == {"result": "fakeimg5"}
+    assert done(web, resp, ALICE) == "fakeimg5"
     assert web.get("/v1/projects/proj1/disks", headers=ALICE).get_json() == {"result": [["d1", "golden"]]}
     # the document allows this body; the state refuses it (d1 is a disk, not an image): 409, not 400
-    err(web.post("/v1/projects/proj1/nodes/node1/provision", json={"image": "d1", "network": "prov-net",
-                                                                    "nic": "eno1"}, headers=ALICE),
-        409, "WrongKind", "d1 is a provisioned disk")
+    refused(web, web.post("/v1/projects/proj1/nodes/node1/provision", json={"image": "d1", "network": "prov-net",
+                                                                             "nic": "eno1"}, headers=ALICE),
+            ALICE, 409, "WrongKind", "d1 is a provisioned disk")
     err(web.put("/provision/", data={"project": "proj1", "node": "node1", "img": "d1", "network": "prov-net",
                                      "nic": "eno1"}, headers=ALICE), 409, "WrongKind")
-    assert web.post("/v1/projects/proj1/nodes/node2/provision", json={"disk": "d1", "nic": "eno1"},
-                    headers=ALICE).status_code == 200
-    assert web.post("/v1/projects/proj1/nodes/node2/deprovision", json={"nic": "eno1"},
-                    headers=ALICE).status_code == 200
-    assert web.delete("/v1/projects/proj1/disks/d1", headers=ALICE).status_code == 204
-    err(web.delete("/v1/projects/proj1/disks/d1", headers=ALICE), 404)
+    done(web, web.post("/v1/projects/proj1/nodes/node2/provision", json={"disk": "d1", "nic": "eno1"},
+                       headers=ALICE), ALICE)
+    done(web, web.post("/v1/projects/proj1/nodes/node2/deprovision", json={"nic": "eno1"}, headers=ALICE), ALICE)
+    done(web, web.delete("/v1/projects/proj1/disks/d1", headers=ALICE), ALICE)
+    refused(web, web.delete("/v1/projects/proj1/disks/d1", headers=ALICE), ALICE, 404)
 
 
 def test_v1_projects_are_listed_and_managed_by_administrators(web: Any) -> None:
