@@ -494,3 +494,113 @@ def test_openapi_marks_exactly_the_admin_only_operations(web: Any) -> None:
         url = path.replace("{project}", "proj1").replace("{img}", "golden")
         resp = web.open(url, method=method.upper(), json=bodies.get(path), headers=ALICE)
         err(resp, 403, "Forbidden")
+
+
+# --- asynchronous operations ---------------------------------------------------------------------
+def _standin(rpc: InProcessClient) -> Any:
+    """Picasso over the interface's stand-in (tests/support/fake_ops.py AsyncStandIn), whose queue a test can
+    hold; Einstein's own queue is tested with Einstein and in tests/integration/test_async_api_real.py."""
+    return rpc.use_standin()
+
+
+def test_v1_mutation_is_202_then_queued_running_done(web: Any, rpc: InProcessClient, world: World) -> None:
+    standin = _standin(rpc)
+    standin.gate.clear()  # hold the queue: the operation stays queued
+    body = {"image": "golden", "network": "prov-net", "nic": "eno1"}
+    resp = web.post("/v1/projects/proj1/nodes/node2/provision", json=body, headers=ALICE)
+    assert resp.status_code == 202
+    record = resp.get_json()["result"]
+    assert record["state"] == "queued" and record["queue_position"] == 1 and record["verb"] == "provision"
+    assert record["project"] == "proj1" and record["user"] == "alice" and "password" not in str(record)
+    assert not world.iscsi.targets  # nothing ran yet
+    loc = resp.headers["Location"]
+    shown = web.get(loc, headers=ALICE).get_json()["result"]
+    assert shown["id"] == record["id"] and shown["state"] == "queued"
+    queued = web.get("/v1/operations?state=queued", headers=ALICE).get_json()["result"]
+    assert [r["id"] for r in queued] == [record["id"]]
+    assert web.get("/v1/operations?state=done", headers=ALICE).get_json()["result"] == []
+    standin.gate.set()
+    assert done(web, resp, ALICE) is None
+    assert world.iscsi.targets and ["node2", "golden"] in \
+        web.get("/v1/projects/proj1/nodes", headers=ALICE).get_json()["result"]
+    listed = web.get("/v1/operations?state=done&project=proj1", headers=ALICE).get_json()["result"]
+    assert [r["id"] for r in listed] == [record["id"]]
+
+
+def test_operations_of_another_tenant_are_not_found(web: Any) -> None:
+    resp = web.post("/v1/projects/proj1/nodes/node1/provision",
+                    json={"image": "golden", "network": "prov-net", "nic": "eno1"}, headers=ALICE)
+    done(web, resp, ALICE)
+    loc = resp.headers["Location"]
+    err(web.get(loc, headers=BOB), 404)  # bob is not in proj1: as if it did not exist
+    err(web.get(loc + "?wait=1", headers=BOB), 404)
+    assert web.get(loc, headers=ADMIN).status_code == 200
+    assert web.get("/v1/operations", headers=BOB).get_json()["result"] == []
+    assert len(web.get("/v1/operations", headers=ADMIN).get_json()["result"]) >= 1
+    err(web.get("/v1/operations?project=proj1", headers=BOB), 401)
+    err(web.get("/v1/operations/999999", headers=ALICE), 404)
+    err(web.get(loc), 401)
+
+
+def test_operation_queries_are_checked(web: Any) -> None:
+    err(web.get("/v1/operations?state=sleeping", headers=ALICE), 400, "InvalidInput", "state")
+    err(web.get("/v1/operations?color=red", headers=ALICE), 400, "InvalidInput", "'color'")
+    err(web.get("/v1/operations/abc", headers=ALICE), 400, "InvalidInput", "operation id")
+    err(web.get("/v1/operations/0", headers=ALICE), 400, "InvalidInput", "operation id")
+    err(web.get("/v1/operations/1?wait=31", headers=ALICE), 400, "InvalidInput", "'wait'")
+    err(web.get("/v1/operations/1?wait=-1", headers=ALICE), 400, "InvalidInput", "'wait'")
+
+
+def test_batch_provisions_one_operation_per_node(web: Any, world: World) -> None:
+    url = "/v1/projects/proj1/provisions"
+    nodes = [{"node": n, "image": "golden", "network": "prov-net", "nic": "eno1"} for n in ("node1", "node2")]
+    resp = web.post(url, json={"nodes": nodes}, headers=ALICE)
+    assert resp.status_code == 202 and "Location" not in resp.headers
+    records = resp.get_json()["result"]
+    assert [r["args"]["node"] for r in records] == ["node1", "node2"] and len({r["id"] for r in records}) == 2
+    for record in records:
+        while record["state"] not in ("done", "failed"):
+            record = web.get(f"/v1/operations/{record['id']}?wait=30", headers=ALICE).get_json()["result"]
+        assert record["state"] == "done", record
+    assert sorted(web.get("/v1/projects/proj1/nodes", headers=ALICE).get_json()["result"]) == \
+        [["node1", "golden"], ["node2", "golden"]]
+
+
+def test_batch_is_all_or_nothing_and_bounded(web: Any, rpc: InProcessClient) -> None:
+    url = "/v1/projects/proj1/provisions"
+    good = {"node": "node1", "image": "golden", "network": "prov-net", "nic": "eno1"}
+    err(web.post(url, json={"nodes": [good, {**good, "node": "a b"}]}, headers=ALICE), 400, text="nodes[1]")
+    err(web.post(url, json={"nodes": [good, {"node": "node2"}]}, headers=ALICE), 400, text="nodes[1]")
+    err(web.post(url, json={"nodes": [good, good]}, headers=ALICE), 400, text="more than once")
+    err(web.post(url, json={"nodes": []}, headers=ALICE), 400, text="1 to 200")
+    roomy = create_app(bmi_config.parse("t.cfg", text=CFG_TEXT.replace("4096", "1048576")), client=rpc)
+    err(roomy.test_client().post(url, json={"nodes": [{**good, "node": f"n{i}"} for i in range(201)]},
+                                 headers=ALICE), 400, text="1 to 200")
+    err(web.post(url, json={"nodes": [good], "x": 1}, headers=ALICE), 400, text="'x'")
+    err(web.post(url, json={"nodes": [good]}, headers=BOB), 401)
+    assert not [c for c in rpc.calls if c[0] == "submit_batch"]  # nothing was queued
+    assert web.get("/v1/operations", headers=ADMIN).get_json()["result"] == []
+
+
+def test_legacy_waits_on_the_operation_in_short_calls(web: Any, rpc: InProcessClient, world: World,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The legacy API answers Success however long the operation takes: it loops on operation_wait."""
+    import threading
+    import time
+
+    from ims.picasso import operations
+
+    standin = _standin(rpc)
+    monkeypatch.setattr(operations, "WAIT_SECONDS", 0.05)
+    standin.gate.clear()
+    answers: list[Any] = []
+    form = {"project": "proj1", "node": "node2", "img": "golden", "network": "prov-net", "nic": "eno1"}
+    thread = threading.Thread(target=lambda: answers.append(web.put("/provision/", data=form, headers=ALICE)))
+    thread.start()
+    while len([c for c in rpc.calls if c[0] == "operation_wait"]) < 3:  # still waiting, call after call
+        time.sleep(0.01)
+    assert not answers
+    standin.gate.set()
+    thread.join(30)
+    is_success(answers[0])
+    assert world.iscsi.targets
