@@ -352,6 +352,8 @@ def test_pro_several_nodes_is_one_batch(picasso: str, rpc: InProcessClient, worl
     ok(run(picasso, "dpro", "proj1", "node2", "prov-net", "eno1"))
     out = ok(run(picasso, "pro", "--no-wait", "proj1", "node1,node2", "golden", "prov-net", "eno1"), None)
     assert [line.split()[0] for line in out.splitlines()] == ["node1", "node2"]
+    for line in out.splitlines():
+        ok(run(picasso, "op", "show", "--wait", line.split()[1]), None)
     # a bad item refuses the whole batch, nothing queued
     fails(run(picasso, "pro", "proj1", "node2,a b", "golden", "prov-net", "eno1"), "nodes[1]")
     assert run(picasso, "pro", "proj1", "node2,", "golden", "prov-net", "eno1").exit_code == 2
