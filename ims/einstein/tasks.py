@@ -10,9 +10,9 @@ Admission control: a task starts only while fewer than ``[scheduler] max_per_gat
 on its iSCSI gateway and fewer than ``max_per_cluster`` on its storage cluster.  The counts are
 global across workers: they are read from the ``task`` table in the same (SQLite: ``BEGIN
 IMMEDIATE``, so serialized) transaction that marks a task running.  Queued tasks are ordered
-fairly across projects: a project's n-th queued task ranks after every project's (n-1)-th, counting
-its running tasks as already served, so one project's batch of 100 never starves another's single
-provision (``queue_position`` is the rank, 1-based).  A worker only starts its own tasks but leaves
+round-robin across projects: the next turn goes to the project served least recently, so one
+project's batch of 100 never starves another's single provision (``queue_position`` is the rank
+in that order, 1-based).  A worker only starts its own tasks but leaves
 room for other workers' tasks that rank ahead of them.
 
 Progress comes from the journal: ``journal.OPERATION_STARTED`` links each journal row the call
@@ -35,7 +35,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from ims.common import names
@@ -79,26 +79,39 @@ NOT_STARTED = "the back-end stopped before it started; nothing was done"
 def _iso(value: datetime | None) -> str | None:
     if value is None:
         return None
-    if value.tzinfo is None:  # SQLite returns naive datetimes: they are UTC
-        value = value.replace(tzinfo=UTC)
-    return value.isoformat()
+    return _aware(value).isoformat()  # SQLite returns naive datetimes: they are UTC
 
 
-def fair_order(queued: Iterable[tuple[int, str]], running_per_project: dict[str, int]) -> list[int]:
+def fair_order(queued: Iterable[tuple[int, str]], last_started: dict[str, Any]) -> list[int]:
     """Ids of queued tasks ``(id, project)`` in the order they may start: round-robin by project.
 
-    A project's k-th queued task ranks at ``k + its running tasks``; ties go to the project
-    whose oldest queued task is older, then to the older task.
+    The next turn goes to the project served least recently (``last_started``: when its latest
+    task started; projects never served first, then by their oldest queued task), which gives
+    its oldest queued task and goes to the back of the round.
     """
     per_project: dict[str, list[int]] = {}
     for task_id, project in sorted(queued):
         per_project.setdefault(project, []).append(task_id)
-    keyed = []
+    # (0, rank) for never served, (1, time) for served ones; then the oldest queued id.
+    turn: dict[str, tuple[Any, ...]] = {}
     for project, ids in per_project.items():
-        base = running_per_project.get(project, 0)
-        for k, task_id in enumerate(ids):
-            keyed.append(((k + base, ids[0], task_id), task_id))
-    return [task_id for _key, task_id in sorted(keyed)]
+        last = last_started.get(project)
+        turn[project] = (0, ids[0]) if last is None else (1, _aware(last), ids[0])
+    order: list[int] = []
+    served = 0
+    while per_project:
+        project = min(per_project, key=lambda p: turn[p])
+        ids = per_project[project]
+        order.append(ids.pop(0))
+        if not ids:
+            del per_project[project]
+        served += 1
+        turn[project] = (2, served)
+    return order
+
+
+def _aware(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
 class Tasks:
@@ -236,7 +249,6 @@ class Tasks:
                 alive = self._alive({r.owner for r in rows})
                 run_gw: dict[str, int] = {}
                 run_cl: dict[str, int] = {}
-                run_proj: dict[str, int] = {}
                 queued, info = [], {}
                 for r in rows:
                     if not alive[r.owner]:
@@ -245,11 +257,10 @@ class Tasks:
                         if r.gateway:
                             run_gw[r.gateway] = run_gw.get(r.gateway, 0) + 1
                         run_cl[r.cluster] = run_cl.get(r.cluster, 0) + 1
-                        run_proj[r.project] = run_proj.get(r.project, 0) + 1
                     else:
                         queued.append((r.id, r.project))
                         info[r.id] = r
-                for task_id in fair_order(queued, run_proj):
+                for task_id in fair_order(queued, self._last_started(session, queued)):
                     r = info[task_id]
                     if (r.gateway and run_gw.get(r.gateway, 0) >= max_gw) or run_cl.get(r.cluster, 0) >= max_cl:
                         continue
@@ -269,6 +280,15 @@ class Tasks:
                 threading.Thread(target=self._run, args=(task_id, verb, auth, kwargs), name=f"task-{task_id}",
                                  daemon=True).start()
         return len(to_start)
+
+    @staticmethod
+    def _last_started(session: Session, queued: list[tuple[int, str]]) -> dict[str, Any]:
+        projects = sorted({p for _i, p in queued})
+        if not projects:
+            return {}
+        rows = session.execute(select(Task.project, func.max(Task.started_at)).where(Task.project.in_(projects))
+                               .group_by(Task.project)).all()
+        return {project: last for project, last in rows if last is not None}
 
     def _alive(self, owners: set[str]) -> dict[str, bool]:
         return {o: o == self.owner or owner_alive(o) for o in owners}
@@ -318,14 +338,9 @@ class Tasks:
         rows = session.execute(select(Task.id, Task.project, Task.state, Task.owner)
                                .where(Task.state.in_(("queued", "running")))).all()
         alive = self._alive({r.owner for r in rows})
-        run_proj: dict[str, int] = {}
-        queued = []
-        for r in rows:
-            if r.state == "running" and alive[r.owner]:
-                run_proj[r.project] = run_proj.get(r.project, 0) + 1
-            elif r.state == "queued":
-                queued.append((r.id, r.project))
-        return {task_id: pos for pos, task_id in enumerate(fair_order(queued, run_proj), start=1)}
+        queued = [(r.id, r.project) for r in rows if r.state == "queued" and alive[r.owner]]
+        order = fair_order(queued, self._last_started(session, queued))
+        return {task_id: pos for pos, task_id in enumerate(order, start=1)}
 
     def _record(self, task: Task, positions: dict[int, int], ops: dict[int, Operation]) -> dict[str, Any]:
         steps: list[dict[str, Any]] = []
