@@ -1,9 +1,12 @@
 """Asynchronous operations against REAL parts: a throwaway Ceph cluster, a private tgtd read back
 through libiscsi, the HIL simulator over HTTP, SQLite on disk.  submit -> wait -> done with the
 node's target live; a batch of 10 provisions under ``[scheduler] max_per_gateway = 2`` all succeed
-and the task table never shows more than 2 running at once."""
+and the task table never shows more than 2 running at once; a worker SIGKILLed mid-task leaves its
+running task rolled back and its queued ones failed, once recovery (as Einstein runs it) is done."""
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 import textwrap
 import threading
@@ -20,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 from ims.common import config  # noqa: E402
 from ims.database.models import Task  # noqa: E402
 from ims.einstein.operations import Operations  # noqa: E402
+from ims.einstein.tasks import NOT_STARTED  # noqa: E402
 from tests.support import iscsi_rw  # noqa: E402
 from tests.support.ceph import purge_images  # noqa: E402
 from tests.support.hil import HILSimulator, HILSimulatorError, example_inventory, start_hil_simulator  # noqa: E402
@@ -165,3 +169,49 @@ def test_batch_of_ten_under_a_gateway_bound_of_two(ops: Operations, tgtd: Any) -
                                                   for n in nodes])
     assert [wait(ops, r)["state"] for r in gone] == ["done"] * 10
     assert ops.list_provisioned(USER, PROJECT) == []
+
+
+# An Einstein worker in miniature: it accepts a batch of 3 provisions (bound 1: one runs, two wait)
+# and is SIGKILLed right after the running one wrote its node's boot files.
+CHILD = """
+import json, os, signal, sys, time
+from ims.common import config
+from ims.einstein.operations import Operations
+ops = Operations.from_config(config.parse(sys.argv[1]))
+auth = {"username": "haas", "password": "secret"}
+def hook(name, phase):
+    if (name, phase) == ("boot.write", "after"):
+        os.kill(os.getpid(), signal.SIGKILL)
+ops.journal.fault_hook = hook
+items = [json.loads(a) for a in sys.argv[2:]]
+recs = ops.submit_batch(auth, "provision", items)
+print(json.dumps([r["id"] for r in recs]), flush=True)
+time.sleep(120)
+"""
+
+
+def test_worker_killed_mid_task_recovery_settles_its_tasks(ops: Operations, tgtd: Any) -> None:
+    ops.core.cfg.scheduler.values["max_per_gateway"] = 1
+    cfg_path = Path(ops.cfg.path)
+    text = cfg_path.read_text().replace("max_per_gateway = 2", "max_per_gateway = 1")
+    cfg_path.write_text(text)
+    nodes = NODES[:3]
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(cfg_path), *[json.dumps(pro(ops, n)) for n in nodes]],
+                          capture_output=True, text=True, timeout=300, cwd=str(ROOT), check=False)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    ids = json.loads(proc.stdout.strip().splitlines()[0])
+    before = {i: ops.operation_show(USER, i)["state"] for i in ids}
+    assert before == {ids[0]: "running", ids[1]: "queued", ids[2]: "queued"}
+    assert ops.operation_show(USER, ids[0])["step"] == "boot.write"
+    summary = ops.recover()  # what Einstein's supervisor runs before it respawns the dead worker
+    assert summary["tasks"]["not_started"] == ids[1:] and summary["tasks"]["failed"] == ids[:1]
+    after = {i: ops.operation_show(USER, i) for i in ids}
+    assert after[ids[0]]["state"] == "failed" and "rolled back" in after[ids[0]]["error"]["message"]
+    for i in ids[1:]:
+        assert after[i]["state"] == "failed" and after[i]["error"]["message"] == NOT_STARTED
+    # nothing of the three is left: no row, no target, no boot file; the nodes can be provisioned again
+    assert ops.list_provisioned(USER, PROJECT) == []
+    assert [t for t in ops.iscsi.live_targets() if t.startswith(UID)] == []
+    assert not list((cfg_path.parent / "tftp").glob("*.ipxe"))
+    again = wait(ops, ops.submit(USER, "provision", pro(ops, nodes[0])))
+    assert again["state"] == "done", again
