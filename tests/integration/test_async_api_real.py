@@ -42,9 +42,11 @@ def follow(stack: Stack, location: str, auth: tuple[str, str] = TENANT) -> dict[
 
 
 def targets_of(stack: Stack, node: str) -> list[str]:
-    rows = [line for line in stack.bmi("db", "ls").stdout.splitlines() if f"| {node} " in line]
-    ceph = [c.strip() for c in rows[0].strip().strip("|").split("|")][3] if rows else None
-    return [t for t in stack.targets() if ceph and t.endswith(ceph)]
+    """The live tgtd targets of ``node``'s clone (none when it has no clone)."""
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in stack.bmi("db", "ls").stdout.splitlines() if line.startswith("|")]
+    ceph = [r[3] for r in rows if r[1] == node]
+    return [t for t in stack.targets() if ceph and t.endswith(ceph[0])]
 
 
 def test_cli_waits_and_prints_success(stack: Stack) -> None:
