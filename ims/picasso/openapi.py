@@ -226,8 +226,8 @@ def _paths() -> dict[str, dict[str, Any]]:
         },
         "/v1/projects/{project}/provisions": {
             "post": _op("provisionBatch", f"Provision several nodes ({{nodes: [{{node, image, network, nic}}]}}, 1 to "
-                        f"{MAX_BATCH}, each node once): one operation per node, all queued or none (400 naming "
-                        "the first invalid item)", _P,
+                        f"{MAX_BATCH}, each node once: 409 otherwise): one operation per node, all queued or none "
+                        "(400 naming the first invalid item)", _P,
                         _accepted("each node", {"type": "array", "items": OPERATION}, location=False),
                         Body({"nodes": ({"type": "array", "minItems": 1, "maxItems": MAX_BATCH,
                                          "items": BATCH_NODE.schema()}, "")}, ("nodes",))),

@@ -10,7 +10,7 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
-from ims.common.errors import Forbidden, InvalidInput
+from ims.common.errors import Conflict, Forbidden, InvalidInput
 from ims.common.names import validate_name
 from ims.picasso import openapi as spec
 from ims.picasso.auth import admin_access, client, credentials, project_access
@@ -237,8 +237,8 @@ def provision_batch(project: str) -> Any:
             b = _check(spec.BATCH_NODE, item)
         except InvalidInput as exc:
             raise InvalidInput(f"nodes[{i}]: {exc.message}") from None
-        if b["node"] in seen:
-            raise InvalidInput(f"nodes[{i}]: node {b['node']!r} appears more than once")
+        if b["node"] in seen:  # the document cannot say "unique by node": a conflict within the batch
+            raise Conflict(f"nodes[{i}]: node {b['node']!r} appears more than once in the batch")
         seen.add(b["node"])
         items.append({"project": project, "node": b["node"], "img": b["image"], "network": b["network"],
                       "nic": b["nic"]})

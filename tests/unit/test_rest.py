@@ -571,7 +571,7 @@ def test_batch_is_all_or_nothing_and_bounded(web: Any, rpc: InProcessClient) -> 
     good = {"node": "node1", "image": "golden", "network": "prov-net", "nic": "eno1"}
     err(web.post(url, json={"nodes": [good, {**good, "node": "a b"}]}, headers=ALICE), 400, text="nodes[1]")
     err(web.post(url, json={"nodes": [good, {"node": "node2"}]}, headers=ALICE), 400, text="nodes[1]")
-    err(web.post(url, json={"nodes": [good, good]}, headers=ALICE), 400, text="more than once")
+    err(web.post(url, json={"nodes": [good, good]}, headers=ALICE), 409, "Conflict", "nodes[1]: node 'node1' appears")
     err(web.post(url, json={"nodes": []}, headers=ALICE), 400, text="1 to 200")
     roomy = create_app(bmi_config.parse("t.cfg", text=CFG_TEXT.replace("4096", "1048576")), client=rpc)
     err(roomy.test_client().post(url, json={"nodes": [{**good, "node": f"n{i}"} for i in range(201)]},
