@@ -91,7 +91,7 @@ def test_help_without_env_or_config() -> None:
     proc = subprocess.run([BMI, "--help"], env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
                           check=False, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    for word in ("import", "pro", "dpro", "snap", "db", "showpro", "project", "iscsi", "disk", "reconcile"):
+    for word in ("import", "pro", "dpro", "snap", "db", "showpro", "project", "iscsi", "disk", "reconcile", "op"):
         assert f"  {word} " in proc.stdout
     proc = subprocess.run([BMI, "snap", "create", "--help"], env={"PATH": "/usr/bin:/bin"}, capture_output=True,
                           text=True, check=False, timeout=60)
