@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -418,3 +419,49 @@ def test_nothing_printed_for_an_operation_done_at_once() -> None:
     stream = io.StringIO()
     assert ops.wait(_Scripted([]), [_rec("done", 100)], stream)[0]["state"] == "done"
     assert stream.getvalue() == ""
+
+
+def test_progress_bar_on_a_real_terminal(picasso: str, rpc: InProcessClient, world: World) -> None:
+    """`bmi pro` with stderr on a pseudo-terminal: a progress bar there while the operation is queued,
+    then exactly `Success` on stdout (a pipe)."""
+    import pty
+    import select
+    import time
+
+    standin = rpc.use_standin()
+    standin.gate.clear()  # the operation stays queued until the bar has been seen
+    master, slave = pty.openpty()
+    env = {"PATH": "/usr/bin:/bin", "BMI_URL": picasso, "HIL_USERNAME": "alice", "HIL_PASSWORD": "alice-pw",
+           "BMI_CONFIG": "/nonexistent", "TERM": "xterm"}
+    proc = subprocess.Popen([BMI, "pro", "proj1", "node2", "golden", "prov-net", "eno1"], env=env,
+                            stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL)
+    os.close(slave)
+    seen = b""
+    deadline = time.monotonic() + 120  # a bound on a hang, not a performance threshold
+    try:
+        while b"provision node2 golden (proj1)" not in seen:
+            assert time.monotonic() < deadline and proc.poll() is None, seen
+            if select.select([master], [], [], 0.5)[0]:
+                seen += os.read(master, 4096)
+        assert not world.iscsi.targets  # still queued: the bar was drawn while waiting
+        before = seen.decode(errors="replace")
+        assert re.search(r"\[[^\]]*\]\s+0%", before) and "100%" not in before, before
+        standin.gate.set()
+        stdout, _ = proc.communicate(timeout=120)
+        while select.select([master], [], [], 0.2)[0]:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and stdout == b"Success\n"
+    text = seen.decode(errors="replace")
+    assert re.search(r"\[#+\]\s+100%", text), text  # the full bar once done
+    assert "queued" not in text
+    assert world.iscsi.targets

@@ -604,3 +604,25 @@ def test_legacy_waits_on_the_operation_in_short_calls(web: Any, rpc: InProcessCl
     thread.join(30)
     is_success(answers[0])
     assert world.iscsi.targets
+
+
+def test_openapi_documents_202_with_location_for_every_queued_mutation() -> None:
+    doc = document()
+    accepted = {(p, m) for p, ops in doc["paths"].items() for m, op in ops.items() if "202" in op["responses"]}
+    assert accepted == {
+        ("/v1/projects/{project}/images", "post"), ("/v1/projects/{project}/images/{img}", "delete"),
+        ("/v1/projects/{project}/images/{img}/export", "post"), ("/v1/projects/{project}/images/{img}/copy", "post"),
+        ("/v1/projects/{project}/images/{img}/move", "post"), ("/v1/projects/{project}/snapshots/{snap}", "delete"),
+        ("/v1/projects/{project}/nodes/{node}/provision", "post"), ("/v1/projects/{project}/provisions", "post"),
+        ("/v1/projects/{project}/nodes/{node}/deprovision", "post"),
+        ("/v1/projects/{project}/nodes/{node}/snapshots", "post"), ("/v1/projects/{project}/iscsi", "post"),
+        ("/v1/projects/{project}/iscsi/{img}", "delete"), ("/v1/projects/{project}/disks", "post"),
+        ("/v1/projects/{project}/disks/{disk}", "delete")}
+    for path, method in accepted:
+        responses = doc["paths"][path][method]["responses"]
+        assert not {"200", "201", "204"} & set(responses), (path, method)
+        if path != "/v1/projects/{project}/provisions":
+            assert "Location" in responses["202"]["headers"], (path, method)
+        schema = responses["202"]["content"]["application/json"]["schema"]["properties"]["result"]
+        record = schema.get("items", schema)
+        assert {"id", "state", "progress"} <= set(record["properties"]) and "error" in record["properties"]
