@@ -442,12 +442,17 @@ class Tasks:
             raise InvalidInput("invalid timeout")
         record = self.show(auth, op_id)
         deadline = time.monotonic() + max(0.0, min(float(timeout), self.wait_cap()))
+        pause = 0.005
         while record["state"] not in ("done", "failed"):
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            with self._cond:  # this worker's tasks wake it when they end; others' are polled
-                self._cond.wait(min(left, 0.1 if record["id"] not in self._running else 1.0))
+            # This worker's own tasks wake it the moment they end; another worker's are polled,
+            # soon at first (most operations take tens of ms), then every 0.1 s.
+            with self._cond:
+                local = record["id"] in self._running or record["id"] in self._pending
+                self._cond.wait(min(left, 1.0 if local else pause))
+            pause = min(0.1, pause * 2)
             record = self.records([record["id"]])[0]
         return record
 

@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT))
 from ims.common.errors import AuthenticationFailed, InvalidInput, InvalidName, OperationNotFound  # noqa: E402
 from ims.database.models import Operation, Task  # noqa: E402
 from ims.einstein.tasks import NOT_STARTED, fair_order  # noqa: E402
+from ims.rpc.dispatch import EinsteinEndpoint  # noqa: E402
 from tests.support.fake_ops import ADMIN, ALICE, BOB, World, client  # noqa: E402
 
 DEAD_OWNER = "host-that-is-gone:999999:1"  # another host: see _dead() below
@@ -279,6 +280,26 @@ def test_drain_fails_unstarted_tasks(world: World) -> None:
     assert wait_all(world, [first])[0]["state"] == "done"
     assert world.ops.drain_tasks(5) is True
     assert sorted(p[0] for p in world.ops.list_provisioned(ALICE, "proj1")) == ["a1"]
+
+
+def test_sigterm_drain_of_the_endpoint_covers_tasks(world: World) -> None:
+    world.cfg.scheduler.values["max_per_gateway"] = 1
+    endpoint = EinsteinEndpoint(world.ops)
+    gate = Gate(world)
+    reply = endpoint.call("submit_batch", [ALICE, "provision", [provision("a1"), provision("a2")]], {})
+    assert reply["ok"], reply
+    first, second = reply["result"]
+    assert gate.arrived.wait(10)
+    endpoint.start_draining()
+    refused = endpoint.call("submit", [ALICE, "provision", provision("a3")], {})
+    assert not refused["ok"] and refused["not_started"] and refused["error"]["status"] == 503
+    assert endpoint.wait_idle(0) is False  # a1 still runs; a2 never started: failed, nothing done
+    assert world.ops.operation_show(ALICE, second["id"])["error"]["message"] == NOT_STARTED
+    gate.open.set()
+    assert endpoint.wait_idle(10) is True
+    assert world.ops.operation_show(ALICE, first["id"])["state"] == "done"
+    assert [p[0] for p in world.ops.list_provisioned(ALICE, "proj1")] == ["a1"]
+    assert count(world, state="queued") == 0 and count(world, state="running") == 0
 
 
 def test_wait_is_capped_below_the_rpc_timeout(world: World) -> None:
