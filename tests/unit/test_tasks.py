@@ -173,6 +173,33 @@ def test_fair_across_projects_under_a_bound_of_one(world: World) -> None:
     assert gate.order == [first["id"], b1, a2, b2, a3, b3]
 
 
+def test_bound_and_turns_are_global_across_workers(world: World) -> None:
+    """Two workers (two Operations on one database, the second with another owner): the bound counts
+    both, and a worker leaves the slot to another worker's task that ranks ahead of its own."""
+    from ims.einstein.boot import BootFiles
+    from ims.einstein.operations import Operations
+
+    world.cfg.scheduler.values["max_per_gateway"] = 1
+    boot = BootFiles(world.cfg.tftp.pxelinux_path, world.cfg.tftp.ipxe_path, "127.0.0.1")
+    other = Operations(world.cfg, world.storage, world.iscsi, boot, world.hil.client)
+    other._tasks.owner = "another-host:4242:1"  # alive by definition (another host's process)
+    try:
+        gate = Gate(world)
+        other.journal.fault_hook = gate.hook
+        a1 = world.ops.submit(ALICE, "provision", provision("a1"))
+        assert gate.arrived.wait(10)
+        a2 = world.ops.submit(ALICE, "provision", provision("a2"))
+        b1 = other.submit(BOB, "provision", provision("b1", "proj2"))
+        assert b1["state"] == "queued" and b1["queue_position"] == 1
+        assert world.ops.operation_show(ALICE, a2["id"])["queue_position"] == 2
+        gate.open.set()
+        done = wait_all(world, [a1, a2, b1], ADMIN)  # waits on the other worker's task poll the table
+        assert [r["state"] for r in done] == ["done"] * 3, done
+        assert gate.order == [a1["id"], b1["id"], a2["id"]]
+    finally:
+        other.close()
+
+
 def test_admission_bound_is_respected(world: World) -> None:
     world.cfg.scheduler.values["max_per_gateway"] = 2
     barrier = threading.Barrier(2, timeout=20)  # two tasks must really run side by side
