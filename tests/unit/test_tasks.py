@@ -349,3 +349,15 @@ def test_fair_order() -> None:
     assert fair_order([(2, "a"), (3, "a"), (4, "b")], {"a": late, "b": early}) == [4, 2, 3]
     assert fair_order([(2, "a"), (3, "a"), (4, "b")], {"a": early, "b": late}) == [2, 4, 3]
     assert fair_order([], {"a": early}) == []
+
+
+def test_scheduler_config_keys() -> None:
+    from ims.common import config
+    from ims.common.errors import ConfigError
+
+    base = "[bmi]\nuid = 5\n[iscsi]\nip = 10.0.0.1\n[net_isolator]\nurl = http://127.0.0.1:7000\n"
+    cfg = config.parse("x.cfg", base)
+    assert cfg.scheduler.max_per_gateway == 8 and cfg.scheduler.max_per_cluster == 16
+    assert config.parse("x.cfg", base + "[scheduler]\nmax_per_gateway = 2\n").scheduler.max_per_gateway == 2
+    with pytest.raises(ConfigError, match=r"\[scheduler\] max_per_cluster"):
+        config.parse("x.cfg", base + "[scheduler]\nmax_per_cluster = 0\n")
