@@ -208,9 +208,13 @@ class Tasks:
             for task_id, args in zip(ids, checked, strict=True):
                 self._pending[task_id] = (verb, dict(auth), args)
         LOG.info("%s by %s queued as operation(s) %s", verb, user, ",".join(map(str, ids)))
-        self._admit()
-        self._ensure_scheduler()
-        return self.records(ids)
+        claimed = self._claim()
+        try:
+            records = self.records(ids)  # as accepted: queued or running, never already finished
+        finally:
+            self._start(claimed)
+            self._ensure_scheduler()
+        return records
 
     # --- scheduling --------------------------------------------------------------
     def _ensure_scheduler(self) -> None:
@@ -228,7 +232,7 @@ class Tasks:
                 if self._closing:
                     return
             try:
-                started = self._admit()
+                started = self._start(self._claim())
             except Exception:  # noqa: BLE001 - e.g. the database is briefly locked: try again
                 LOG.exception("admitting queued operations failed")
                 started = 0
@@ -236,10 +240,10 @@ class Tasks:
                 with self._cond:
                     self._cond.wait(POLL_SECONDS)
 
-    def _admit(self) -> int:
-        """Start this worker's queued tasks that the bounds and the fair order let start now."""
+    def _claim(self) -> list[tuple[int, str, Auth, dict[str, Any]]]:
+        """Mark running this worker's queued tasks that the bounds and the fair order let start now."""
         if not self._pending:
-            return 0
+            return []
         max_gw, max_cl = self._limits()
         with self._admit_lock:
             to_start: list[int] = []
@@ -273,13 +277,19 @@ class Tasks:
                 if to_start:
                     session.execute(update(Task).where(Task.id.in_(to_start), Task.state == "queued")
                                     .values(state="running", started_at=datetime.now(UTC)))
-            for task_id in to_start:
-                with self._cond:
+            claimed = []
+            with self._cond:
+                for task_id in to_start:
                     verb, auth, kwargs = self._pending.pop(task_id)
                     self._running.add(task_id)
-                threading.Thread(target=self._run, args=(task_id, verb, auth, kwargs), name=f"task-{task_id}",
-                                 daemon=True).start()
-        return len(to_start)
+                    claimed.append((task_id, verb, auth, kwargs))
+        return claimed
+
+    def _start(self, claimed: list[tuple[int, str, Auth, dict[str, Any]]]) -> int:
+        for task_id, verb, auth, kwargs in claimed:
+            threading.Thread(target=self._run, args=(task_id, verb, auth, kwargs), name=f"task-{task_id}",
+                             daemon=True).start()
+        return len(claimed)
 
     @staticmethod
     def _last_started(session: Session, queued: list[tuple[int, str]]) -> dict[str, Any]:
@@ -442,12 +452,17 @@ class Tasks:
             raise InvalidInput("invalid timeout")
         record = self.show(auth, op_id)
         deadline = time.monotonic() + max(0.0, min(float(timeout), self.wait_cap()))
+        pause = 0.005
         while record["state"] not in ("done", "failed"):
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            with self._cond:  # this worker's tasks wake it when they end; others' are polled
-                self._cond.wait(min(left, 0.1 if record["id"] not in self._running else 1.0))
+            # This worker's own tasks wake it the moment they end; another worker's are polled,
+            # soon at first (most operations take tens of ms), then every 0.1 s.
+            with self._cond:
+                local = record["id"] in self._running or record["id"] in self._pending
+                self._cond.wait(min(left, 1.0 if local else pause))
+            pause = min(0.1, pause * 2)
             record = self.records([record["id"]])[0]
         return record
 
@@ -509,7 +524,7 @@ class Tasks:
         True when none is left running."""
         with self._cond:
             self._cond.wait_for(lambda: not self._pending and not self._running, max(0.0, timeout))
-        with self._admit_lock, self._cond:  # never while _admit is starting one of them
+        with self._admit_lock, self._cond:  # never while _claim is taking one of them
             unstarted = list(self._pending)
             self._pending.clear()
             running = bool(self._running)

@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT))
 from ims.common.errors import AuthenticationFailed, InvalidInput, InvalidName, OperationNotFound  # noqa: E402
 from ims.database.models import Operation, Task  # noqa: E402
 from ims.einstein.tasks import NOT_STARTED, fair_order  # noqa: E402
+from ims.rpc.dispatch import EinsteinEndpoint  # noqa: E402
 from tests.support.fake_ops import ADMIN, ALICE, BOB, World, client  # noqa: E402
 
 DEAD_OWNER = "host-that-is-gone:999999:1"  # another host: see _dead() below
@@ -172,6 +173,33 @@ def test_fair_across_projects_under_a_bound_of_one(world: World) -> None:
     assert gate.order == [first["id"], b1, a2, b2, a3, b3]
 
 
+def test_bound_and_turns_are_global_across_workers(world: World) -> None:
+    """Two workers (two Operations on one database, the second with another owner): the bound counts
+    both, and a worker leaves the slot to another worker's task that ranks ahead of its own."""
+    from ims.einstein.boot import BootFiles
+    from ims.einstein.operations import Operations
+
+    world.cfg.scheduler.values["max_per_gateway"] = 1
+    boot = BootFiles(world.cfg.tftp.pxelinux_path, world.cfg.tftp.ipxe_path, "127.0.0.1")
+    other = Operations(world.cfg, world.storage, world.iscsi, boot, world.hil.client)
+    other._tasks.owner = "another-host:4242:1"  # alive by definition (another host's process)
+    try:
+        gate = Gate(world)
+        other.journal.fault_hook = gate.hook
+        a1 = world.ops.submit(ALICE, "provision", provision("a1"))
+        assert gate.arrived.wait(10)
+        a2 = world.ops.submit(ALICE, "provision", provision("a2"))
+        b1 = other.submit(BOB, "provision", provision("b1", "proj2"))
+        assert b1["state"] == "queued" and b1["queue_position"] == 1
+        assert world.ops.operation_show(ALICE, a2["id"])["queue_position"] == 2
+        gate.open.set()
+        done = wait_all(world, [a1, a2, b1], ADMIN)  # waits on the other worker's task poll the table
+        assert [r["state"] for r in done] == ["done"] * 3, done
+        assert gate.order == [a1["id"], b1["id"], a2["id"]]
+    finally:
+        other.close()
+
+
 def test_admission_bound_is_respected(world: World) -> None:
     world.cfg.scheduler.values["max_per_gateway"] = 2
     barrier = threading.Barrier(2, timeout=20)  # two tasks must really run side by side
@@ -281,6 +309,26 @@ def test_drain_fails_unstarted_tasks(world: World) -> None:
     assert sorted(p[0] for p in world.ops.list_provisioned(ALICE, "proj1")) == ["a1"]
 
 
+def test_sigterm_drain_of_the_endpoint_covers_tasks(world: World) -> None:
+    world.cfg.scheduler.values["max_per_gateway"] = 1
+    endpoint = EinsteinEndpoint(world.ops)
+    gate = Gate(world)
+    reply = endpoint.call("submit_batch", [ALICE, "provision", [provision("a1"), provision("a2")]], {})
+    assert reply["ok"], reply
+    first, second = reply["result"]
+    assert gate.arrived.wait(10)
+    endpoint.start_draining()
+    refused = endpoint.call("submit", [ALICE, "provision", provision("a3")], {})
+    assert not refused["ok"] and refused["not_started"] and refused["error"]["status"] == 503
+    assert endpoint.wait_idle(0) is False  # a1 still runs; a2 never started: failed, nothing done
+    assert world.ops.operation_show(ALICE, second["id"])["error"]["message"] == NOT_STARTED
+    gate.open.set()
+    assert endpoint.wait_idle(10) is True
+    assert world.ops.operation_show(ALICE, first["id"])["state"] == "done"
+    assert [p[0] for p in world.ops.list_provisioned(ALICE, "proj1")] == ["a1"]
+    assert count(world, state="queued") == 0 and count(world, state="running") == 0
+
+
 def test_wait_is_capped_below_the_rpc_timeout(world: World) -> None:
     world.cfg.rpc.values["timeout"] = 0.2
     world.cfg.scheduler.values["max_per_gateway"] = 1
@@ -301,3 +349,15 @@ def test_fair_order() -> None:
     assert fair_order([(2, "a"), (3, "a"), (4, "b")], {"a": late, "b": early}) == [4, 2, 3]
     assert fair_order([(2, "a"), (3, "a"), (4, "b")], {"a": early, "b": late}) == [2, 4, 3]
     assert fair_order([], {"a": early}) == []
+
+
+def test_scheduler_config_keys() -> None:
+    from ims.common import config
+    from ims.common.errors import ConfigError
+
+    base = "[bmi]\nuid = 5\n[iscsi]\nip = 10.0.0.1\n[net_isolator]\nurl = http://127.0.0.1:7000\n"
+    cfg = config.parse("x.cfg", base)
+    assert cfg.scheduler.max_per_gateway == 8 and cfg.scheduler.max_per_cluster == 16
+    assert config.parse("x.cfg", base + "[scheduler]\nmax_per_gateway = 2\n").scheduler.max_per_gateway == 2
+    with pytest.raises(ConfigError, match=r"\[scheduler\] max_per_cluster"):
+        config.parse("x.cfg", base + "[scheduler]\nmax_per_cluster = 0\n")
