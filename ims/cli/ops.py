@@ -109,5 +109,12 @@ def wait(api: Getter, records: list[dict[str, Any]], stream: Any = None) -> list
                 for i in rest:
                     current[i] = listed[i] if i in listed else api.get(f"/operations/{i}")
             progress.update([current[i] for i in order])
+    except KeyboardInterrupt:
+        # Ctrl-C stops the waiting, not the work: say how to find the operations again.
+        progress.close()
+        ids = " ".join(str(i) for i in order if current[i].get("state") not in FINISHED)
+        click.echo(f"\ninterrupted: BMI carries on with operation(s) {ids}; follow with `bmi op show --wait ID`",
+                   err=True)
+        raise click.exceptions.Exit(130) from None
     finally:
         progress.close()

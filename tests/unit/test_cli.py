@@ -465,3 +465,18 @@ def test_progress_bar_on_a_real_terminal(picasso: str, rpc: InProcessClient, wor
     assert re.search(r"\[#+\]\s+100%", text), text  # the full bar once done
     assert "queued" not in text
     assert world.iscsi.targets
+
+
+def test_ctrl_c_stops_waiting_not_the_operation(capsys: pytest.CaptureFixture[str]) -> None:
+    import click
+
+    from ims.cli import ops
+
+    class Interrupted:
+        def get(self, path: str, params: dict[str, Any] | None = None) -> Any:
+            raise KeyboardInterrupt
+
+    with pytest.raises(click.exceptions.Exit) as exc:
+        ops.wait(Interrupted(), [_rec("queued", pos=1)], io.StringIO())
+    assert exc.value.exit_code == 130
+    assert "BMI carries on with operation(s) 7; follow with `bmi op show --wait ID`" in capsys.readouterr().err
