@@ -6,7 +6,7 @@ from urllib.parse import quote
 
 import click
 
-from ims.cli import output
+from ims.cli import ops, output
 from ims.cli.api import Api, credentials, server_url
 from ims.picasso.openapi import MAX_ID
 
@@ -27,6 +27,28 @@ class Ctx:
 
 
 pass_ctx = click.make_pass_decorator(Ctx)
+
+
+def no_wait(f: Any) -> Any:
+    """The option every mutation has: queue the operation and print its id instead of waiting."""
+    return click.option("--no-wait", is_flag=True,
+                        help="Do not wait: print the operation's id (its record with --json) and exit; "
+                             "follow it with `bmi op show ID`.")(f)
+
+
+def finish(c: Ctx, record: dict[str, Any], no_wait_: bool, show_result: bool = False) -> None:
+    """Wait for the operation a mutation queued (progress on stderr), then print ``Success`` (or, with
+    ``show_result``, the operation's result); a failed operation is an error (exit 1)."""
+    if no_wait_:
+        output.operation_id(record, c.as_json)
+        return
+    final = ops.wait(c.api, [record])[0]
+    if final["state"] == "failed":
+        raise click.ClickException(ops.error_message(final))
+    if show_result:
+        output.value(final.get("result"), c.as_json)
+    else:
+        output.success(c.as_json, final.get("result"))
 
 
 def q(name: str) -> str:
@@ -59,11 +81,12 @@ def cli(ctx: click.Context, as_json: bool) -> None:
 @click.argument("img")
 @click.option("--snap", default=None, help="Import this snapshot of the Ceph image instead of its head.")
 @click.option("--protect", is_flag=True, help="Protect the snapshot if it is not yet protected.")
+@no_wait
 @pass_ctx
-def import_(c: Ctx, project: str, img: str, snap: str | None, protect: bool) -> None:
+def import_(c: Ctx, project: str, img: str, snap: str | None, protect: bool, no_wait: bool) -> None:
     """Import a Ceph image (or one of its snapshots) into PROJECT as IMG."""
-    c.api.post(f"/projects/{q(project)}/images", {"name": img, "snapshot": snap, "protect": protect})
-    output.success(c.as_json)
+    finish(c, c.api.post(f"/projects/{q(project)}/images", {"name": img, "snapshot": snap, "protect": protect}),
+           no_wait)
 
 
 @cli.command("ls")
@@ -78,28 +101,28 @@ def ls(c: Ctx, project: str) -> None:
 @cli.command("rm")
 @click.argument("project")
 @click.argument("img")
+@no_wait
 @pass_ctx
-def rm(c: Ctx, project: str, img: str) -> None:
+def rm(c: Ctx, project: str, img: str, no_wait: bool) -> None:
     """Remove image IMG from PROJECT."""
-    c.api.delete(f"/projects/{q(project)}/images/{q(img)}")
-    output.success(c.as_json)
+    finish(c, c.api.delete(f"/projects/{q(project)}/images/{q(img)}"), no_wait)
 
 
 @cli.command("export")
 @click.argument("project")
 @click.argument("img")
 @click.argument("name")
+@no_wait
 @pass_ctx
-def export(c: Ctx, project: str, img: str, name: str) -> None:
+def export(c: Ctx, project: str, img: str, name: str, no_wait: bool) -> None:
     """Export IMG of PROJECT to a new Ceph image NAME."""
-    c.api.post(f"/projects/{q(project)}/images/{q(img)}/export", {"name": name})
-    output.success(c.as_json)
+    finish(c, c.api.post(f"/projects/{q(project)}/images/{q(img)}/export", {"name": name}), no_wait)
 
 
-def _transfer(c: Ctx, verb: str, src_project: str, img1: str, dest_project: str, img2: str | None) -> None:
-    c.api.post(f"/projects/{q(src_project)}/images/{q(img1)}/{verb}",
-               {"dest_project": dest_project, "dest_name": img2})
-    output.success(c.as_json)
+def _transfer(c: Ctx, verb: str, src_project: str, img1: str, dest_project: str, img2: str | None,
+              no_wait_: bool) -> None:
+    finish(c, c.api.post(f"/projects/{q(src_project)}/images/{q(img1)}/{verb}",
+                         {"dest_project": dest_project, "dest_name": img2}), no_wait_)
 
 
 @cli.command("cp")
@@ -107,10 +130,11 @@ def _transfer(c: Ctx, verb: str, src_project: str, img1: str, dest_project: str,
 @click.argument("img1")
 @click.argument("dest_project")
 @click.argument("img2", required=False)
+@no_wait
 @pass_ctx
-def cp(c: Ctx, src_project: str, img1: str, dest_project: str, img2: str | None) -> None:
+def cp(c: Ctx, src_project: str, img1: str, dest_project: str, img2: str | None, no_wait: bool) -> None:
     """Copy IMG1 of SRC_PROJECT to DEST_PROJECT (as IMG2; to another project: administrators only)."""
-    _transfer(c, "copy", src_project, img1, dest_project, img2)
+    _transfer(c, "copy", src_project, img1, dest_project, img2, no_wait)
 
 
 @cli.command("mv")
@@ -118,10 +142,11 @@ def cp(c: Ctx, src_project: str, img1: str, dest_project: str, img2: str | None)
 @click.argument("img1")
 @click.argument("dest_project")
 @click.argument("img2", required=False)
+@no_wait
 @pass_ctx
-def mv(c: Ctx, src_project: str, img1: str, dest_project: str, img2: str | None) -> None:
+def mv(c: Ctx, src_project: str, img1: str, dest_project: str, img2: str | None, no_wait: bool) -> None:
     """Move IMG1 of SRC_PROJECT to DEST_PROJECT (as IMG2; to another project: administrators only)."""
-    _transfer(c, "move", src_project, img1, dest_project, img2)
+    _transfer(c, "move", src_project, img1, dest_project, img2, no_wait)
 
 
 # --- nodes ---------------------------------------------------------------------------------------
@@ -131,11 +156,33 @@ def mv(c: Ctx, src_project: str, img1: str, dest_project: str, img2: str | None)
 @click.argument("img")
 @click.argument("network")
 @click.argument("nic")
+@no_wait
 @pass_ctx
-def pro(c: Ctx, project: str, node: str, img: str, network: str, nic: str) -> None:
-    """Provision NODE of PROJECT with IMG, connecting NIC to NETWORK."""
-    c.api.post(f"/projects/{q(project)}/nodes/{q(node)}/provision", {"image": img, "network": network, "nic": nic})
-    output.success(c.as_json)
+def pro(c: Ctx, project: str, node: str, img: str, network: str, nic: str, no_wait: bool) -> None:
+    """Provision NODE of PROJECT with IMG, connecting NIC to NETWORK.
+
+    Several nodes: give NODE as a comma-separated list (node1,node2,node3; at most 200).  They are
+    provisioned as one batch, one operation per node, each with the same IMG, NETWORK and NIC name.
+    The command waits for all and prints one line per node, `NODE: Success` or `NODE: failed: why`,
+    and exits 1 if any failed (with --no-wait: `NODE ID` per line).
+    """
+    nodes = [n.strip() for n in node.split(",")]
+    if len(nodes) == 1:
+        finish(c, c.api.post(f"/projects/{q(project)}/nodes/{q(node)}/provision",
+                             {"image": img, "network": network, "nic": nic}), no_wait)
+        return
+    if "" in nodes:
+        raise click.BadParameter("an empty node name in the list", param_hint="NODE")
+    records = c.api.post(f"/projects/{q(project)}/provisions",
+                         {"nodes": [{"node": n, "image": img, "network": network, "nic": nic} for n in nodes]})
+    if no_wait:
+        output.operation_ids(nodes, records, c.as_json)
+        return
+    finals = ops.wait(c.api, records)
+    output.batch(nodes, finals, c.as_json)
+    failed = [n for n, r in zip(nodes, finals, strict=True) if r["state"] == "failed"]
+    if failed:
+        raise click.ClickException(f"{len(failed)} of {len(nodes)} nodes failed: {', '.join(failed)}")
 
 
 @cli.command("dpro")
@@ -143,14 +190,15 @@ def pro(c: Ctx, project: str, node: str, img: str, network: str, nic: str) -> No
 @click.argument("node")
 @click.argument("network")
 @click.argument("nic")
+@no_wait
 @pass_ctx
-def dpro(c: Ctx, project: str, node: str, network: str, nic: str) -> None:
+def dpro(c: Ctx, project: str, node: str, network: str, nic: str, no_wait: bool) -> None:
     """Deprovision NODE of PROJECT, detaching NIC from NETWORK.
 
     NETWORK and NIC must be the ones given to `bmi pro`; the node's NIC is detached only if `pro` attached it.
     """
-    c.api.post(f"/projects/{q(project)}/nodes/{q(node)}/deprovision", {"network": network, "nic": nic})
-    output.success(c.as_json)
+    finish(c, c.api.post(f"/projects/{q(project)}/nodes/{q(node)}/deprovision", {"network": network, "nic": nic}),
+           no_wait)
 
 
 @cli.command("showpro")
@@ -185,11 +233,11 @@ def snap() -> None:
 @click.argument("project")
 @click.argument("node_name", metavar="NODE")
 @click.argument("snap_name")
+@no_wait
 @pass_ctx
-def snap_create(c: Ctx, project: str, node_name: str, snap_name: str) -> None:
+def snap_create(c: Ctx, project: str, node_name: str, snap_name: str, no_wait: bool) -> None:
     """Snapshot NODE's disk as SNAP_NAME.  WARNING: The Node must be in a powered down state."""
-    c.api.post(f"/projects/{q(project)}/nodes/{q(node_name)}/snapshots", {"name": snap_name})
-    output.success(c.as_json)
+    finish(c, c.api.post(f"/projects/{q(project)}/nodes/{q(node_name)}/snapshots", {"name": snap_name}), no_wait)
 
 
 @snap.command("ls")
@@ -203,11 +251,11 @@ def snap_ls(c: Ctx, project: str) -> None:
 @snap.command("rm")
 @click.argument("project")
 @click.argument("snap_name")
+@no_wait
 @pass_ctx
-def snap_rm(c: Ctx, project: str, snap_name: str) -> None:
+def snap_rm(c: Ctx, project: str, snap_name: str, no_wait: bool) -> None:
     """Remove snapshot SNAP_NAME of PROJECT."""
-    c.api.delete(f"/projects/{q(project)}/snapshots/{q(snap_name)}")
-    output.success(c.as_json)
+    finish(c, c.api.delete(f"/projects/{q(project)}/snapshots/{q(snap_name)}"), no_wait)
 
 
 # --- projects ------------------------------------------------------------------------------------
@@ -302,21 +350,21 @@ def iscsi() -> None:
 @iscsi.command("create")
 @click.argument("project_name", metavar="PROJECT")
 @click.argument("img")
+@no_wait
 @pass_ctx
-def iscsi_create(c: Ctx, project_name: str, img: str) -> None:
+def iscsi_create(c: Ctx, project_name: str, img: str, no_wait: bool) -> None:
     """Export IMG as an iSCSI target (administrators only); prints the IQN with --json."""
-    iqn = c.api.post(f"/projects/{q(project_name)}/iscsi", {"image": img})
-    output.success(c.as_json, iqn)
+    finish(c, c.api.post(f"/projects/{q(project_name)}/iscsi", {"image": img}), no_wait)
 
 
 @iscsi.command("rm")
 @click.argument("project_name", metavar="PROJECT")
 @click.argument("img")
+@no_wait
 @pass_ctx
-def iscsi_rm(c: Ctx, project_name: str, img: str) -> None:
+def iscsi_rm(c: Ctx, project_name: str, img: str, no_wait: bool) -> None:
     """Remove IMG's iSCSI target (administrators only)."""
-    c.api.delete(f"/projects/{q(project_name)}/iscsi/{q(img)}")
-    output.success(c.as_json)
+    finish(c, c.api.delete(f"/projects/{q(project_name)}/iscsi/{q(img)}"), no_wait)
 
 
 @iscsi.command("ls")
@@ -337,21 +385,22 @@ def disk() -> None:
 @click.argument("project_name", metavar="PROJECT")
 @click.argument("img")
 @click.argument("disk_name")
+@no_wait
 @pass_ctx
-def disk_create(c: Ctx, project_name: str, img: str, disk_name: str) -> None:
+def disk_create(c: Ctx, project_name: str, img: str, disk_name: str, no_wait: bool) -> None:
     """Create DISK_NAME from IMG; prints the target name."""
-    target = c.api.post(f"/projects/{q(project_name)}/disks", {"name": disk_name, "image": img})
-    output.value(target, c.as_json)
+    finish(c, c.api.post(f"/projects/{q(project_name)}/disks", {"name": disk_name, "image": img}), no_wait,
+           show_result=True)
 
 
 @disk.command("delete")
 @click.argument("project_name", metavar="PROJECT")
 @click.argument("disk_name")
+@no_wait
 @pass_ctx
-def disk_delete(c: Ctx, project_name: str, disk_name: str) -> None:
+def disk_delete(c: Ctx, project_name: str, disk_name: str, no_wait: bool) -> None:
     """Delete DISK_NAME."""
-    c.api.delete(f"/projects/{q(project_name)}/disks/{q(disk_name)}")
-    output.success(c.as_json)
+    finish(c, c.api.delete(f"/projects/{q(project_name)}/disks/{q(disk_name)}"), no_wait)
 
 
 @cli.command("showdisks")
@@ -360,6 +409,56 @@ def disk_delete(c: Ctx, project_name: str, disk_name: str) -> None:
 def showdisks(c: Ctx, project_name: str) -> None:
     """List the disks of PROJECT."""
     output.rows(["Disk", "Source Image"], c.api.get(f"/projects/{q(project_name)}/disks"), c.as_json)
+
+
+# --- asynchronous operations --------------------------------------------------------------------------
+@cli.group("op")
+def op() -> None:
+    """Operations: every change (pro, dpro, snap create, import, ...) runs as an operation that BMI queues.
+
+    Commands wait for their operation by default; with --no-wait they print its id, to follow here.
+    """
+
+
+OP_COLUMNS = ["Id", "Verb", "Project", "State", "Queue", "Progress", "Step", "User", "Created", "Error"]
+
+
+def _op_row(r: dict[str, Any]) -> list[Any]:
+    return [r["id"], r.get("verb"), r.get("project"), r.get("state"), r.get("queue_position"),
+            f"{int(r.get('progress') or 0)}%", r.get("step"), r.get("user"), r.get("created_at"),
+            ops.error_message(r) if r.get("state") == "failed" else None]
+
+
+@op.command("ls")
+@click.option("--state", type=click.Choice(["queued", "running", "done", "failed"]), default=None,
+              help="Only operations in this state.")
+@click.option("--project", default=None, help="Only operations of this project.")
+@click.option("--json", "as_json", is_flag=True, help="Print the operation records as JSON.")
+@pass_ctx
+def op_ls(c: Ctx, state: str | None, project: str | None, as_json: bool) -> None:
+    """List the newest operations you may see (administrators: all), newest first."""
+    params = {k: v for k, v in (("state", state), ("project", project)) if v is not None}
+    records = c.api.get("/operations", params)
+    if as_json or c.as_json:
+        output.records(records)
+    else:
+        output.rows(OP_COLUMNS, [_op_row(r) for r in records], False)
+
+
+@op.command("show")
+@click.argument("op_id", metavar="ID", type=ID)
+@click.option("--wait", "wait_", is_flag=True, help="Wait for the operation to finish first (progress on stderr).")
+@click.option("--json", "as_json", is_flag=True, help="Print the operation record as JSON.")
+@pass_ctx
+def op_show(c: Ctx, op_id: int, wait_: bool, as_json: bool) -> None:
+    """Show operation ID: state, queue position, progress, step, result or error."""
+    record = c.api.get(f"/operations/{op_id}")
+    if wait_:
+        record = ops.wait(c.api, [record])[0]
+    if as_json or c.as_json:
+        output.records(record)
+    else:
+        output.fields(record)
 
 
 # --- administration --------------------------------------------------------------------------------------

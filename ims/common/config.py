@@ -120,6 +120,12 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
     "journal": {
         "retry_seconds": (float, 30.0),
     },
+    "scheduler": {
+        # Asynchronous operations running at once, across all workers, per iSCSI gateway
+        # ([iscsi] ip:port) and per storage cluster ([fs]); the rest wait, fairly across projects.
+        "max_per_gateway": (int, 8),
+        "max_per_cluster": (int, 16),
+    },
 }
 
 
@@ -251,6 +257,10 @@ def _validate(cfg: BMIConfig) -> None:
             raise ConfigError(f"{cfg.path}: invalid value for [bmi] import_pattern: {exc}") from None
     if bool(cfg.net_isolator.service_username) != bool(cfg.net_isolator.service_password):
         raise ConfigError(f"{cfg.path}: [net_isolator] service_username and service_password go together")
+    for key in ("max_per_gateway", "max_per_cluster"):
+        if cfg.scheduler.values[key] < 1:
+            raise ConfigError(f"{cfg.path}: invalid value {cfg.scheduler.values[key]} for [scheduler] {key}: "
+                              "use 1 or more")
     if cfg.rpc.workers < 1:
         raise ConfigError(f"{cfg.path}: invalid value {cfg.rpc.workers} for [rpc] workers")
 

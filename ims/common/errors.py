@@ -136,6 +136,10 @@ class NodeNotProvisioned(NotFound):
     pass
 
 
+class OperationNotFound(NotFound):
+    """No asynchronous operation with that id, or none the caller may see."""
+
+
 class StorageError(ServiceUnavailable):
     """The storage back-end failed or cannot be reached."""
 

@@ -98,3 +98,33 @@ class Lock(Base):
     owner: Mapped[str] = mapped_column(String(128), nullable=False)
     purpose: Mapped[str] = mapped_column(String(64), nullable=False)
     acquired_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Task(Base):
+    """An asynchronous operation (ims/einstein/tasks.py): one queued call of a mutating verb.
+
+    ``args`` are the verb's arguments without credentials (the accepting worker keeps those
+    in memory only); ``owner`` is that worker process (``host:pid:start``), which alone can
+    run the task.  ``journal_ops`` lists the journal rows (``operation.id``) the call opened:
+    its steps and outcome come from there.
+    """
+
+    __tablename__ = "task"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    verb: Mapped[str] = mapped_column(String(32), nullable=False)
+    project: Mapped[str] = mapped_column(String(64), nullable=False)
+    user: Mapped[str] = mapped_column(String(64), nullable=False)
+    args: Mapped[str] = mapped_column(Text, nullable=False, default="{}")          # JSON, never a secret
+    # queued -> running -> done | failed
+    state: Mapped[str] = mapped_column(String(16), nullable=False, default="queued", index=True)
+    owner: Mapped[str] = mapped_column(String(128), nullable=False)
+    gateway: Mapped[str | None] = mapped_column(String(160), nullable=True)       # iSCSI gateway it uses
+    cluster: Mapped[str] = mapped_column(String(160), nullable=False)             # storage cluster it uses
+    journal_ops: Mapped[str] = mapped_column(Text, nullable=False, default="[]")  # JSON list of operation.id
+    result: Mapped[str | None] = mapped_column(Text, nullable=True)               # JSON
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)                # JSON {status, type, message}
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

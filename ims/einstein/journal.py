@@ -25,6 +25,7 @@ at start, after a worker died, and every ``[journal] retry_seconds``.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -51,6 +52,11 @@ T = TypeVar("T")
 LOCKS_KEY = "_locks"
 # Purpose of a lock taken over from a dead owner while its operations are finished.
 RECOVERY_PURPOSE = "recovery"
+
+# Called (session, operation id) in the transaction that opens each journal row of this context:
+# ims/einstein/tasks.py links an asynchronous operation to the rows its call opens.
+OPERATION_STARTED: contextvars.ContextVar[Callable[[Session, int], None] | None] = contextvars.ContextVar(
+    "bmi_operation_started", default=None)
 
 UndoFn = Callable[[dict[str, Any], "RecoveryContext"], None]
 ForwardFn = Callable[[dict[str, Any], "RecoveryContext"], None]
@@ -342,6 +348,9 @@ class Journal:
             session.add(op)
             session.flush()
             op_id = op.id
+            hook = OPERATION_STARTED.get()
+            if hook is not None:
+                hook(session, op_id)
         tx = Tx(self, op_id, kind, args, ctx)
         try:
             yield tx

@@ -29,6 +29,7 @@ from ims.einstein.ops.reconcile import Reconcile
 from ims.einstein.ops.snapshots import Snapshots
 from ims.einstein.ops.steps import Steps
 from ims.einstein.storage.base import Storage
+from ims.einstein.tasks import Tasks
 
 LOG = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class Operations:
         self._projects = Projects(core)
         self._disks = Disks(core, steps)
         self._reconcile = Reconcile(core, steps)
+        self._tasks = Tasks(self, core)
         # Journal recovery of a dead worker's operations (run under its locks) builds its context
         # here: with [net_isolator] service_* it can undo HIL changes, else it leaves notes.
         setattr(self.journal, "context_factory", core.service_context)  # noqa: B010 - may predate the attribute
@@ -71,6 +73,7 @@ class Operations:
         return cls(cfg, storage_drivers.from_config(cfg), iscsi_drivers.from_config(cfg), boot, net_factory)
 
     def close(self) -> None:
+        self._tasks.close()
         self.storage.close()
         self.engine.dispose()
 
@@ -85,10 +88,37 @@ class Operations:
         """
         ctx = RecoveryContext(net=self.core.net(auth)) if auth else self.core.service_context()
         summary = self.journal.recover(ctx)
+        # After the journal: a dead worker's running tasks take the outcome of their journal rows.
+        summary["tasks"] = self._tasks.recover()
         if any(summary[k] for k in ("rolled_back", "rolled_forward", "failed")):
             LOG.warning("journal recovery: %s", {k: len(summary[k]) for k in ("rolled_back", "rolled_forward",
                                                                               "failed")})
         return summary
+
+    def drain_tasks(self, timeout: float) -> bool:
+        """On SIGTERM: let this worker's asynchronous operations finish (True) or fail the unstarted ones."""
+        return self._tasks.drain(timeout)
+
+    # --- asynchronous operations (ims/einstein/tasks.py) -------------------------------
+    @rpc()
+    def submit(self, auth: Auth, verb: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        return self._tasks.submit(auth, verb, kwargs)
+
+    @rpc()
+    def submit_batch(self, auth: Auth, verb: str, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return self._tasks.submit_batch(auth, verb, items)
+
+    @rpc(read_only=True)
+    def operation_show(self, auth: Auth, op_id: int) -> dict[str, Any]:
+        return self._tasks.show(auth, op_id)
+
+    @rpc(read_only=True)
+    def operation_list(self, auth: Auth, state: str | None = None, project: str | None = None) -> list[dict[str, Any]]:
+        return self._tasks.list(auth, state, project)
+
+    @rpc(read_only=True)
+    def operation_wait(self, auth: Auth, op_id: int, timeout: float = 20.0) -> dict[str, Any]:
+        return self._tasks.wait(auth, op_id, timeout)
 
     # --- auth probes -----------------------------------------------------------------
     @rpc(read_only=True)

@@ -1,4 +1,9 @@
-"""The v0.6 / split-API form endpoints, kept for old scripts (form-encoded, ``Success`` bodies)."""
+"""The v0.6 / split-API form endpoints, kept for old scripts (form-encoded, ``Success`` bodies).
+
+They keep their synchronous contract: each mutation is submitted as an operation and waited on
+(ims/picasso/operations.py ``wait``) in calls that each return within seconds, so however long the
+work takes the answer is ``Success`` (or the verb's error with its status), never an RPC timeout.
+"""
 from __future__ import annotations
 
 import json
@@ -8,6 +13,7 @@ from flask import Blueprint, Response, request
 from ims.common.errors import InvalidInput
 from ims.common.names import validate_name
 from ims.picasso.auth import client, credentials, project_access
+from ims.picasso.operations import submit, wait
 
 bp = Blueprint("legacy", __name__)
 
@@ -42,9 +48,12 @@ def json_body(value: object) -> Response:
 def provision() -> Response:
     auth, project = _project()
     if "disk_name" in request.form:  # split API: project, node, disk_name, nic
-        client().provision_disk(auth, project, _form("node"), _form("disk_name"), _form("nic"))
+        record = submit(auth, "provision_disk", project=project, node=_form("node"), disk=_form("disk_name"),
+                        nic=_form("nic"))
     else:
-        client().provision(auth, project, _form("node"), _form("img"), _form("network"), _form("nic"))
+        record = submit(auth, "provision", project=project, node=_form("node"), img=_form("img"),
+                        network=_form("network"), nic=_form("nic"))
+    wait(auth, record)
     return success()
 
 
@@ -52,9 +61,11 @@ def provision() -> Response:
 def deprovision() -> Response:
     auth, project = _project()
     if "network" in request.form:
-        client().deprovision(auth, project, _form("node"), _form("network"), _form("nic"))
+        record = submit(auth, "deprovision", project=project, node=_form("node"), network=_form("network"),
+                        nic=_form("nic"))
     else:  # split API: project, node, nic
-        client().deprovision_disk(auth, project, _form("node"), _form("nic"))
+        record = submit(auth, "deprovision_disk", project=project, node=_form("node"), nic=_form("nic"))
+    wait(auth, record)
     return success()
 
 
@@ -62,7 +73,7 @@ def deprovision() -> Response:
 def create_snapshot() -> Response:
     auth, project = _project()
     node = _form("disk_name") if "disk_name" in request.form and "node" not in request.form else _form("node")
-    client().create_snapshot(auth, project, node, _form("snap_name"))
+    wait(auth, submit(auth, "create_snapshot", project=project, node=node, snap_name=_form("snap_name")))
     return success()
 
 
@@ -81,18 +92,19 @@ def list_images() -> Response:
 @bp.route("/remove_image/", methods=["DELETE"])
 def remove_image() -> Response:
     auth, project = _project()
-    client().remove_image(auth, project, _form("img"))
+    wait(auth, submit(auth, "remove_image", project=project, img=_form("img")))
     return success()
 
 
 @bp.route("/create_disk", methods=["PUT"])
 def create_disk() -> Response:
     auth, project = _project()
-    return json_body(client().create_disk(auth, project, _form("disk_name"), _form("img")))
+    return json_body(wait(auth, submit(auth, "create_disk", project=project, disk=_form("disk_name"),
+                                       img=_form("img"))))
 
 
 @bp.route("/delete_disk", methods=["DELETE"])
 def delete_disk() -> Response:
     auth, project = _project()
-    client().delete_disk(auth, project, _form("disk_name"))
+    wait(auth, submit(auth, "delete_disk", project=project, disk=_form("disk_name")))
     return success()

@@ -68,6 +68,12 @@ DISK_CREATE = Body({"name": _n("disk"), "image": _n("image")}, ("name", "image")
 DB_CREATE = Body({"project": _n("project"), "name": _n("image"), "id": (nullable(ID), "image id"),
                   "snapshot": (BOOL, ""), "parent": _n("image", True), "public": (BOOL, "")}, ("project", "name"))
 RECONCILE = Body({"repair": (BOOL, "")})
+# One node of POST /v1/projects/{project}/provisions
+BATCH_NODE = Body({"node": _n("node"), "image": _n("image"), "network": _n("network"), "nic": _n("nic")},
+                  ("node", "image", "network", "nic"))
+MAX_BATCH = 200  # nodes per batch (ims/picasso/operations.py uses the same bound)
+OPERATION_STATES = ("queued", "running", "done", "failed")
+MAX_POLL_SECONDS = 30
 
 # Query parameters of GET /v1/db/images: booleans are exactly "true" or "false".
 DB_LIST_FLAGS = ("snapshots", "clones", "public")
@@ -101,6 +107,7 @@ def _op(op_id: str, summary: str, params: list[str], responses: dict[str, Any],
         links: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     if links:  # how to address what this operation created (used by the stateful fuzzer)
         code = next(iter(responses))
+        # links describe what the operation will create once it is done
         responses = {**responses, code: {**responses[code], "links": links}}
     op: dict[str, Any] = {"operationId": op_id,
                           "summary": summary + (" (administrators only: 403 for others)" if admin else ""),
@@ -120,7 +127,6 @@ _STRINGS = {"type": "array", "items": {"type": "string"}}
 _NULL = {"type": "object", "nullable": True, "maxProperties": 0}  # always null
 _NO_CONTENT = {"204": {"description": "Done (no body)"}}
 _CREATED_NULL = _result(_NULL, "201", "Created")
-_OK_NULL = _result(_NULL)
 _P = ["project"]
 _RECONCILE_RESULT = {"type": "object", "properties": {
     "images_without_row": _STRINGS, "rows_without_image": _STRINGS, "targets_without_row": _STRINGS,
@@ -130,6 +136,30 @@ _RECONCILE_RESULT = {"type": "object", "properties": {
 
 
 _PROJ = "$request.path.project"
+
+# The record of an asynchronous operation (docs/api.md "Asynchronous operations").
+_STR_OR_NULL = {"type": "string", "nullable": True}
+OPERATION = {"type": "object", "required": ["id", "verb", "project", "state", "progress"], "properties": {
+    "id": ID, "verb": {"type": "string"}, "project": {"type": "string"},
+    "args": {"type": "object"}, "user": {"type": "string"},
+    "state": {"type": "string", "enum": list(OPERATION_STATES)},
+    "queue_position": {"type": "integer", "minimum": 1, "nullable": True},
+    "progress": {"type": "integer", "minimum": 0, "maximum": 100},
+    "steps_done": {"type": "integer", "minimum": 0}, "step": _STR_OR_NULL,
+    "result": {"nullable": True},
+    "error": {"type": "object", "nullable": True, "required": ["status", "type", "message"], "properties": {
+        "status": {"type": "integer"}, "type": {"type": "string"}, "message": {"type": "string"}}},
+    "created_at": {"type": "string"}, "started_at": _STR_OR_NULL, "finished_at": _STR_OR_NULL}}
+
+
+def _accepted(what: str, result: dict[str, Any] = OPERATION, location: bool = True) -> dict[str, Any]:
+    """202: the operation is queued; follow it at the Location (GET /v1/operations/{id})."""
+    out = _result(result, "202", f"Accepted: {what} is queued as an operation; follow it at the Location "
+                                 "(GET /v1/operations/{id}) until its state is done or failed")
+    if location:
+        out["202"]["headers"] = {"Location": {"description": "/v1/operations/{id} of the queued operation",
+                                              "schema": {"type": "string"}}}
+    return out
 
 
 def _links(**targets: dict[str, str]) -> dict[str, dict[str, Any]]:
@@ -151,48 +181,56 @@ def _paths() -> dict[str, dict[str, Any]]:
         "/v1/projects/{project}/images": {
             "get": _op("listImages", "List the project's golden images", _P, _result(_STRINGS)),
             "post": _op("importImage", "Import a storage image (optionally one of its snapshots) into the project",
-                        _P, _CREATED_NULL, IMPORT, links=_links(
+                        _P, _accepted("the import"), IMPORT, links=_links(
                             removeImage={"project": _PROJ, "img": "$request.body#/name"},
                             exportImage={"project": _PROJ, "img": "$request.body#/name"},
                             copyImage={"project": _PROJ, "img": "$request.body#/name"})),
         },
         "/v1/projects/{project}/images/{img}": {
-            "delete": _op("removeImage", "Remove an image (or snapshot)", _P + ["img"], _NO_CONTENT),
+            "delete": _op("removeImage", "Remove an image (or snapshot)", _P + ["img"], _accepted("the removal")),
         },
         "/v1/projects/{project}/images/{img}/export": {
             "post": _op("exportImage", "Export an image to a new storage image outside BMI", _P + ["img"],
-                        _OK_NULL, EXPORT),
+                        _accepted("the export"), EXPORT),
         },
         "/v1/projects/{project}/images/{img}/copy": {
             "post": _op("copyImage", "Copy an image (to another project: administrators only)", _P + ["img"],
-                        _CREATED_NULL, TRANSFER),
+                        _accepted("the copy"), TRANSFER),
         },
         "/v1/projects/{project}/images/{img}/move": {
             "post": _op("moveImage", "Move/rename an image (to another project: administrators only)",
-                        _P + ["img"], _CREATED_NULL, TRANSFER),
+                        _P + ["img"], _accepted("the move"), TRANSFER),
         },
         "/v1/projects/{project}/snapshots": {
             "get": _op("listSnapshots", "List snapshots: rows [snapshot, parent]", _P, _result(_ROWS)),
         },
         "/v1/projects/{project}/snapshots/{snap}": {
-            "delete": _op("removeSnapshot", "Remove a snapshot", _P + ["snap"], _NO_CONTENT),
+            "delete": _op("removeSnapshot", "Remove a snapshot", _P + ["snap"], _accepted("the removal")),
         },
         "/v1/projects/{project}/nodes": {
             "get": _op("listProvisioned", "List provisioned nodes: rows [node, image]", _P, _result(_ROWS)),
         },
         "/v1/projects/{project}/nodes/{node}/provision": {
             "post": _op("provision", "Provision a node from an image ({image, network, nic}) or a disk "
-                        "({disk, nic})", _P + ["node"], _OK_NULL, [PROVISION_IMAGE, PROVISION_DISK]),
+                        "({disk, nic})", _P + ["node"], _accepted("the provision"), [PROVISION_IMAGE, PROVISION_DISK]),
         },
         "/v1/projects/{project}/nodes/{node}/deprovision": {
             "post": _op("deprovision", "Deprovision a node ({network, nic}; {nic} alone for a disk-provisioned "
                         "node).  400 when the network or NIC is not the one recorded at provision time",
-                        _P + ["node"], _OK_NULL, [DEPROVISION_NETWORK, DEPROVISION_DISK]),
+                        _P + ["node"], _accepted("the deprovision"), [DEPROVISION_NETWORK, DEPROVISION_DISK]),
         },
         "/v1/projects/{project}/nodes/{node}/snapshots": {
             "post": _op("createSnapshot", "Snapshot a node's disk as a new image (power the node off first)",
-                        _P + ["node"], _CREATED_NULL, SNAPSHOT,
+                        _P + ["node"], _accepted("the snapshot"), SNAPSHOT,
                         links=_links(removeSnapshot={"project": _PROJ, "snap": "$request.body#/name"})),
+        },
+        "/v1/projects/{project}/provisions": {
+            "post": _op("provisionBatch", f"Provision several nodes ({{nodes: [{{node, image, network, nic}}]}}, 1 to "
+                        f"{MAX_BATCH}, each node once: 409 otherwise): one operation per node, all queued or none "
+                        "(400 naming the first invalid item)", _P,
+                        _accepted("each node", {"type": "array", "items": OPERATION}, location=False),
+                        Body({"nodes": ({"type": "array", "minItems": 1, "maxItems": MAX_BATCH,
+                                         "items": BATCH_NODE.schema()}, "")}, ("nodes",))),
         },
         "/v1/projects/{project}/nodes/{node}/ip": {
             "get": _op("nodeIp", "The node's IP address (from the DHCP leases)", _P + ["node"],
@@ -200,22 +238,36 @@ def _paths() -> dict[str, dict[str, Any]]:
         },
         "/v1/projects/{project}/iscsi": {
             "get": _op("listTargets", "List exported images: rows [image, iqn]", _P, _result(_ROWS)),
-            "post": _op("createTarget", "Export an image as an iSCSI target; returns the IQN", _P,
-                        _result({"type": "string"}, "201", "Created"), ISCSI_CREATE, admin=True,
+            "post": _op("createTarget", "Export an image as an iSCSI target; the done operation's result is the "
+                        "IQN", _P, _accepted("the target"), ISCSI_CREATE, admin=True,
                         links=_links(removeTarget={"project": _PROJ, "img": "$request.body#/image"})),
         },
         "/v1/projects/{project}/iscsi/{img}": {
-            "delete": _op("removeTarget", "Remove an image's iSCSI target", _P + ["img"], _NO_CONTENT,
+            "delete": _op("removeTarget", "Remove an image's iSCSI target", _P + ["img"], _accepted("the removal"),
                           admin=True),
         },
         "/v1/projects/{project}/disks": {
             "get": _op("listDisks", "List disks: rows [disk, source image]", _P, _result(_ROWS)),
-            "post": _op("createDisk", "Create a disk (clone + target) from an image; returns the target name", _P,
-                        _result({"type": "string"}, "201", "Created"), DISK_CREATE,
+            "post": _op("createDisk", "Create a disk (clone + target) from an image; the done operation's result "
+                        "is the target name", _P, _accepted("the disk"), DISK_CREATE,
                         links=_links(deleteDisk={"project": _PROJ, "disk": "$request.body#/name"})),
         },
         "/v1/projects/{project}/disks/{disk}": {
-            "delete": _op("deleteDisk", "Delete a disk", _P + ["disk"], _NO_CONTENT),
+            "delete": _op("deleteDisk", "Delete a disk", _P + ["disk"], _accepted("the deletion")),
+        },
+        "/v1/operations": {
+            "get": _op("listOperations", "The newest operations (at most 200) of the projects the caller may "
+                       "use (administrators: all), newest first", [], _result({"type": "array", "items": OPERATION}),
+                       query=[_param("state", "query", {"type": "string", "enum": list(OPERATION_STATES)}),
+                              _param("project", "query")]),
+        },
+        "/v1/operations/{op_id}": {
+            "get": _op("showOperation", "One operation: state, queue position, progress, steps done, result or "
+                       "error.  ?wait=N waits up to N seconds for it to finish first.  404 when it does not exist "
+                       "or belongs to a project the caller may not use", [], _result(OPERATION),
+                       query=[{"name": "op_id", "in": "path", "required": True, "schema": ID},
+                              _param("wait", "query", {"type": "integer", "minimum": 0,
+                                                       "maximum": MAX_POLL_SECONDS})]),
         },
         "/v1/db/images": {
             "get": _op("listImageRecords", "List the image records the caller may see: rows [id, name, project, "

@@ -10,15 +10,17 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
-from ims.common.errors import Forbidden, InvalidInput
+from ims.common.errors import Conflict, Forbidden, InvalidInput
 from ims.common.names import validate_name
 from ims.picasso import openapi as spec
 from ims.picasso.auth import admin_access, client, credentials, project_access
+from ims.picasso.operations import MAX_BATCH, MAX_POLL_SECONDS, STATES, accepted, submit
 
 bp = Blueprint("v1", __name__, url_prefix="/v1")
 
 # the query parameters each route takes (the OpenAPI document lists them; any other is a 400)
-_QUERY = {"v1.db_list": frozenset(spec.DB_LIST_FLAGS) | frozenset(spec.DB_LIST_NAMES)}
+_QUERY = {"v1.db_list": frozenset(spec.DB_LIST_FLAGS) | frozenset(spec.DB_LIST_NAMES),
+          "v1.operation_show": frozenset({"wait"}), "v1.operation_list": frozenset({"state", "project"})}
 
 
 @bp.before_request
@@ -122,26 +124,24 @@ def list_images(project: str) -> Any:
 def import_image(project: str) -> Any:
     auth = project_access(project)
     b = _body(spec.IMPORT)
-    client().import_image(auth, project, b["name"], b["snapshot"], b["protect"])
-    return created()
+    return accepted(submit(auth, "import_image", project=project, img=b["name"], snap=b["snapshot"],
+                           protect=b["protect"]))
 
 
 @bp.delete("/projects/<project>/images/<img>")
 def remove_image(project: str, img: str) -> Any:
     auth = project_access(project)
-    client().remove_image(auth, project, validate_name(img, "image"))
-    return no_content()
+    return accepted(submit(auth, "remove_image", project=project, img=validate_name(img, "image")))
 
 
 @bp.post("/projects/<project>/images/<img>/export")
 def export_image(project: str, img: str) -> Any:
     auth = project_access(project)
     validate_name(img, "image")
-    client().export_image(auth, project, img, _body(spec.EXPORT)["name"])
-    return ok()
+    return accepted(submit(auth, "export_image", project=project, img=img, name=_body(spec.EXPORT)["name"]))
 
 
-def _transfer(project: str, img: str, method: str) -> Any:
+def _transfer(project: str, img: str, verb: str) -> Any:
     auth = project_access(project)
     validate_name(img, "image")
     b = _body(spec.TRANSFER)
@@ -149,8 +149,7 @@ def _transfer(project: str, img: str, method: str) -> Any:
     if dest != project and not client().is_admin(auth):
         raise Forbidden("copying or moving an image to another project needs a BMI administrator")
     project_access(dest)
-    getattr(client(), method)(auth, project, img, dest, b["dest_name"])
-    return created()
+    return accepted(submit(auth, verb, src_project=project, img1=img, dest_project=dest, img2=b["dest_name"]))
 
 
 @bp.post("/projects/<project>/images/<img>/copy")
@@ -173,15 +172,14 @@ def list_snapshots(project: str) -> Any:
 def create_snapshot(project: str, node: str) -> Any:
     auth = project_access(project)
     validate_name(node, "node")
-    client().create_snapshot(auth, project, node, _body(spec.SNAPSHOT)["name"])
-    return created()
+    return accepted(submit(auth, "create_snapshot", project=project, node=node,
+                           snap_name=_body(spec.SNAPSHOT)["name"]))
 
 
 @bp.delete("/projects/<project>/snapshots/<snap>")
 def remove_snapshot(project: str, snap: str) -> Any:
     auth = project_access(project)
-    client().remove_image(auth, project, validate_name(snap, "snapshot"))
-    return no_content()
+    return accepted(submit(auth, "remove_image", project=project, img=validate_name(snap, "snapshot")))
 
 
 # --- nodes -------------------------------------------------------------------------------------
@@ -198,11 +196,10 @@ def provision(project: str, node: str) -> Any:
     data = _json()
     if "disk" in data:
         b = _check(spec.PROVISION_DISK, data)
-        client().provision_disk(auth, project, node, b["disk"], b["nic"])
-    else:
-        b = _check(spec.PROVISION_IMAGE, data)
-        client().provision(auth, project, node, b["image"], b["network"], b["nic"])
-    return ok()
+        return accepted(submit(auth, "provision_disk", project=project, node=node, disk=b["disk"], nic=b["nic"]))
+    b = _check(spec.PROVISION_IMAGE, data)
+    return accepted(submit(auth, "provision", project=project, node=node, img=b["image"], network=b["network"],
+                           nic=b["nic"]))
 
 
 @bp.post("/projects/<project>/nodes/<node>/deprovision")
@@ -213,11 +210,39 @@ def deprovision(project: str, node: str) -> Any:
     data = _json()
     if "network" in data:
         b = _check(spec.DEPROVISION_NETWORK, data)
-        client().deprovision(auth, project, node, b["network"], b["nic"])
-    else:
-        b = _check(spec.DEPROVISION_DISK, data)
-        client().deprovision_disk(auth, project, node, b["nic"])
-    return ok()
+        return accepted(submit(auth, "deprovision", project=project, node=node, network=b["network"],
+                               nic=b["nic"]))
+    b = _check(spec.DEPROVISION_DISK, data)
+    return accepted(submit(auth, "deprovision_disk", project=project, node=node, nic=b["nic"]))
+
+
+@bp.post("/projects/<project>/provisions")
+def provision_batch(project: str) -> Any:
+    """Body ``{"nodes": [{"node", "image", "network", "nic"}, ...]}`` (1 to MAX_BATCH nodes, each once):
+    one operation per node, all queued or none (an invalid item is a 400 naming its index)."""
+    auth = project_access(project)
+    data = _json()
+    unknown = sorted(set(data) - {"nodes"})
+    if unknown:
+        raise InvalidInput(f"unknown JSON key(s) {', '.join(repr(k[:64]) for k in unknown[:5])}; expected: nodes")
+    nodes = data.get("nodes")
+    if not isinstance(nodes, list) or not 1 <= len(nodes) <= MAX_BATCH:
+        raise InvalidInput(f"'nodes' must be a list of 1 to {MAX_BATCH} objects {{node, image, network, nic}}")
+    items: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for i, item in enumerate(nodes):
+        if not isinstance(item, dict):
+            raise InvalidInput(f"nodes[{i}] must be a JSON object {{node, image, network, nic}}")
+        try:
+            b = _check(spec.BATCH_NODE, item)
+        except InvalidInput as exc:
+            raise InvalidInput(f"nodes[{i}]: {exc.message}") from None
+        if b["node"] in seen:  # the document cannot say "unique by node": a conflict within the batch
+            raise Conflict(f"nodes[{i}]: node {b['node']!r} appears more than once in the batch")
+        seen.add(b["node"])
+        items.append({"project": project, "node": b["node"], "img": b["image"], "network": b["network"],
+                      "nic": b["nic"]})
+    return accepted(client().submit_batch(auth, "provision", items))
 
 
 @bp.get("/projects/<project>/nodes/<node>/ip")
@@ -236,15 +261,14 @@ def iscsi_list(project: str) -> Any:
 def iscsi_create(project: str) -> Any:
     auth = admin_access()
     validate_name(project, "project")
-    return created(client().iscsi_create(auth, project, _body(spec.ISCSI_CREATE)["image"]))
+    return accepted(submit(auth, "iscsi_create", project=project, img=_body(spec.ISCSI_CREATE)["image"]))
 
 
 @bp.delete("/projects/<project>/iscsi/<img>")
 def iscsi_remove(project: str, img: str) -> Any:
     auth = admin_access()
     validate_name(project, "project")
-    client().iscsi_remove(auth, project, validate_name(img, "image"))
-    return no_content()
+    return accepted(submit(auth, "iscsi_remove", project=project, img=validate_name(img, "image")))
 
 
 # --- disks (split API) -------------------------------------------------------------------------
@@ -257,14 +281,47 @@ def list_disks(project: str) -> Any:
 def create_disk(project: str) -> Any:
     auth = project_access(project)
     b = _body(spec.DISK_CREATE)
-    return created(client().create_disk(auth, project, b["name"], b["image"]))
+    return accepted(submit(auth, "create_disk", project=project, disk=b["name"], img=b["image"]))
 
 
 @bp.delete("/projects/<project>/disks/<disk>")
 def delete_disk(project: str, disk: str) -> Any:
     auth = project_access(project)
-    client().delete_disk(auth, project, validate_name(disk, "disk"))
-    return no_content()
+    return accepted(submit(auth, "delete_disk", project=project, disk=validate_name(disk, "disk")))
+
+
+# --- asynchronous operations ------------------------------------------------------------------------
+def _op_id(op_id: str) -> int:
+    if not op_id.isdigit() or not 1 <= int(op_id) <= spec.MAX_ID:
+        raise InvalidInput(f"operation id must be an integer from 1 to {spec.MAX_ID}")
+    return int(op_id)
+
+
+@bp.get("/operations/<op_id>")
+def operation_show(op_id: str) -> Any:
+    """One operation (404 when it does not exist or belongs to a project the caller may not use).
+    ``?wait=N`` (0..MAX_POLL_SECONDS) waits up to N seconds for it to finish first (a long poll)."""
+    auth = credentials()
+    ident = _op_id(op_id)
+    wait = request.args.get("wait", "0")
+    if not wait.isdigit() or not 0 <= int(wait) <= MAX_POLL_SECONDS:
+        raise InvalidInput(f"query parameter 'wait' must be an integer from 0 to {MAX_POLL_SECONDS}")
+    if int(wait) > 0:
+        return ok(client().operation_wait(auth, ident, float(wait)))
+    return ok(client().operation_show(auth, ident))
+
+
+@bp.get("/operations")
+def operation_list() -> Any:
+    """The newest operations the caller may see; ``?state=`` one of queued|running|done|failed, ``?project=``."""
+    auth = credentials()
+    state = request.args.get("state")
+    if state is not None and state not in STATES:
+        raise InvalidInput(f"query parameter 'state' must be one of {', '.join(STATES)}")
+    project = request.args.get("project")
+    if project is not None:
+        project_access(project)
+    return ok(client().operation_list(auth, state, project))
 
 
 # --- the image database (bmi db ...) -------------------------------------------------------------

@@ -38,9 +38,18 @@ class EinsteinEndpoint:
             self._draining = True
 
     def wait_idle(self, timeout: float) -> bool:
-        """Wait until no call is running (True) or ``timeout`` seconds passed (False)."""
+        """Wait until no call is running (True) or ``timeout`` seconds passed (False).
+
+        Then, within the same ``timeout``, this worker's asynchronous operations: queued and
+        running ones may finish; those that never started are marked failed (nothing was done).
+        """
+        deadline = time.monotonic() + timeout
         with self._idle:
-            return self._idle.wait_for(lambda: self._running == 0, timeout)
+            idle = self._idle.wait_for(lambda: self._running == 0, timeout)
+        drain = getattr(self._ops, "drain_tasks", None)
+        if drain is not None:
+            idle = drain(max(0.0, deadline - time.monotonic())) and idle
+        return idle
 
     def call(self, method: str, args: list[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
         with self._idle:

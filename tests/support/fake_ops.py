@@ -22,17 +22,21 @@ calls go through Einstein's RPC endpoint and the errors' wire round-trip, as ove
 """
 from __future__ import annotations
 
+import collections
 import json
 import shutil
 import tempfile
 import threading
+import time
 import weakref
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from ims.common import config as bmi_config
-from ims.common.errors import BMIError, from_wire
+from ims.common import errors as bmi_errors
+from ims.common.errors import BMIError, InvalidInput, NotFound, from_wire
 from ims.einstein.boot import BootFiles
 from ims.einstein.operations import Operations
 from ims.rpc.dispatch import EinsteinEndpoint
@@ -106,6 +110,8 @@ class InProcessClient:
     """
 
     def __init__(self, ops: Any) -> None:
+        self._ops = ops
+        self.standin: AsyncStandIn | None = None
         self._endpoint = EinsteinEndpoint(ops)
         self._lock = threading.Lock()
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
@@ -121,10 +127,164 @@ class InProcessClient:
             return reply.get("result")
         raise from_wire(reply.get("error") or {})
 
+    def use_standin(self) -> AsyncStandIn:
+        """Serve the asynchronous verbs from AsyncStandIn (whose queue a test can hold) from now on."""
+        if self.standin is None:
+            self.standin = AsyncStandIn(self._ops)
+        return self.standin
+
     def __getattr__(self, name: str) -> Any:
+        if name in ASYNC_VERBS and (self.standin is not None or name not in ALLOWED_METHODS):
+            # the stand-in: asked for, or Operations does not have the asynchronous verbs (yet)
+            self.use_standin()
+            return partial(self._standin_call, name)
         if name in ALLOWED_METHODS:
             return partial(self.call, name)
         raise AttributeError(name)
+
+    def _standin_call(self, method: str, *args: Any) -> Any:
+        assert self.standin is not None
+        wire_args = json.loads(json.dumps(list(args)))
+        with self._lock:
+            self.calls.append((method, tuple(wire_args[1:])))
+        try:
+            result = getattr(self.standin, method)(*wire_args)
+        except BMIError as exc:
+            raise from_wire(json.loads(json.dumps(exc.to_dict()))) from None
+        return json.loads(json.dumps(result))
+
+
+ASYNC_VERBS = frozenset({"submit", "submit_batch", "operation_show", "operation_list", "operation_wait"})
+_OperationNotFound: type[BMIError] = getattr(bmi_errors, "OperationNotFound", None) or type(
+    "OperationNotFound", (NotFound,), {})
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+class AsyncStandIn:
+    """The five asynchronous RPC verbs of docs/api.md over an Operations that does not have them yet:
+    submit checks the caller's access to the project at once and queues; one worker thread runs the
+    queue in order.  ``gate`` (set by default) lets a test hold the queue to see "queued" records."""
+
+    def __init__(self, ops: Any) -> None:
+        self.ops = ops
+        self.gate = threading.Event()
+        self.gate.set()
+        self._cond = threading.Condition()
+        self._records: dict[int, dict[str, Any]] = {}
+        self._auth: dict[int, dict[str, str]] = {}
+        self._queue: collections.deque[int] = collections.deque()
+        self._next = 1
+        threading.Thread(target=self._worker, daemon=True).start()
+
+    def _check(self, auth: dict[str, str], verb: str, kwargs: dict[str, Any]) -> str:
+        if verb not in ("provision", "deprovision", "create_snapshot", "remove_image", "import_image", "copy_image",
+                        "move_image", "export_image", "create_disk", "delete_disk", "provision_disk",
+                        "deprovision_disk", "iscsi_create", "iscsi_remove"):
+            raise InvalidInput(f"{verb!r} cannot be submitted")
+        project = kwargs.get("project") or kwargs.get("src_project")
+        self.ops.check_auth(auth, project)
+        return str(project)
+
+    def _new(self, auth: dict[str, str], verb: str, kwargs: dict[str, Any], project: str) -> dict[str, Any]:
+        record = {"id": self._next, "verb": verb, "project": project, "args": dict(kwargs),
+                  "user": auth["username"], "state": "queued", "queue_position": None, "progress": 0,
+                  "steps_done": 0, "step": None, "result": None, "error": None, "created_at": _now(),
+                  "started_at": None, "finished_at": None}
+        self._records[self._next] = record
+        self._auth[self._next] = auth
+        self._queue.append(self._next)
+        self._next += 1
+        return record
+
+    def _view(self, op_id: int) -> dict[str, Any]:
+        record = dict(self._records[op_id])
+        if record["state"] == "queued":
+            record["queue_position"] = list(self._queue).index(op_id) + 1
+        return record
+
+    def submit(self, auth: dict[str, str], verb: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        project = self._check(auth, verb, kwargs)
+        with self._cond:
+            op_id = self._new(auth, verb, kwargs, project)["id"]
+            self._cond.notify_all()
+            return self._view(op_id)
+
+    def submit_batch(self, auth: dict[str, str], verb: str, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        projects = []
+        for i, kwargs in enumerate(items):
+            try:
+                projects.append(self._check(auth, verb, kwargs))
+            except InvalidInput as exc:
+                raise InvalidInput(f"item {i}: {exc.message}") from None
+        with self._cond:
+            ids = [self._new(auth, verb, kwargs, p)["id"] for kwargs, p in zip(items, projects, strict=True)]
+            self._cond.notify_all()
+            return [self._view(i) for i in ids]
+
+    def _visible(self, auth: dict[str, str], record: dict[str, Any]) -> bool:
+        if self.ops.is_admin(auth):
+            return True
+        try:
+            self.ops.check_auth(auth, record["project"])
+        except BMIError:
+            return False
+        return True
+
+    def operation_show(self, auth: dict[str, str], op_id: int) -> dict[str, Any]:
+        with self._cond:
+            record = self._records.get(op_id)
+        if record is None or not self._visible(auth, record):
+            raise _OperationNotFound(f"operation {op_id} not found")
+        with self._cond:
+            return self._view(op_id)
+
+    def operation_list(self, auth: dict[str, str], state: str | None = None,
+                       project: str | None = None) -> list[dict[str, Any]]:
+        if state not in (None, "queued", "running", "done", "failed"):
+            raise InvalidInput(f"unknown state {state!r}")
+        with self._cond:
+            ids = sorted(self._records, reverse=True)
+        out = []
+        for op_id in ids:
+            record = self._records[op_id]
+            if (state is None or record["state"] == state) and (project is None or record["project"] == project) \
+                    and self._visible(auth, record):
+                with self._cond:
+                    out.append(self._view(op_id))
+        return out[:200]
+
+    def operation_wait(self, auth: dict[str, str], op_id: int, timeout: float = 20.0) -> dict[str, Any]:
+        self.operation_show(auth, op_id)
+        deadline = time.monotonic() + min(float(timeout), 30.0)
+        with self._cond:
+            while self._records[op_id]["state"] not in ("done", "failed") and time.monotonic() < deadline:
+                self._cond.wait(max(0.0, deadline - time.monotonic()))
+            return self._view(op_id)
+
+    def _worker(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+            self.gate.wait()
+            with self._cond:
+                op_id = self._queue.popleft()
+                record = self._records[op_id]
+                record.update(state="running", started_at=_now(), step="run")
+                self._cond.notify_all()
+            try:
+                result = getattr(self.ops, record["verb"])(self._auth[op_id], **record["args"])
+                update: dict[str, Any] = {"state": "done", "result": result, "progress": 100}
+            except BMIError as exc:
+                update = {"state": "failed", "error": exc.to_dict()}
+            except Exception as exc:  # noqa: BLE001 - the record says what went wrong
+                update = {"state": "failed", "error": {"status": 500, "type": "InternalError", "message": str(exc)}}
+            with self._cond:
+                record.update(update, steps_done=1, finished_at=_now())
+                self._cond.notify_all()
 
 
 def client(world: World) -> InProcessClient:

@@ -2,8 +2,10 @@
 over the fake drivers (tests/support/fake_ops.py), through Einstein's RPC endpoint."""
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -42,8 +44,13 @@ def world(tmp_path: Path) -> Any:
 
 
 @pytest.fixture()
-def picasso(world: World):
-    app = create_app(bmi_config.parse("t.cfg", text=CFG_TEXT), client=InProcessClient(world.ops))
+def rpc(world: World) -> InProcessClient:
+    return InProcessClient(world.ops)
+
+
+@pytest.fixture()
+def picasso(rpc: InProcessClient):
+    app = create_app(bmi_config.parse("t.cfg", text=CFG_TEXT), client=rpc)
     server = waitress.create_server(app, host="127.0.0.1", port=0, threads=4)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -85,7 +92,7 @@ def test_help_without_env_or_config() -> None:
     proc = subprocess.run([BMI, "--help"], env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
                           check=False, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    for word in ("import", "pro", "dpro", "snap", "db", "showpro", "project", "iscsi", "disk", "reconcile"):
+    for word in ("import", "pro", "dpro", "snap", "db", "showpro", "project", "iscsi", "disk", "reconcile", "op"):
         assert f"  {word} " in proc.stdout
     proc = subprocess.run([BMI, "snap", "create", "--help"], env={"PATH": "/usr/bin:/bin"}, capture_output=True,
                           text=True, check=False, timeout=60)
@@ -274,8 +281,202 @@ def test_console_script_end_to_end(picasso: str) -> None:
     env = {"PATH": "/usr/bin:/bin", "BMI_URL": picasso, "HIL_USERNAME": "alice", "HIL_PASSWORD": "alice-pw"}
     proc = subprocess.run([BMI, "pro", "proj1", "node2", "golden", "prov-net", "eno1"], env=env, capture_output=True,
                           text=True, check=False, timeout=60)
-    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "Success\n", "")
+    # (progress lines would go to stderr, only while an operation is still unfinished after a poll)
+    assert (proc.returncode, proc.stdout) == (0, "Success\n") and "Error" not in proc.stderr
     proc = subprocess.run([BMI, "pro", "proj1", "node2", "golden", "prov-net", "eno1"], env=env, capture_output=True,
                           text=True, check=False, timeout=60)
     assert proc.returncode == 1 and proc.stdout == "" and proc.stderr.startswith("Error: ")
     assert os.path.exists(BMI)
+
+
+# --- asynchronous operations ---------------------------------------------------------------------
+def test_no_wait_prints_the_id_and_op_show_follows_it(picasso: str, rpc: InProcessClient, world: World) -> None:
+    standin = rpc.use_standin()  # the interface's stand-in, whose queue the test can hold
+    standin.gate.clear()
+    out = ok(run(picasso, "pro", "--no-wait", "proj1", "node2", "golden", "prov-net", "eno1"), None)
+    op_id = int(out.strip())
+    assert not world.iscsi.targets  # queued, not run
+    shown = json.loads(ok(run(picasso, "op", "show", str(op_id), "--json"), None))
+    assert shown["id"] == op_id and shown["state"] == "queued" and shown["queue_position"] == 1
+    queued = json.loads(ok(run(picasso, "op", "ls", "--state", "queued", "--json"), None))
+    assert [r["id"] for r in queued] == [op_id]
+    table = ok(run(picasso, "op", "ls"), None)
+    assert [c.strip() for c in table.splitlines()[1].split("|")[1:-1]] == \
+        ["Id", "Verb", "Project", "State", "Queue", "Progress", "Step", "User", "Created", "Error"]
+    assert f"| {op_id} " in table and "queued" in table
+    assert json.loads(ok(run(picasso, "op", "ls", "--state", "done", "--json"), None)) == []
+    standin.gate.set()
+    table = ok(run(picasso, "op", "show", str(op_id), "--wait"), None)
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in table.splitlines()[3:-1]}
+    assert rows["state"] == "done" and rows["progress"] == "100%" and rows["verb"] == "provision"
+    assert world.iscsi.targets
+    # another tenant cannot see it; a bad id is a usage error
+    fails(run(picasso, "op", "show", str(op_id), user="bob"), "not found")
+    assert json.loads(ok(run(picasso, "op", "ls", "--json", user="bob"), None)) == []
+    assert run(picasso, "op", "show", "x").exit_code == 2
+    assert run(picasso, "op", "ls", "--state", "sleeping").exit_code == 2
+
+
+def test_no_wait_json_prints_the_record(picasso: str) -> None:
+    record = json.loads(ok(run(picasso, "--json", "snap", "rm", "--no-wait", "proj1", "golden-snap"), None))["result"]
+    assert record["verb"] == "remove_image" and record["state"] in ("queued", "running", "done")
+    final = json.loads(ok(run(picasso, "op", "show", "--wait", "--json", str(record["id"])), None))
+    assert final["state"] == "done"
+    assert "golden-snap" not in ok(run(picasso, "snap", "ls", "proj1"), None)
+
+
+def test_waiting_mutation_reports_the_failed_operation(picasso: str, world: World) -> None:
+    fails(run(picasso, "snap", "create", "proj1", "node1", "s9"), "not provisioned")
+    failed = json.loads(ok(run(picasso, "op", "ls", "--state", "failed", "--json"), None))
+    assert failed and failed[0]["verb"] == "create_snapshot" and failed[0]["error"]["status"] == 404 \
+        or failed == []  # refused at submit time by Einstein: no operation at all
+
+
+def test_pro_several_nodes_is_one_batch(picasso: str, rpc: InProcessClient, world: World) -> None:
+    out = ok(run(picasso, "pro", "proj1", "node1,node2", "golden", "prov-net", "eno1"), None)
+    assert out == "node1: Success\nnode2: Success\n"
+    assert [c[0] for c in rpc.calls if c[0].startswith("submit")] == ["submit_batch"]
+    showpro = ok(run(picasso, "showpro", "proj1"), None)
+    assert "node1" in showpro and "node2" in showpro
+    ok(run(picasso, "dpro", "proj1", "node2", "prov-net", "eno1"))
+    # node1 is still provisioned: its operation fails, node2's succeeds; exit 1
+    result = run(picasso, "pro", "proj1", "node2,node1", "golden", "prov-net", "eno1")
+    assert result.exit_code == 1, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == "node2: Success" and lines[1].startswith("node1: failed: ") and "already" in lines[1]
+    assert "1 of 2 nodes failed: node1" in result.stderr
+    # --no-wait: NODE ID per line
+    ok(run(picasso, "dpro", "proj1", "node2", "prov-net", "eno1"))
+    out = ok(run(picasso, "pro", "--no-wait", "proj1", "node2", "golden", "prov-net", "eno1"), None)
+    assert out.strip().isdigit()
+    ok(run(picasso, "op", "show", "--wait", out.strip()), None)
+    ok(run(picasso, "dpro", "proj1", "node2", "prov-net", "eno1"))
+    out = ok(run(picasso, "pro", "--no-wait", "proj1", "node1,node2", "golden", "prov-net", "eno1"), None)
+    assert [line.split()[0] for line in out.splitlines()] == ["node1", "node2"]
+    for line in out.splitlines():
+        ok(run(picasso, "op", "show", "--wait", line.split()[1]), None)
+    # a bad item refuses the whole batch, nothing queued
+    fails(run(picasso, "pro", "proj1", "node2,a b", "golden", "prov-net", "eno1"), "nodes[1]")
+    assert run(picasso, "pro", "proj1", "node2,", "golden", "prov-net", "eno1").exit_code == 2
+
+
+def test_pro_help_documents_several_nodes() -> None:
+    text = " ".join(ok(CliRunner().invoke(cli, ["pro", "--help"]), None).split())
+    assert "comma-separated list" in text and "--no-wait" in text
+
+
+class _Scripted:
+    """Answers GET /operations/<id> from a script of records (the CLI's view of a running operation)."""
+
+    def __init__(self, script: list[dict[str, Any]]) -> None:
+        self.script = script
+        self.asked: list[tuple[str, Any]] = []
+
+    def get(self, path: str, params: dict[str, Any] | None = None) -> Any:
+        self.asked.append((path, params))
+        return self.script.pop(0)
+
+
+def _rec(state: str, progress: int = 0, step: str | None = None, pos: int | None = None) -> dict[str, Any]:
+    return {"id": 7, "verb": "create_snapshot", "project": "proj1", "args": {"node": "node1", "snap_name": "s"},
+            "state": state, "progress": progress, "step": step, "queue_position": pos, "error": None}
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_plain_lines_off_a_terminal() -> None:
+    from ims.cli import ops
+
+    api = _Scripted([_rec("queued", pos=1), _rec("running", 10, "clone"), _rec("running", 60, "clone"),
+                     _rec("running", 80, "target"), _rec("done", 100, "target")])
+    stream = io.StringIO()
+    final = ops.wait(api, [_rec("queued", pos=2)], stream)
+    assert final[0]["state"] == "done"
+    # one line per change of state or step (not per poll, nor per queue position or percent)
+    assert stream.getvalue().splitlines() == [
+        "operation 7 create_snapshot node1 s (proj1): running: clone (10%)",
+        "operation 7 create_snapshot node1 s (proj1): running: target (80%)"]
+    assert all(a == ("/operations/7", {"wait": str(ops.POLL_SECONDS)}) for a in api.asked)
+
+
+def test_progress_is_a_bar_on_a_terminal() -> None:
+    from ims.cli import ops
+
+    api = _Scripted([_rec("running", 50, "clone"), _rec("done", 100)])
+    stream = _Tty()
+    ops.wait(api, [_rec("queued", pos=1)], stream)
+    text = stream.getvalue()
+    assert "operation 7 create_snapshot node1 s (proj1)" in text and "100%" in text and "50%" in text
+    assert "running: clone" not in text  # no plain lines on a terminal
+
+
+def test_nothing_printed_for_an_operation_done_at_once() -> None:
+    from ims.cli import ops
+
+    stream = io.StringIO()
+    assert ops.wait(_Scripted([]), [_rec("done", 100)], stream)[0]["state"] == "done"
+    assert stream.getvalue() == ""
+
+
+def test_progress_bar_on_a_real_terminal(picasso: str, rpc: InProcessClient, world: World) -> None:
+    """`bmi pro` with stderr on a pseudo-terminal: a progress bar there while the operation is queued,
+    then exactly `Success` on stdout (a pipe)."""
+    import pty
+    import select
+    import time
+
+    standin = rpc.use_standin()
+    standin.gate.clear()  # the operation stays queued until the bar has been seen
+    master, slave = pty.openpty()
+    env = {"PATH": "/usr/bin:/bin", "BMI_URL": picasso, "HIL_USERNAME": "alice", "HIL_PASSWORD": "alice-pw",
+           "BMI_CONFIG": "/nonexistent", "TERM": "xterm"}
+    proc = subprocess.Popen([BMI, "pro", "proj1", "node2", "golden", "prov-net", "eno1"], env=env,
+                            stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL)
+    os.close(slave)
+    seen = b""
+    deadline = time.monotonic() + 120  # a bound on a hang, not a performance threshold
+    try:
+        while b"provision node2 golden (proj1)" not in seen:
+            assert time.monotonic() < deadline and proc.poll() is None, seen
+            if select.select([master], [], [], 0.5)[0]:
+                seen += os.read(master, 4096)
+        assert not world.iscsi.targets  # still queued: the bar was drawn while waiting
+        before = seen.decode(errors="replace")
+        assert re.search(r"\[[^\]]*\]\s+0%", before) and "100%" not in before, before
+        standin.gate.set()
+        stdout, _ = proc.communicate(timeout=120)
+        while select.select([master], [], [], 0.2)[0]:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and stdout == b"Success\n"
+    text = seen.decode(errors="replace")
+    assert re.search(r"\[#+\]\s+100%", text), text  # the full bar once done
+    assert "queued" not in text
+    assert world.iscsi.targets
+
+
+def test_ctrl_c_stops_waiting_not_the_operation(capsys: pytest.CaptureFixture[str]) -> None:
+    import click
+
+    from ims.cli import ops
+
+    class Interrupted:
+        def get(self, path: str, params: dict[str, Any] | None = None) -> Any:
+            raise KeyboardInterrupt
+
+    with pytest.raises(click.exceptions.Exit) as exc:
+        ops.wait(Interrupted(), [_rec("queued", pos=1)], io.StringIO())
+    assert exc.value.exit_code == 130
+    assert "BMI carries on with operation(s) 7; follow with `bmi op show --wait ID`" in capsys.readouterr().err

@@ -1,0 +1,62 @@
+"""Asynchronous operations as Picasso uses them: submit a mutation to Einstein, answer 202 with where to
+follow it (/v1), or wait for it without ever holding one RPC call longer than ``operation_wait``'s
+bound (the legacy form API's synchronous ``Success`` contract).
+
+The RPC verbs (``submit``, ``submit_batch``, ``operation_show``, ``operation_list``,
+``operation_wait``) and the record's shape are fixed in the interface shared with Einstein; see
+docs/api.md "Asynchronous operations".
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Response, jsonify
+
+from ims.common.errors import BMIError, from_wire
+from ims.picasso.auth import client
+from ims.picasso.openapi import MAX_BATCH, MAX_POLL_SECONDS
+from ims.picasso.openapi import OPERATION_STATES as STATES
+
+__all__ = ["MAX_BATCH", "MAX_POLL_SECONDS", "STATES", "accepted", "failure", "submit", "wait"]
+
+FINISHED = frozenset({"done", "failed"})
+# One operation_wait call waits at most this long (Einstein caps it at 30 s, far under the RPC timeout).
+WAIT_SECONDS = 20.0
+
+
+def submit(auth: dict[str, str], verb: str, **kwargs: Any) -> dict[str, Any]:
+    """Queue one call of ``verb``; errors found at submit time (400/401/403/404/409) raise here."""
+    return client().submit(auth, verb, kwargs)
+
+
+def location(record: dict[str, Any]) -> str:
+    return f"/v1/operations/{int(record['id'])}"
+
+
+def accepted(record: dict[str, Any] | list[dict[str, Any]]) -> tuple[Response, int]:
+    """202 with the record(s); one operation also gets ``Location: /v1/operations/<id>``."""
+    resp = jsonify({"result": record})
+    if isinstance(record, dict):
+        resp.headers["Location"] = location(record)
+    return resp, 202
+
+
+def wait(auth: dict[str, str], record: dict[str, Any]) -> Any:
+    """Wait for the operation until it is done (its result) or failed (its error, raised with its status).
+
+    Loops on ``operation_wait``: each call returns within ``WAIT_SECONDS`` however long the
+    operation takes, so no RPC call ever times out while Einstein works.
+    """
+    while record.get("state") not in FINISHED:
+        record = client().operation_wait(auth, int(record["id"]), WAIT_SECONDS)
+    if record["state"] == "failed":
+        raise failure(record)
+    return record.get("result")
+
+
+def failure(record: dict[str, Any]) -> BMIError:
+    """The error of a failed operation, as the verb itself would have raised it."""
+    error = record.get("error")
+    if not isinstance(error, dict):
+        return BMIError(f"operation {record.get('id')} failed")
+    return from_wire(error)
