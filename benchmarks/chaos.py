@@ -367,6 +367,29 @@ class Chaos:
             data = resp.text
         return resp.status_code, data, ""
 
+    def follow(self, data: Any, deadline_s: float = HTTP_TIMEOUT) -> tuple[int | None, Any, str]:
+        """A 202's operation followed to its end, answered as the synchronous call would have been:
+        (200, record) when done, (the error's status, {"error": ...}) when failed.  Picasso or Einstein
+        restarts while following are waited out; an operation still unfinished at the deadline is unknown."""
+        record = data.get("result") if isinstance(data, dict) else None
+        if not isinstance(record, dict) or not isinstance(record.get("id"), int):
+            return 202, data, ""
+        deadline = time.monotonic() + deadline_s
+        while record.get("state") not in ("done", "failed"):
+            if time.monotonic() > deadline:
+                return None, None, "no answer (operation still running)"
+            status, got, _err = self.http("GET", f"/v1/operations/{record['id']}?wait=20", timeout=60)
+            if status == 200 and isinstance(got, dict) and isinstance(got.get("result"), dict):
+                record = got["result"]
+            elif status is not None and status != 503:
+                return status, got, ""
+            else:
+                time.sleep(1.0)  # Picasso or Einstein restarting: the operation's record survives
+        if record["state"] == "done":
+            return 200, {"result": record}, ""
+        error = record.get("error") or {}
+        return int(error.get("status", 500)), {"error": error}, ""
+
     def admin_get(self, path: str) -> Any:
         status, data, err = self.http("GET", path, user=ADMIN, timeout=60)
         if status != 200:
@@ -413,6 +436,8 @@ class Chaos:
             call = Call(self.seq, client, verb, api, args, time.monotonic())
         method, path, kw = self.request_for(verb, api, args)
         status, data, err = self.http(method, path, form=kw.get("form"), body=kw.get("body"))
+        if status == 202:
+            status, data, err = self.follow(data)
         call.end = time.monotonic()
         call.status = status
         if status is None:
@@ -605,7 +630,9 @@ class Chaos:
     def setup(self) -> None:
         execute("rbd", "create", GOLDEN, "--size", "8", "--image-format", "2", env=self.env, timeout=120)
         status, data, err = self.http("POST", f"/v1/projects/{PROJECT}/images", body={"name": GOLDEN})
-        if status != 201:
+        if status == 202:
+            status, data, err = self.follow(data)
+        if status not in (200, 201):
             raise RuntimeError(f"import of {GOLDEN} failed: {status or err} {data}")
 
     def run_load(self) -> None:

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -183,7 +184,19 @@ def test_sigterm_drains_einstein_and_workers_log_through_the_supervisor(einstein
     assert "einstein stopped" in log
 
 
-def test_sigterm_drains_picasso(einstein: Einstein) -> None:
+@pytest.fixture
+def einstein_one(tmp_path: Path):
+    """One worker: the test ops factory gives each worker its own database, and an operation submitted
+    to one worker must be found by the legacy API's wait on the same one."""
+    server = Einstein(tmp_path, workers=1)
+    yield server
+    for path in tmp_path.glob("started-*"):
+        (tmp_path / path.name.replace("started-", "release-")).write_text("")
+    server.stop()
+
+
+def test_sigterm_drains_picasso(einstein_one: Einstein) -> None:
+    einstein = einstein_one
     out = open(einstein.dir / "picasso.out", "w+")  # noqa: SIM115 - closed below
     picasso = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "picasso_server"), "--config",
                                 str(einstein.cfg_path)], stdout=out, stderr=subprocess.STDOUT, env=ENV)
@@ -208,18 +221,29 @@ def test_sigterm_drains_picasso(einstein: Einstein) -> None:
 
     try:
         wait_until("picasso to listen", up, log=lambda: Path(out.name).read_text())
-        thread, result = in_thread(request, "POST", "/v1/projects/proj1/images", {"name": "slow-b"})
-        wait_until("the slow request to start", lambda: (einstein.dir / "started-slow-b").exists())
+        # The legacy form API answers when the operation has finished: a request that stays in flight
+        # for as long as the provision is held (JournalOps.provision waits for release-provision-<node>).
+        form = urllib.parse.urlencode({"project": "proj1", "node": "node2", "img": "golden", "network": "net",
+                                       "nic": "eno1"}).encode()
+
+        def legacy_provision() -> tuple[int, bytes]:
+            req = urllib.request.Request(base + "/provision/", data=form, method="PUT", headers={
+                "Authorization": auth, "Content-Type": "application/x-www-form-urlencoded"})
+            with urllib.request.urlopen(req, timeout=120) as resp:
+                return resp.status, resp.read()
+
+        thread, result = in_thread(legacy_provision)
+        wait_until("the slow request to start", lambda: (einstein.dir / "started-provision-node2").exists())
         picasso.send_signal(signal.SIGTERM)
         wait_until("picasso to stop listening", lambda: not up())  # new connections are refused
-        assert picasso.poll() is None and thread.is_alive()
-        (einstein.dir / "release-slow-b").write_text("")
+        assert picasso.poll() is None and thread.is_alive(), result
+        (einstein.dir / "release-provision-node2").write_text("")
         thread.join(60)
-        assert result.get("result", (None,))[0] == 201, result
+        assert result.get("result", (None, None)) == (200, b"Success"), result
         assert picasso.wait(90) == 0
         log = (einstein.dir / "logs" / "picasso.log").read_text()
         assert "finishing requests in flight" in log and "Picasso stopped" in log
-        assert "slow-b" in EinsteinClient(einstein.cfg).list_images(ALICE, "proj1")
+        assert (einstein.dir / "files" / "node2").exists()  # the provision's own effect
     finally:
         if picasso.poll() is None:
             picasso.kill()
