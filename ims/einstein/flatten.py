@@ -314,6 +314,13 @@ def collect(core: Core, image: str, snap: str | None = None, _hops: int = 0) -> 
     With ``snap``: only that snapshot is considered (the one a removed child was cloned from),
     unless ``image`` is doomed. Idempotent; anything still in use is left alone.
     """
+    try:
+        _collect(core, image, snap, _hops)
+    except NotFound as exc:  # best effort: whatever is left is collected at the next removal or by reconcile
+        LOG.warning("collecting %s%s: %s", image, f"@{snap}" if snap else "", exc)
+
+
+def _collect(core: Core, image: str, snap: str | None, _hops: int) -> None:
     st = core.storage
     doomed = is_doomed(core, image)
     if not doomed and (snap is None or not is_transient(core, snap)):

@@ -32,6 +32,7 @@ import os
 import socket
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -387,8 +388,11 @@ class Journal:
             self._roll_back(steps, ctx)
             return "rolled_back", None
         except Exception as exc:  # noqa: BLE001 - recorded; the journal keeps it for the next recovery
-            LOG.error("operation %s #%s could not be %s: %s; left for recovery", kind, op_id,
-                      "finished" if committed else "undone", exc)
+            # where it failed (the innermost frames), so one log line is enough to find the cause
+            where = " <- ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}"
+                                for f in reversed(traceback.extract_tb(exc.__traceback__)[-4:]))
+            LOG.error("operation %s #%s could not be %s: %s (at %s); left for recovery", kind, op_id,
+                      "finished" if committed else "undone", exc, where)
             return "failed", str(exc)
 
     def _finish_row(self, op_id: int, ctx: RecoveryContext) -> tuple[str, dict[str, Any]] | None:

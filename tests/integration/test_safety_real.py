@@ -242,10 +242,12 @@ def test_reconcile_finds_orphan_boot_files_and_hil_attachments(env):
         report = ops.reconcile(ADMIN)
         tftp = env.tmp / "tftp"
         assert report["orphan_boot_files"] == sorted([str(tftp / "cisco-02.ipxe"),
+                                                      str(tftp / "by-mac" / "52-54-00-00-02-01.ipxe"),
                                                       str(tftp / "pxelinux.cfg" / "01-52-54-00-00-02-01")])
         assert report["hil_attachments_without_provision"] == [f"cisco-02/enp130s0f0/{NET}"]
         report = ops.reconcile(ADMIN, repair=True)
         assert not (tftp / "cisco-02.ipxe").exists() and (tftp / f"{NODE}.ipxe").exists()
+        assert not (tftp / "by-mac" / "52-54-00-00-02-01.ipxe").exists()
         assert ops.reconcile(ADMIN)["orphan_boot_files"] == []
     finally:
         env.hil.detach_network("cisco-02", "enp130s0f0", NET)

@@ -1011,3 +1011,40 @@ def test_background_job_failure_is_retried(tmp_path):
     with env.ops.journal.session() as s:  # pretend the back-off has passed
         s.get(flatten.FlattenJob, ceph(1)).attempts = 0
     assert _run_jobs(env) == 1 and _jobs(env) == [] and env.storage.parent_info(ceph(1)) is None
+
+
+def test_removal_finishes_an_image_left_half_removed(env, monkeypatch):
+    """A worker SIGKILLed inside a storage removal can leave an image that still opens but whose
+    snapshots no longer read back (NotFound): the removal's roll-forward finishes it instead of
+    failing on every retry (found by the chaos run)."""
+    from ims.common.errors import ImageNotFound
+
+    ops = env.ops
+    ops.import_image(USER, "bmi_infra", "bmi-test-image")
+    ops.copy_image(USER, "bmi_infra", "bmi-test-image", "bmi_infra", "copy1")
+    copy = ops.db_list(USER, name="copy1")[0][3]
+    real = env.storage.list_snapshots
+    broken = []
+
+    def half_removed(image):
+        if broken and image == copy:
+            raise ImageNotFound(f"image {image} not found")
+        return real(image)
+
+    def break_at_commit(name, phase):
+        if (name, phase) == ("commit", "after"):
+            # what a worker killed inside the removal leaves: its snapshots gone, the image still
+            # there, and reading its snapshot list fails
+            for snap in real(copy):
+                env.storage.unprotect_snapshot(copy, snap)
+                env.storage.remove_snapshot(copy, snap)
+            broken.append(True)
+
+    monkeypatch.setattr(env.storage, "list_snapshots", half_removed)
+    ops.journal.fault_hook = break_at_commit
+    ops.remove_image(USER, "bmi_infra", "copy1")
+    ops.journal.fault_hook = None
+    monkeypatch.undo()
+    assert copy not in env.storage.list_images()
+    assert [r[1] for r in ops.db_list(USER)] == ["bmi-test-image"]
+    assert ops.reconcile(ADMIN)["unfinished_operations"] == []

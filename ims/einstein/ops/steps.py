@@ -120,6 +120,20 @@ def purge(core: Core, image: str) -> None:
     """
     st = core.storage
     flatten.cancel(core, image)
+    try:
+        _purge_storage(core, image)
+    except NotFound as exc:
+        # A removal cut short (a SIGKILLed worker) can leave an image that still opens but whose
+        # snapshots, children or parent link no longer read back; `rbd remove` finishes such a
+        # removal.  Only if the image is then really gone is the purge done.
+        LOG.warning("purge of %s met %s; finishing its removal", image, exc)
+        _quietly(lambda: st.remove_image(image))
+        if st.image_exists(image):
+            raise
+
+
+def _purge_storage(core: Core, image: str) -> None:
+    st = core.storage
     if not st.image_exists(image):
         return
     with contextlib.suppress(TargetNotFound):
