@@ -167,6 +167,11 @@ def measure(d: Path, env: dict[str, str], runs: int, sizes: list[float]) -> dict
     user.do("POST", f"/projects/{PROJECT}/images", {"name": "bench-golden"})
     golden_ceph = ceph_of(ops, "bench-golden")
     snap = cfg.bmi.snapshot
+    deadline = time.monotonic() + 120
+    while snap not in st.list_snapshots(golden_ceph):  # its background flatten takes its snapshot
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{golden_ceph}@{snap} did not appear (background flatten)")
+        time.sleep(0.2)
     tftp = Path(cfg.tftp.pxelinux_path)
 
     log(f"floor and REST provision/deprovision, {runs} runs each, interleaved")
