@@ -4,8 +4,10 @@
 Brings up a throwaway stack (scripts/bmi-stack up --nodes 100, bluestore Ceph, HIL simulator
 with no action delay), then measures and prints a table (operation, p50, p95, x floor):
 
-  floor provision     rbd clone of the golden snapshot + tgt target (target, LUN, bind) + two boot files
-  floor deprovision   tgt target remove + rbd remove + the two boot files removed
+  floor provision     bare librbd clone of the golden snapshot + the tgtadm calls that make the same
+                      target (new target, LUN, write cache off, bind address, bind initiator name)
+                      + two boot files written
+  floor deprovision   tgtadm delete (by the tid it made) + librbd remove + the two boot files removed
   provision /v1       POST .../provision (202) -> operation done: what a user waits for
   deprovision /v1     likewise
   provision legacy    PUT /provision/ (synchronous ``Success``); DELETE /deprovision/ likewise
@@ -34,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import rbd
 import requests
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,6 +46,9 @@ sys.path.insert(0, str(REPO / "scripts"))
 import bmi_stack  # noqa: E402
 
 from ims.common import config  # noqa: E402
+from ims.common.process import execute  # noqa: E402
+from ims.einstein.iscsi.tgt import WRITE_CACHE_OFF  # noqa: E402
+from ims.einstein.iscsi.tgt_conf import NO_ADDRESS  # noqa: E402
 from ims.einstein.operations import Operations  # noqa: E402
 
 GiB = 1 << 30
@@ -153,7 +159,7 @@ def measure(d: Path, env: dict[str, str], runs: int, sizes: list[float]) -> dict
     cfg_path = env["BMI_CONFIG"]
     cfg = config.parse(cfg_path, Path(cfg_path).read_text())
     ops = Operations.from_config(cfg)  # the same Ceph, tgtd and tftp root, for the floor and for data
-    st, tgt = ops.storage, ops.iscsi
+    st = ops.storage
     url = env["BMI_URL"]
     user = Rest(url, TENANT)
     nodes = nodes_of(d)
@@ -179,18 +185,31 @@ def measure(d: Path, env: dict[str, str], runs: int, sizes: list[float]) -> dict
               "provision legacy", "deprovision legacy"):
         rows[k] = []
     iqn_init = "iqn.2017-10.org.bench:n"
+    ioctx = st._ioctx()  # the floor: bare librbd and tgtadm calls, no checks
+
+    def tgtadm(*args: str) -> None:
+        execute("tgtadm", "-C", str(cfg.iscsi.control_port), "--lld", "iscsi", *args, timeout=30)
     for i in range(runs):
         raw = f"bench-raw{i}"
 
-        def floor_up(raw: str = raw) -> None:
-            st.clone(golden_ceph, snap, raw)
-            tgt.add_target(raw, st.backing(raw), initiator_names=[iqn_init])
+        tid = str(900000 + i)  # far above BMI's tid counter
+
+        def floor_up(raw: str = raw, tid: str = tid) -> None:
+            rbd.RBD().clone(ioctx, golden_ceph, snap, ioctx, raw, features=1)
+            tgtadm("--op", "new", "--mode", "target", "--tid", tid, "-T", f"iqn.2017-10.org.bench:{raw}")
+            b = st.backing(raw)
+            tgtadm("--op", "new", "--mode", "logicalunit", "--tid", tid, "--lun", "1", "--bstype", b.bstype,
+                   "--backing-store", b.path, "--bsopts", b.bsopts)
+            tgtadm("--op", "update", "--mode", "logicalunit", "--tid", tid, "--lun", "1", "--params",
+                   WRITE_CACHE_OFF)
+            tgtadm("--op", "bind", "--mode", "target", "--tid", tid, "-I", NO_ADDRESS)
+            tgtadm("--op", "bind", "--mode", "target", "--tid", tid, "-Q", iqn_init)
             (tftp / f"{raw}.pxe").write_text("boot file\n")
             (tftp.parent / f"{raw}.ipxe").write_text("#!ipxe\n")
 
-        def floor_down(raw: str = raw) -> None:
-            tgt.remove_target(raw)
-            st.remove_image(raw)
+        def floor_down(raw: str = raw, tid: str = tid) -> None:
+            tgtadm("--op", "delete", "--mode", "target", "--tid", tid, "--force")
+            rbd.RBD().remove(ioctx, raw)
             (tftp / f"{raw}.pxe").unlink()
             (tftp.parent / f"{raw}.ipxe").unlink()
 
