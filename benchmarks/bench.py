@@ -128,7 +128,7 @@ def start_stack(d: Path, max_gib: float) -> dict[str, str]:
     bmi_stack.service_argv = argv
     os.environ["CEPH_OBJECTSTORE"] = "bluestore"
     # Room for the node's written data, the source image and their copies (sparse file).
-    os.environ.setdefault("CEPH_BLUESTORE_GIB", str(max(10, int(max_gib * 2.5) + 8)))
+    os.environ.setdefault("CEPH_BLUESTORE_GIB", str(max(10, int(max_gib * 3) + 10)))
     bmi_stack.down(d)
     bmi_stack.up(d, False, workers=2, nodes=100)
     return bmi_stack.read_env(d / "env")
@@ -374,6 +374,35 @@ the batch with {res['batch_n']} × the provision floor, i.e. doing the bare work
 Snapshot and import return once the new image exists as a copy-on-write clone, usable at once;
 a worker flattens it in the background (docs/operations.md).  "sync flatten" is the old way on
 the same node data: clone + `rbd flatten` before answering — it grows with the data written.
+
+## What BMI does on top of the floor, and what was cut
+
+Profiled with py-spy on the Einstein workers (`py-spy record --idle`) and by counting calls
+per operation (a provision / a deprovision):
+
+* HIL requests: provision 3 (node record, connect, action status; was 4-5: the node was read
+  twice, and the first status poll slept 50 ms); deprovision 3 (node record, detach, status).
+* tgtadm calls: provision 6 (new, LUN, write cache off, two binds, and one show that checks our
+  IQN has our tid and backing); deprovision 4 (show, delete, show: the IQN checks; one show in
+  the idempotent forward step; was 5).
+* journal writes: one per step, plus opening and closing the operation (was two per step).
+* RPC: waiting for an operation goes to the worker that runs it, which wakes the waiter when it
+  ends (was: any worker, polling the database up to every 0.1 s).
+
+* **HIL**: every request costs HIL a password check (the simulator: PBKDF2, ~7 ms CPU; real
+  HIL hashes too), so round trips are what counts.  One keep-alive `requests.Session` per
+  worker and credentials (ims/einstein/hil.py `_shared_session`); one node read per operation
+  (a client is built per operation; it forgets a node it changes, and polling always reads
+  afresh); action polls at 5, 15, 45, 135 ms, ... (was 50, 100, 200 ms).
+* **Journal durability kept**: every step is recorded *before* it runs, in its own committed
+  transaction, exactly as before; recovery undoes a `started` step like a `done` one (every
+  undo is idempotent), so the `done` mark now rides on the operation's next journal write
+  instead of a write of its own.  SQLite runs in WAL mode with `synchronous = NORMAL`: a
+  commit survives the death of the process (what recovery is for); a power loss can lose the
+  last commits, never corrupt the database.
+* **tgt**: the IQN verification stays: no target is deleted or reported by a remembered tid;
+  every delete is show → delete → show.  Only a "nothing to delete" answer of this process's
+  own confirmed delete is remembered (2 s), for deprovision's idempotent repeat of the remove.
 
 ## Latency vs concurrency (legacy API, all answered `Success`)
 
