@@ -51,10 +51,6 @@ DEFAULT_CHANNEL = "vlan/native"
 POLL_START = 0.005
 POLL_CAP = 1.0
 POLL_FACTOR = 3  # 5, 15, 45, 135, 405 ms, then every second
-# How long one client (one operation: Core.access builds a client per call) trusts a node record it
-# read: provision reads the node once for its MAC and once for its NIC's networks.  Any change the
-# client makes to the node drops the record; polling an action always reads afresh.
-NODE_CACHE_SECONDS = 2.0
 
 # One keep-alive HTTP session per (HIL URL, user, password digest), shared by every client a worker
 # process builds: an operation no longer pays a TCP connect (and the simulator's/HIL's accept).
@@ -180,7 +176,6 @@ class HILClient(NetIsolator):
         self.action_timeout = action_timeout
         self.channel = channel
         self.session = _shared_session(base, username, password)
-        self._nodes: dict[str, tuple[float, dict[str, Any]]] = {}
 
     @classmethod
     def from_config(cls, section: Any, username: str, password: str) -> HILClient:
@@ -190,7 +185,6 @@ class HILClient(NetIsolator):
 
     def close(self) -> None:
         """Nothing to release: the HTTP session is shared by the worker (see _shared_session)."""
-        self._nodes.clear()
 
     def __repr__(self) -> str:  # never shows the password
         return f"HILClient({self.public_url!r}, user={self.username!r})"
@@ -285,18 +279,11 @@ class HILClient(NetIsolator):
 
     def show_node(self, node: str) -> dict[str, Any]:
         validate_name(node, "node")
-        cached = self._nodes.get(node)
-        if cached is not None and time.monotonic() - cached[0] < NODE_CACHE_SECONDS:
-            return json.loads(json.dumps(cached[1]))  # a copy: callers may not change the record
-        return self._fetch_node(node)
-
-    def _fetch_node(self, node: str) -> dict[str, Any]:
         resp = self._request("GET", f"node/{quote(node)}", context={"kind": "node", "node": node})
         info = self._json(resp, f"node {node}")
         if not isinstance(info, dict):
             raise HILError(f"HIL sent a malformed record for node {node}", status=502)
-        self._nodes[node] = (time.monotonic(), info)
-        return json.loads(json.dumps(info))
+        return info
 
     # --- networking --------------------------------------------------------------------
     def connect_network(self, node: str, nic: str, network: str) -> None:
@@ -312,7 +299,6 @@ class HILClient(NetIsolator):
         validate_name(nic, "nic")
         validate_name(network, "network")
         context = {"kind": "node", "node": node, "nic": nic, "network": network}
-        self._nodes.pop(node, None)
         resp = self._request("POST", f"node/{quote(node)}/nic/{quote(nic)}/{verb}", body, context)
         deadline = time.monotonic() + self.action_timeout
         status_id = None
@@ -367,25 +353,21 @@ class HILClient(NetIsolator):
             delay = min(delay * POLL_FACTOR, POLL_CAP)
 
     def _is_attached(self, node: str, nic: str, network: str) -> bool:
-        self._nodes.pop(node, None)  # watching a change: always ask HIL
         return network in self.nic_networks(node, nic).values()
 
     # --- power -------------------------------------------------------------------------
     def power_cycle(self, node: str, force: bool = False) -> None:
         validate_name(node, "node")
-        self._nodes.pop(node, None)
         self._request("POST", f"node/{quote(node)}/power_cycle", {"force": bool(force)},
                       {"kind": "node", "node": node})
 
     def power_off(self, node: str) -> None:
         validate_name(node, "node")
-        self._nodes.pop(node, None)
         # An empty JSON object: obmd (HIL master) rejects a POST without a JSON body.
         self._request("POST", f"node/{quote(node)}/power_off", {}, {"kind": "node", "node": node})
 
     def set_boot_device(self, node: str, dev: str) -> None:
         validate_name(node, "node")
-        self._nodes.pop(node, None)
         self._request("PUT", f"node/{quote(node)}/boot_device", {"bootdev": dev}, {"kind": "node", "node": node})
 
 
