@@ -380,8 +380,10 @@ the same node data: clone + `rbd flatten` before answering — it grows with the
 Profiled with py-spy on the Einstein workers (`py-spy record --idle`) and by counting calls
 per operation (a provision / a deprovision):
 
-* HIL requests: provision 3 (node record, connect, action status; was 4-5: the node was read
-  twice, and the first status poll slept 50 ms); deprovision 3 (node record, detach, status).
+* HIL requests: provision 4 (node record for the MAC, node record again for the NIC's
+  networks, connect, action status; the first status poll used to sleep 50 ms, now 5 ms);
+  deprovision 3 (node record, detach, action status).  Reading the node once per provision
+  needs ims/einstein/ops/provisioning.py to take both from one ``show_node``.
 * tgtadm calls: provision 6 (new, LUN, write cache off, two binds, and one show that checks our
   IQN has our tid and backing); deprovision 4 (show, delete, show: the IQN checks; one show in
   the idempotent forward step; was 5).
@@ -391,9 +393,8 @@ per operation (a provision / a deprovision):
 
 * **HIL**: every request costs HIL a password check (the simulator: PBKDF2, ~7 ms CPU; real
   HIL hashes too), so round trips are what counts.  One keep-alive `requests.Session` per
-  worker and credentials (ims/einstein/hil.py `_shared_session`); one node read per operation
-  (a client is built per operation; it forgets a node it changes, and polling always reads
-  afresh); action polls at 5, 15, 45, 135 ms, ... (was 50, 100, 200 ms).
+  worker and credentials (ims/einstein/hil.py `_shared_session`; was a new TCP connection per
+  operation); action polls at 5, 15, 45, 135 ms, ... (was 50, 100, 200 ms).
 * **Journal durability kept**: every step is recorded *before* it runs, in its own committed
   transaction, exactly as before; recovery undoes a `started` step like a `done` one (every
   undo is idempotent), so the `done` mark now rides on the operation's next journal write
@@ -403,6 +404,14 @@ per operation (a provision / a deprovision):
 * **tgt**: the IQN verification stays: no target is deleted or reported by a remembered tid;
   every delete is show → delete → show.  Only a "nothing to delete" answer of this process's
   own confirmed delete is remembered (2 s), for deprovision's idempotent repeat of the remove.
+
+What is left between BMI and the floor lies outside the files this benchmark's change touched:
+taking the MAC and the NIC's networks from one node read in `Provisioning.provision`; running
+the HIL connect concurrently with the clone/target/boot-file steps (they are independent);
+one `rbd.Image` open for purge's exists / snapshots / children / parent checks (each open is a
+few Ceph round trips); dropping deprovision's `target_exists` show before the remove step
+(the remove does its own show); and the task path (a task row inserted, claimed and closed
+per operation).
 
 ## Latency vs concurrency (legacy API, all answered `Success`)
 
