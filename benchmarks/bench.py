@@ -361,9 +361,12 @@ Written by `make bench` (benchmarks/bench.py) on {time.strftime('%Y-%m-%d %H:%M 
 sparse file, a private tgtd, the HIL simulator with no action delay, 2 Einstein workers) on
 {os.cpu_count()} CPU cores.  Regenerate with `make bench`; the numbers below are from that one run.
 
-**Floor**: the bare work BMI must do, timed on the same Ceph and tgtd: `rbd clone` of the golden
-image's snapshot + a tgt target (target, LUN, bind) + two boot files; for deprovision the target
-removed, the clone removed, the boot files removed.  **/v1** times are what a user waits for:
+**Floor**: the bare work BMI must do, timed on the same Ceph and tgtd with no checks: a librbd
+clone of the golden image's snapshot, the tgtadm calls that make the same target as BMI's (new
+target, LUN, write cache off, bind the address rule, bind the initiator name) and two boot files
+written; for deprovision one `tgtadm --op delete` by the tid it made, a librbd remove and the
+two files removed.  The floor talks to no HIL; BMI also connects/detaches the node's NIC.
+**/v1** times are what a user waits for:
 the `POST` that answers `202 Accepted` until its operation is `done`.  **legacy** times are the
 synchronous form API (`PUT /provision/` answering `Success`).  × floor compares the p50 with the
 floor's p50 (provision rows with the provision floor, deprovision rows with the deprovision floor;
