@@ -120,16 +120,20 @@ class Tx:
         self.final_state: str | None = None
 
     def _save(self, session: Session, **extra: Any) -> None:
-        op = session.get(Operation, self.op_id)
-        if op is None:
+        # One UPDATE (no SELECT first): this runs once per step of every operation.
+        values = {"steps": json.dumps(self.steps), "committed": self.committed, **extra}
+        result = session.execute(update(Operation).where(Operation.id == self.op_id).values(**values))
+        if result.rowcount != 1:
             raise InternalError(f"journal row {self.op_id} vanished")
-        op.steps = json.dumps(self.steps)
-        op.committed = self.committed
-        for key, value in extra.items():
-            setattr(op, key, value)
 
     def step(self, name: str, do: Callable[[], T], undo: tuple[str, dict[str, Any]] | None = None) -> T:
-        """Record ``name`` (with its undo) durably, then run ``do``."""
+        """Record ``name`` (with its undo) durably, then run ``do``.
+
+        One journal write per step: the record before ``do`` is what recovery needs (it undoes
+        a ``started`` step exactly like a ``done`` one: every undo is idempotent).  The step's
+        ``done`` mark is written with the next journal write of this operation (the next
+        step's record, the commit point or the final state), which follows at once.
+        """
         entry = {"name": name, "undo": list(undo) if undo else None, "state": "started"}
         self.steps.append(entry)
         with self.journal.session() as session:
@@ -138,8 +142,6 @@ class Tx:
         result = do()
         self.journal.fault(name, "after")
         entry["state"] = "done"
-        with self.journal.session() as session:
-            self._save(session)
         return result
 
     def db_step(self, name: str, do: Callable[[Session], T],

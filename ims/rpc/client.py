@@ -5,6 +5,7 @@ import itertools
 import logging
 import select
 import threading
+from collections import OrderedDict
 from functools import partial
 from typing import Any
 
@@ -18,6 +19,12 @@ from ims.rpc.methods import ALLOWED_METHODS, NAME_PREFIX, READ_ONLY_METHODS
 LOG = logging.getLogger(__name__)
 
 _UNREACHABLE = "the BMI back-end (Einstein) cannot be reached; try again later"
+
+# Calls about one operation go to the worker that accepted it: that worker runs it and wakes its
+# waiters the moment it ends, where another worker polls the database (up to every 0.1 s).
+_SUBMITS = frozenset({"submit", "submit_batch"})
+_ABOUT_ONE = frozenset({"operation_wait", "operation_show"})
+_AFFINITY_MAX = 4096
 
 
 class EinsteinClient:
@@ -41,6 +48,7 @@ class EinsteinClient:
         self._counter = itertools.count()
         self._lock = threading.Lock()
         self._uris: list[str] = []
+        self._owner_of: OrderedDict[int, str] = OrderedDict()  # operation id -> worker uri that accepted it
 
     # --- discovery --------------------------------------------------------------------
     def _refresh(self) -> list[str]:
@@ -80,6 +88,22 @@ class EinsteinClient:
         if proxy is not None:
             proxy._pyroRelease()
 
+    def _affine_uri(self, method: str, args: tuple[Any, ...]) -> str | None:
+        if method not in _ABOUT_ONE or len(args) < 2 or not isinstance(args[1], int):
+            return None
+        with self._lock:
+            uri = self._owner_of.get(args[1])
+            return uri if uri in self._uris else None
+
+    def _remember(self, uri: str, result: Any) -> None:
+        records = result if isinstance(result, list) else [result]
+        with self._lock:
+            for record in records:
+                if isinstance(record, dict) and isinstance(record.get("id"), int):
+                    self._owner_of[record["id"]] = uri
+            while len(self._owner_of) > _AFFINITY_MAX:
+                self._owner_of.popitem(last=False)
+
     # --- calls ------------------------------------------------------------------------
     def _connected(self, uri: str) -> Any | None:
         """A proxy connected to ``uri`` (connecting now if needed), or None if the worker cannot be reached."""
@@ -110,7 +134,7 @@ class EinsteinClient:
             attempts += 1
             if attempts > 1:
                 self._refresh()
-            uri = self._next_uri()
+            uri = (self._affine_uri(method, args) if attempts == 1 else None) or self._next_uri()
             proxy = self._connected(uri)
             if proxy is None:
                 if attempts >= max(2, len(self._uris) + 1):
@@ -134,7 +158,10 @@ class EinsteinClient:
             if not isinstance(reply, dict):
                 raise BMIError("malformed reply from the BMI back-end")
             if reply.get("ok"):
-                return reply.get("result")
+                result = reply.get("result")
+                if method in _SUBMITS:
+                    self._remember(uri, result)
+                return result
             if reply.get("not_started") and attempts <= len(self._uris) + 1:
                 continue  # that worker is shutting down and did not start it: try another
             raise from_wire(reply.get("error") or {})

@@ -45,6 +45,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import time
 from pathlib import Path
 
 from ims.common.errors import CommandFailed, InvalidInput, IscsiError, TargetExists, TargetNotFound
@@ -73,6 +74,11 @@ TID_ATTEMPTS = 64
 WRITE_CACHE_OFF = "mode_page=8:0:18:0x10:0:0xff:0xff:0:0:0xff:0xff:0xff:0xff:0x80:0x14:0:0:0:0:0:0"
 
 DELETE_ATTEMPTS = 3
+# After this process deleted a target and a show confirmed its IQN gone, a second remove of the same
+# target without a conf file (deprovision's forward step repeats the remove to be idempotent) answers
+# TargetNotFound without another show for this long.  Only a "nothing to delete" answer is remembered,
+# never a tid: nothing is ever deleted or reported live without a fresh show.
+GONE_SECONDS = 2.0
 
 _EXISTS = "already exists"
 _NO_TARGET = "can't find the target"
@@ -101,6 +107,7 @@ class TgtTarget(IscsiTarget):
         self.tgtadm = tgtadm
         self.timeout = timeout
         self._template = Path(DEFAULT_TEMPLATES_DIR, "tgt_target.temp").read_text(encoding="utf-8")
+        self._gone: dict[str, float] = {}  # IQN -> when our own delete's show confirmed it gone
         os.makedirs(conf_dir, exist_ok=True)
 
     # --- public API ------------------------------------------------------------
@@ -124,6 +131,7 @@ class TgtTarget(IscsiTarget):
         path = self.conf_path(target)
         if os.path.exists(path):
             raise TargetExists(f"iSCSI target {target} already exists")
+        self._gone.pop(spec.iqn, None)
         self._create(spec)
         try:
             atomic_write(path, render_conf(spec, self._template), 0o600)
@@ -142,6 +150,9 @@ class TgtTarget(IscsiTarget):
         path = self.conf_path(target)
         spec = self._read_spec(target)
         iqn = spec.iqn if spec is not None else self.iqn(target)
+        gone = self._gone.pop(iqn, None)
+        if spec is None and gone is not None and time.monotonic() - gone < GONE_SECONDS:
+            raise TargetNotFound(f"iSCSI target {target} does not exist")
         tid = self._delete_by_iqn(iqn)
         if tid is None and spec is None:
             raise TargetNotFound(f"iSCSI target {target} does not exist")
@@ -340,6 +351,7 @@ class TgtTarget(IscsiTarget):
                           ok_missing=True)
                 live = self._show_all()
                 if iqn not in live:
+                    self._gone[iqn] = time.monotonic()
                     return target.tid
                 deleted = target.tid
                 if live[iqn].tid != target.tid:

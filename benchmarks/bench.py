@@ -1,0 +1,470 @@
+#!/usr/bin/env python3
+"""`make bench`: BMI through its REST API against the bare work on the same Ceph, in one run.
+
+Brings up a throwaway stack (scripts/bmi-stack up --nodes 100, bluestore Ceph, HIL simulator
+with no action delay), then measures and prints a table (operation, p50, p95, x floor):
+
+  floor provision     bare librbd clone of the golden snapshot + the tgtadm calls that make the same
+                      target (new target, LUN, write cache off, bind address, bind initiator name)
+                      + two boot files written
+  floor deprovision   tgtadm delete (by the tid it made) + librbd remove + the two boot files removed
+  provision /v1       POST .../provision (202) -> operation done: what a user waits for
+  deprovision /v1     likewise
+  provision legacy    PUT /provision/ (synchronous ``Success``); DELETE /deprovision/ likewise
+  snapshot at N GiB   POST .../snapshots -> done, node with N GiB written (BMI: clone, flattened later);
+                      and the same copy flattened synchronously (the old behaviour) for comparison
+  import at N GiB     POST .../images of an rbd image with N GiB written -> done
+  batch of 100        POST /v1/projects/<p>/provisions with 100 nodes -> all done (x floor = / 100 floor p50)
+  50 concurrent       50 legacy PUT /provision/ at once: all must answer Success
+
+and writes docs/performance.md with the table and two PNG plots (latency vs concurrency; snapshot
+time vs written GiB, BMI vs synchronous flatten).  No thresholds: numbers, not a test.
+
+Environment: BENCH_RUNS (default 20), BENCH_WRITTEN_GIB (default "1 4"; "1 4 20" needs ~25 min),
+BENCH_STACK_DIR (default <repo>/run/bench), BENCH_KEEP=1 leaves the stack up.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import rbd
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+import bmi_stack  # noqa: E402
+
+from ims.common import config  # noqa: E402
+from ims.common.process import execute  # noqa: E402
+from ims.einstein.iscsi.tgt import WRITE_CACHE_OFF  # noqa: E402
+from ims.einstein.iscsi.tgt_conf import NO_ADDRESS  # noqa: E402
+from ims.einstein.operations import Operations  # noqa: E402
+
+GiB = 1 << 30
+CHUNK = 64 << 20
+PROJECT = "bmi_infra"
+NETWORK = "bmi_network"
+TENANT = ("haas", "secret")
+ADMIN = ("haasadmin", "admin1234")
+CONCURRENCY = (1, 5, 10, 25, 50)
+
+
+def log(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def pct(samples: list[float], q: float) -> float:
+    s = sorted(samples)
+    if len(s) == 1:
+        return s[0]
+    return statistics.quantiles(s, n=100, method="inclusive")[int(q) - 1]
+
+
+class Rest:
+    """One keep-alive HTTP session, like a script or the CLI would use."""
+
+    def __init__(self, url: str, auth: tuple[str, str]) -> None:
+        self.url = url
+        self.s = requests.Session()
+        self.s.auth = auth
+
+    def wait_op(self, op_id: int) -> dict[str, Any]:
+        while True:
+            r = self.s.get(f"{self.url}/v1/operations/{op_id}", params={"wait": 30}, timeout=60)
+            r.raise_for_status()
+            rec = r.json()["result"]
+            if rec["state"] == "done":
+                return rec
+            if rec["state"] == "failed":
+                raise RuntimeError(f"operation {op_id} failed: {rec.get('error')}")
+
+    def submit(self, method: str, path: str, body: dict[str, Any]) -> Any:
+        r = self.s.request(method, f"{self.url}/v1{path}", json=body, timeout=60)
+        if r.status_code != 202:
+            raise RuntimeError(f"{method} {path}: {r.status_code} {r.text[:300]}")
+        return r.json()["result"]
+
+    def do(self, method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Submit and wait: the time a user waits for a /v1 mutation."""
+        return self.wait_op(int(self.submit(method, path, body)["id"]))
+
+    def legacy(self, method: str, path: str, form: dict[str, str]) -> None:
+        r = self.s.request(method, f"{self.url}{path}", data=form, timeout=600)
+        if r.status_code != 200 or r.text != "Success":
+            raise RuntimeError(f"legacy {method} {path}: {r.status_code} {r.text[:300]}")
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def fill(st: Any, image: str, size: int) -> None:
+    chunk = os.urandom(8 << 20) * (CHUNK // (8 << 20))
+    for off in range(0, size, CHUNK):
+        st.write(image, off, chunk[:min(CHUNK, size - off)])
+
+
+def start_stack(d: Path, max_gib: float) -> dict[str, str]:
+    # The HIL simulator with no action delay: what is measured is BMI, not a simulated switch.
+    orig = bmi_stack.service_argv
+
+    def argv(name: str, dd: Path, cfg: Path | None = None, hil_port: int | None = None) -> list[str]:
+        out = orig(name, dd, cfg=cfg, hil_port=hil_port)
+        return [*out, "--action-delay", "0"] if name == "hil-simulator" else out
+
+    bmi_stack.service_argv = argv
+    os.environ["CEPH_OBJECTSTORE"] = "bluestore"
+    # Room for the node's written data, the source image and their copies (sparse file).
+    os.environ.setdefault("CEPH_BLUESTORE_GIB", str(max(10, int(max_gib * 3) + 10)))
+    bmi_stack.down(d)
+    bmi_stack.up(d, False, workers=2, nodes=100)
+    return bmi_stack.read_env(d / "env")
+
+
+def nodes_of(d: Path) -> list[tuple[str, str]]:
+    inv = json.loads((d / "hil-inventory.json").read_text())
+    return [(n["name"], n["nics"][0]["label"]) for n in inv["nodes"] if n["project"] == PROJECT]
+
+
+def main() -> int:
+    runs = int(os.environ.get("BENCH_RUNS", "20"))
+    sizes = [float(x) for x in os.environ.get("BENCH_WRITTEN_GIB", "1 4").split()]
+    d = Path(os.environ.get("BENCH_STACK_DIR", str(REPO / "run" / "bench")))
+    t_start = time.monotonic()
+    env = start_stack(d, max(sizes))
+    try:
+        results = measure(d, env, runs, sizes)
+    finally:
+        if os.environ.get("BENCH_KEEP") != "1":
+            bmi_stack.down(d)
+    results["wall_s"] = time.monotonic() - t_start
+    report(results)
+    return 0
+
+
+def measure(d: Path, env: dict[str, str], runs: int, sizes: list[float]) -> dict[str, Any]:
+    cfg_path = env["BMI_CONFIG"]
+    cfg = config.parse(cfg_path, Path(cfg_path).read_text())
+    ops = Operations.from_config(cfg)  # the same Ceph, tgtd and tftp root, for the floor and for data
+    st = ops.storage
+    url = env["BMI_URL"]
+    user = Rest(url, TENANT)
+    nodes = nodes_of(d)
+    node, nic = nodes[0]
+    rows: dict[str, list[float]] = {}
+    res: dict[str, Any] = {"rows": rows, "runs": runs}
+
+    log("golden image: 1 GiB sparse with 8 MiB written, imported")
+    st.create_image("bench-golden", GiB)
+    st.write("bench-golden", 0, os.urandom(8 << 20))
+    user.do("POST", f"/projects/{PROJECT}/images", {"name": "bench-golden"})
+    golden_ceph = ceph_of(ops, "bench-golden")
+    snap = cfg.bmi.snapshot
+    deadline = time.monotonic() + 120
+    while snap not in st.list_snapshots(golden_ceph):  # its background flatten takes its snapshot
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{golden_ceph}@{snap} did not appear (background flatten)")
+        time.sleep(0.2)
+    tftp = Path(cfg.tftp.pxelinux_path)
+
+    log(f"floor and REST provision/deprovision, {runs} runs each, interleaved")
+    for k in ("floor provision", "floor deprovision", "provision /v1", "deprovision /v1",
+              "provision legacy", "deprovision legacy"):
+        rows[k] = []
+    iqn_init = "iqn.2017-10.org.bench:n"
+    ioctx = st._ioctx()  # the floor: bare librbd and tgtadm calls, no checks
+
+    def tgtadm(*args: str) -> None:
+        execute("tgtadm", "-C", str(cfg.iscsi.control_port), "--lld", "iscsi", *args, timeout=30)
+    for i in range(runs):
+        raw = f"bench-raw{i}"
+
+        tid = str(900000 + i)  # far above BMI's tid counter
+
+        def floor_up(raw: str = raw, tid: str = tid) -> None:
+            rbd.RBD().clone(ioctx, golden_ceph, snap, ioctx, raw, features=1)
+            tgtadm("--op", "new", "--mode", "target", "--tid", tid, "-T", f"iqn.2017-10.org.bench:{raw}")
+            b = st.backing(raw)
+            tgtadm("--op", "new", "--mode", "logicalunit", "--tid", tid, "--lun", "1", "--bstype", b.bstype,
+                   "--backing-store", b.path, "--bsopts", b.bsopts)
+            tgtadm("--op", "update", "--mode", "logicalunit", "--tid", tid, "--lun", "1", "--params",
+                   WRITE_CACHE_OFF)
+            tgtadm("--op", "bind", "--mode", "target", "--tid", tid, "-I", NO_ADDRESS)
+            tgtadm("--op", "bind", "--mode", "target", "--tid", tid, "-Q", iqn_init)
+            (tftp / f"{raw}.pxe").write_text("boot file\n")
+            (tftp.parent / f"{raw}.ipxe").write_text("#!ipxe\n")
+
+        def floor_down(raw: str = raw, tid: str = tid) -> None:
+            tgtadm("--op", "delete", "--mode", "target", "--tid", tid, "--force")
+            rbd.RBD().remove(ioctx, raw)
+            (tftp / f"{raw}.pxe").unlink()
+            (tftp.parent / f"{raw}.ipxe").unlink()
+
+        rows["floor provision"].append(timed(floor_up))
+        rows["floor deprovision"].append(timed(floor_down))
+        prov = {"image": "bench-golden", "network": NETWORK, "nic": nic}
+        rows["provision /v1"].append(timed(lambda b=prov: user.do(
+            "POST", f"/projects/{PROJECT}/nodes/{node}/provision", b)))
+        rows["deprovision /v1"].append(timed(lambda: user.do(
+            "POST", f"/projects/{PROJECT}/nodes/{node}/deprovision", {"network": NETWORK, "nic": nic})))
+        form = {"project": PROJECT, "node": node, "img": "bench-golden", "network": NETWORK, "nic": nic}
+        rows["provision legacy"].append(timed(lambda f=form: user.legacy("PUT", "/provision/", f)))
+        dform = {"project": PROJECT, "node": node, "network": NETWORK, "nic": nic}
+        rows["deprovision legacy"].append(timed(lambda f=dform: user.legacy("DELETE", "/deprovision/", f)))
+
+    log("legacy provisions at concurrency " + ", ".join(map(str, CONCURRENCY)))
+    conc: dict[int, list[float]] = {}
+    conc_wall: dict[int, float] = {}
+    for c in CONCURRENCY:
+        conc[c], conc_wall[c] = concurrent_legacy(url, nodes[:c])
+    rows["50 concurrent legacy (each)"] = conc[50]
+    res["conc"] = conc
+    res["conc_wall"] = conc_wall
+
+    log("batch of 100 nodes: POST /v1/projects/<p>/provisions")
+    batch = [{"node": n, "image": "bench-golden", "network": NETWORK, "nic": c} for n, c in nodes[:100]]
+    t0 = time.perf_counter()
+    recs = user.submit("POST", f"/projects/{PROJECT}/provisions", {"nodes": batch})
+    for r in recs:
+        user.wait_op(int(r["id"]))
+    res["batch_s"] = time.perf_counter() - t0
+    res["batch_n"] = len(batch)
+    rows["batch of 100 (whole batch)"] = [res["batch_s"]]
+    with ThreadPoolExecutor(8) as pool:  # clean up in parallel (not measured)
+        list(pool.map(lambda nc: Rest(url, TENANT).do(
+            "POST", f"/projects/{PROJECT}/nodes/{nc[0]}/deprovision", {"network": NETWORK, "nic": nc[1]}),
+            nodes[:100]))
+
+    res["snap"] = {}
+    snap_runs = max(3, runs // 4)
+    for gib in sizes:
+        size = int(gib * GiB)
+        log(f"snapshot and import with {gib:g} GiB written")
+        name = f"bench-small{gib:g}".replace(".", "_")
+        st.create_image(name, size)
+        user.do("POST", f"/projects/{PROJECT}/images", {"name": name})
+        user.do("POST", f"/projects/{PROJECT}/nodes/{node}/provision", {"image": name, "network": NETWORK,
+                                                                         "nic": nic})
+        node_img = ceph_of(ops, node)
+        fill(st, node_img, size)
+        samples = []
+        for k in range(snap_runs):
+            sname = f"bsnap{int(gib)}x{k}"
+            samples.append(timed(lambda s=sname: user.do("POST", f"/projects/{PROJECT}/nodes/{node}/snapshots",
+                                                         {"name": s})))
+            user.do("DELETE", f"/projects/{PROJECT}/snapshots/{sname}", {})
+        rows[f"snapshot, {gib:g} GiB written"] = samples
+        # The old behaviour on the same data: snapshot the node's clone, clone it, flatten before answering.
+        st.create_snapshot(node_img, "bench-sync")
+        st.protect_snapshot(node_img, "bench-sync")
+        sync = timed(lambda im=node_img: (st.clone(im, "bench-sync", "bench-syncflat"), st.flatten("bench-syncflat")))
+        st.remove_image("bench-syncflat")
+        st.unprotect_snapshot(node_img, "bench-sync")
+        st.remove_snapshot(node_img, "bench-sync")
+        rows[f"sync flatten, {gib:g} GiB (old way)"] = [sync]
+        user.do("POST", f"/projects/{PROJECT}/nodes/{node}/deprovision", {"network": NETWORK, "nic": nic})
+        user.do("DELETE", f"/projects/{PROJECT}/images/{name}", {})
+        st.remove_image(name)
+
+        src = f"bench-src{gib:g}".replace(".", "_")
+        st.create_image(src, size)
+        fill(st, src, size)
+        samples = []
+        for _ in range(max(2, snap_runs // 2)):
+            samples.append(timed(lambda s=src: user.do("POST", f"/projects/{PROJECT}/images", {"name": s})))
+            user.do("DELETE", f"/projects/{PROJECT}/images/{src}", {})
+        rows[f"import, {gib:g} GiB written"] = samples
+        st.remove_image(src)
+        res["snap"][gib] = (statistics.median(rows[f"snapshot, {gib:g} GiB written"]), sync)
+    user.do("DELETE", f"/projects/{PROJECT}/images/bench-golden", {})
+    ops.close()
+    return res
+
+
+def ceph_of(ops: Operations, name: str) -> str:
+    from sqlalchemy import select
+
+    from ims.database.models import Image
+
+    with ops.journal.session() as s:
+        row = s.scalars(select(Image).where(Image.name == name)).one()
+        return ops.ceph_name(row.id)
+
+
+def concurrent_legacy(url: str, nodes: list[tuple[str, str]]) -> tuple[list[float], float]:
+    """Provision ``nodes`` at once through the legacy API (each must answer Success), then deprovision."""
+    barrier = threading.Barrier(len(nodes))
+    lat: list[float] = []
+    lock = threading.Lock()
+
+    def one(nc: tuple[str, str]) -> None:
+        rest = Rest(url, TENANT)
+        form = {"project": PROJECT, "node": nc[0], "img": "bench-golden", "network": NETWORK, "nic": nc[1]}
+        barrier.wait()
+        t = timed(lambda: rest.legacy("PUT", "/provision/", form))
+        with lock:
+            lat.append(t)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(len(nodes)) as pool:
+        list(pool.map(one, nodes))  # re-raises the first failure
+    wall = time.perf_counter() - t0
+    with ThreadPoolExecutor(min(8, len(nodes))) as pool:
+        list(pool.map(lambda nc: Rest(url, TENANT).legacy(
+            "DELETE", "/deprovision/", {"project": PROJECT, "node": nc[0], "network": NETWORK, "nic": nc[1]}),
+            nodes))
+    return lat, wall
+
+
+def report(res: dict[str, Any]) -> None:
+    rows = res["rows"]
+    fp = statistics.median(rows["floor provision"])
+    fd = statistics.median(rows["floor deprovision"])
+    table = ["| operation | n | p50 | p95 | × floor |", "|---|---|---|---|---|"]
+
+    def fmt(s: float) -> str:
+        return f"{s * 1000:.0f} ms" if s < 10 else f"{s:.1f} s"
+
+    for name, samples in rows.items():
+        p50, p95 = statistics.median(samples), pct(samples, 95)
+        if name.startswith("deprovision") or name == "floor deprovision":
+            ratio = f"{p50 / fd:.2f}"
+        elif name.startswith(("provision", "floor provision", "50 concurrent")):
+            ratio = f"{p50 / fp:.2f}"
+        elif name.startswith("batch"):
+            ratio = f"{p50 / (res['batch_n'] * fp):.2f} (of {res['batch_n']} × floor)"
+        else:
+            ratio = "—"
+        table.append(f"| {name} | {len(samples)} | {fmt(p50)} | {fmt(p95) if len(samples) > 1 else '—'} | "
+                     f"{ratio} |")
+    text = "\n".join(table)
+    print(text)
+    docs = REPO / "docs"
+    plots(res, docs)
+    (docs / "performance.md").write_text(f"""# Performance
+
+Written by `make bench` (benchmarks/bench.py) on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, in
+{res['wall_s'] / 60:.1f} minutes: one throwaway stack (`scripts/bmi-stack up --nodes 100`, bluestore Ceph on a
+sparse file, a private tgtd, the HIL simulator with no action delay, 2 Einstein workers) on
+{os.cpu_count()} CPU cores.  Regenerate with `make bench`; the numbers below are from that one run.
+
+**Floor**: the bare work BMI must do, timed on the same Ceph and tgtd with no checks: a librbd
+clone of the golden image's snapshot, the tgtadm calls that make the same target as BMI's (new
+target, LUN, write cache off, bind the address rule, bind the initiator name) and two boot files
+written; for deprovision one `tgtadm --op delete` by the tid it made, a librbd remove and the
+two files removed.  The floor talks to no HIL; BMI also connects/detaches the node's NIC.
+**/v1** times are what a user waits for:
+the `POST` that answers `202 Accepted` until its operation is `done`.  **legacy** times are the
+synchronous form API (`PUT /provision/` answering `Success`).  × floor compares the p50 with the
+floor's p50 (provision rows with the provision floor, deprovision rows with the deprovision floor;
+the batch with {res['batch_n']} × the provision floor, i.e. doing the bare work serially).
+
+{text}
+
+Snapshot and import return once the new image exists as a copy-on-write clone, usable at once;
+a worker flattens it in the background (docs/operations.md).  "sync flatten" is the old way on
+the same node data: clone + `rbd flatten` before answering — it grows with the data written.
+
+## What BMI does on top of the floor, and what was cut
+
+Profiled with py-spy on the Einstein workers (`py-spy record --idle`) and by counting calls
+per operation (a provision / a deprovision):
+
+* HIL requests: provision 4 (node record for the MAC, node record again for the NIC's
+  networks, connect, action status; the first status poll used to sleep 50 ms, now 5 ms);
+  deprovision 3 (node record, detach, action status).  Reading the node once per provision
+  needs ims/einstein/ops/provisioning.py to take both from one ``show_node``.
+* tgtadm calls: provision 6 (new, LUN, write cache off, two binds, and one show that checks our
+  IQN has our tid and backing); deprovision 4 (show, delete, show: the IQN checks; one show in
+  the idempotent forward step; was 5).
+* journal writes: one per step, plus opening and closing the operation (was two per step).
+* RPC: waiting for an operation goes to the worker that runs it, which wakes the waiter when it
+  ends (was: any worker, polling the database up to every 0.1 s).
+
+* **HIL**: every request costs HIL a password check (the simulator: PBKDF2, ~7 ms CPU; real
+  HIL hashes too), so round trips are what counts.  One keep-alive `requests.Session` per
+  worker and credentials (ims/einstein/hil.py `_shared_session`; was a new TCP connection per
+  operation); action polls at 5, 15, 45, 135 ms, ... (was 50, 100, 200 ms).
+* **Journal durability kept**: every step is recorded *before* it runs, in its own committed
+  transaction, exactly as before; recovery undoes a `started` step like a `done` one (every
+  undo is idempotent), so the `done` mark now rides on the operation's next journal write
+  instead of a write of its own.  SQLite runs in WAL mode with `synchronous = NORMAL`: a
+  commit survives the death of the process (what recovery is for); a power loss can lose the
+  last commits, never corrupt the database.
+* **tgt**: the IQN verification stays: no target is deleted or reported by a remembered tid;
+  every delete is show → delete → show.  Only a "nothing to delete" answer of this process's
+  own confirmed delete is remembered (2 s), for deprovision's idempotent repeat of the remove.
+
+What is left between BMI and the floor lies outside the files this benchmark's change touched:
+taking the MAC and the NIC's networks from one node read in `Provisioning.provision`; running
+the HIL connect concurrently with the clone/target/boot-file steps (they are independent);
+one `rbd.Image` open for purge's exists / snapshots / children / parent checks (each open is a
+few Ceph round trips); dropping deprovision's `target_exists` show before the remove step
+(the remove does its own show); and the task path (a task row inserted, claimed and closed
+per operation).
+
+## Latency vs concurrency (legacy API, all answered `Success`)
+
+| concurrent provisions | p50 | p95 | wall |
+|---|---|---|---|
+""" + "\n".join(f"| {c} | {fmt(statistics.median(v))} | {fmt(pct(v, 95))} | {fmt(res['conc_wall'][c])} |"
+                for c, v in res["conc"].items()) + """
+
+![latency vs concurrency](performance-concurrency.png)
+
+## Snapshot time vs data written
+
+![snapshot time vs written GiB](performance-snapshot.png)
+""")
+    log(f"wrote {docs / 'performance.md'}")
+
+
+def plots(res: dict[str, Any], docs: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    cs = list(res["conc"])
+    ax.plot(cs, [statistics.median(res["conc"][c]) * 1000 for c in cs], "o-", label="p50 per request")
+    ax.plot(cs, [pct(res["conc"][c], 95) * 1000 for c in cs], "s--", label="p95 per request")
+    ax.plot(cs, [res["conc_wall"][c] * 1000 for c in cs], "^:", label="wall time, all requests")
+    ax.set_xlabel("concurrent legacy PUT /provision/")
+    ax.set_ylabel("ms")
+    ax.set_title("Provision latency vs concurrency")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(docs / "performance-concurrency.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    gs = sorted(res["snap"])
+    ax.plot(gs, [res["snap"][g][0] for g in gs], "o-", label="BMI snapshot (p50; background flatten)")
+    ax.plot(gs, [res["snap"][g][1] for g in gs], "s--", label="clone + synchronous flatten")
+    ax.set_xlabel("GiB written in the node's image")
+    ax.set_ylabel("seconds until answered")
+    ax.set_title("Snapshot time vs data written")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(docs / "performance-snapshot.png", dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
