@@ -196,9 +196,13 @@ def run_debian(args: argparse.Namespace) -> int:
     med = {k: statistics.median(v) for k, v in results.items()}
     print(f"\nDebian 12, BIOS: median seconds to BMI-DEBIAN-UP over {args.runs} run(s) each "
           f"(pxelinux_timeout {args.pxelinux_timeout}, {args.memory or 'default'} MiB)")
-    print(f"{'(a) local disk':40}{med['local']:10.2f}")
+    # Medians and minima: on a shared box under TCG the minimum is the least disturbed boot.
+    low = {k: min(v) for k, v in results.items()}
+    print(f"{'':40}{'median':>10}{'min':>10}{'ratio med':>11}{'ratio min':>11}")
+    print(f"{'(a) local disk':40}{med['local']:10.2f}{low['local']:10.2f}")
     for mode in modes:
-        print(f"{'(b) ' + mode + ' boot -> iPXE -> iSCSI':40}{med[mode]:10.2f}   ratio {med[mode] / med['local']:.3f}")
+        print(f"{'(b) ' + mode + ' boot -> iPXE -> iSCSI':40}{med[mode]:10.2f}{low[mode]:10.2f}"
+              f"{med[mode] / med['local']:11.3f}{low[mode] / low['local']:11.3f}")
     return 0
 
 
