@@ -94,6 +94,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         # "tftp": per-node PXELINUX + iPXE files; "http": no per-node files, nodes chain to
         # [boot_http] (a static boot.ipxe does `chain http://IP:PORT/boot/${mac}`).
         "boot_mode": (str, "tftp"),
+        # PXELINUX menu wait in tenths of a second before it boots the image; 0 = none.
+        "pxelinux_timeout": (int, 0),
         "leases_file": ("path", "/var/lib/misc/dnsmasq.leases"),
     },
     "boot_http": {
@@ -246,6 +248,9 @@ def _validate(cfg: BMIConfig) -> None:
                           "(LUN 0 is tgt's controller)")
     if cfg.tftp.boot_mode not in ("tftp", "http"):
         raise ConfigError(f"{cfg.path}: invalid value {cfg.tftp.boot_mode!r} for [tftp] boot_mode: use tftp or http")
+    if not 0 <= cfg.tftp.pxelinux_timeout <= 36000:
+        raise ConfigError(f"{cfg.path}: invalid value {cfg.tftp.pxelinux_timeout} for [tftp] pxelinux_timeout: "
+                          "use 0-36000 (tenths of a second)")
     if cfg.tftp.boot_mode == "http" and not cfg.boot_http.ip:
         raise ConfigError(f"{cfg.path}: [tftp] boot_mode = http needs [boot_http] ip")
     if cfg.bmi.import_pattern:

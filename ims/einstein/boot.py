@@ -15,6 +15,12 @@ templates with interface, port and LUN made configurable) and replaced atomicall
 so a node that PXE-boots while BMI rewrites its files sees either the old or the new
 file, never half of one.  Every value that reaches a file is allow-listed first: a
 newline in a name would inject PXELINUX or iPXE commands.
+
+Per-boot cost: the PXELINUX file boots the image at once unless ``pxelinux_timeout`` (tenths of a
+second, ``[tftp] pxelinux_timeout``) asks for the original menu wait, and the iPXE script runs DHCP
+only when the interface has no address yet (``isset ${net0/ip}``): ipxe.lkrn loaded by PXELINUX
+starts unconfigured, but the ROM's or the UEFI loader's iPXE, which fetched the script over HTTP,
+configured it already, and a second ``ifconf`` costs seconds (ProxyDHCP and IPv6 waits).
 """
 from __future__ import annotations
 
@@ -33,6 +39,8 @@ LOG = logging.getLogger(__name__)
 DEFAULT_TEMPLATES_DIR = str(Path(__file__).resolve().parent.parent / "templates")
 # Under the iPXE directory (the TFTP root): the per-MAC copies of node scripts for UEFI iPXE.
 MAC_SCRIPT_DIR = "by-mac"
+# PXELINUX counts its TIMEOUT in tenths of a second; an hour is more than any operator wants.
+MAX_PXELINUX_TIMEOUT = 36000
 
 # Target IQNs and plain target names (what tgt accepts and iPXE's iscsi: URI can carry).
 _IQN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.:_-]{0,222}$")
@@ -49,7 +57,8 @@ class BootFiles:
     """
 
     def __init__(self, pxelinux_path: str, ipxe_path: str, iscsi_ip: str, iscsi_port: int = 3260,
-                 lun: int = 1, interface: str = "net0", templates_dir: str | None = None) -> None:
+                 lun: int = 1, interface: str = "net0", templates_dir: str | None = None,
+                 pxelinux_timeout: int = 0) -> None:
         if not _HOST_RE.fullmatch(str(iscsi_ip)):
             raise InvalidInput(f"invalid iSCSI portal address {iscsi_ip!r}")
         if not 0 < int(iscsi_port) < 65536:
@@ -59,12 +68,16 @@ class BootFiles:
             raise InvalidInput(f"invalid LUN {lun!r}: must be 1 or more")
         if not _INTERFACE_RE.fullmatch(interface):
             raise InvalidInput(f"invalid iPXE interface {interface!r}")
+        if not 0 <= int(pxelinux_timeout) <= MAX_PXELINUX_TIMEOUT:
+            raise InvalidInput(f"invalid PXELINUX timeout {pxelinux_timeout!r}: use 0-{MAX_PXELINUX_TIMEOUT} "
+                               "(tenths of a second)")
         self.pxelinux_path = pxelinux_path
         self.ipxe_path = ipxe_path
         self.iscsi_ip = iscsi_ip
         self.iscsi_port = int(iscsi_port)
         self.lun = int(lun)
         self.interface = interface
+        self.pxelinux_timeout = int(pxelinux_timeout)
         tdir = templates_dir or DEFAULT_TEMPLATES_DIR
         self._ipxe_template = string.Template(Path(tdir, "ipxe.temp").read_text(encoding="utf-8"))
         self._mac_template = string.Template(Path(tdir, "mac.temp").read_text(encoding="utf-8"))
@@ -99,7 +112,15 @@ class BootFiles:
     def render_pxelinux(self, node: str, label: str) -> str:
         validate_name(node, "node")
         validate_name(label, "image")
-        return self._mac_template.substitute(img_name=label, ipxe_file=f"{node}.ipxe")
+        if self.pxelinux_timeout:
+            # The original behaviour: an (invisible) menu that boots the image when the wait ends.
+            default_label = "menu"
+            timeout_lines = f"  TIMEOUT {self.pxelinux_timeout}\n  ONTIMEOUT {label}\n"
+        else:
+            # No wait: PROMPT 0 with the image as DEFAULT boots it at once.
+            default_label, timeout_lines = label, ""
+        return self._mac_template.substitute(img_name=label, ipxe_file=f"{node}.ipxe",
+                                             default_label=default_label, timeout_lines=timeout_lines)
 
     # --- files ------------------------------------------------------------------
     def write(self, node: str, mac: str, label: str, target_iqn: str, initiator_iqn: str | None = None) -> list[str]:

@@ -24,6 +24,10 @@ Why these choices:
   memory at 256 MiB), hence :data:`UEFI_MIN_MEMORY_MB`.
   Without ``firmware`` in the options, ``BMI_VM_FIRMWARE`` in the environment picks it, so a
   whole boot bed (the HIL simulator's VMs) can be switched without a new inventory format.
+* Guest RAM: ``memory_mb`` (the simulator's ``"vm"`` option), else ``BMI_VM_MEMORY`` (MiB) from the
+  environment, else :data:`DEFAULT_MEMORY_MB`: 1 GiB, enough for a distribution's initramfs and
+  systemd (Debian 12's unpacks to well over 256 MiB with its modules). UEFI keeps at least
+  :data:`UEFI_MIN_MEMORY_MB`.
 """
 from __future__ import annotations
 
@@ -51,12 +55,30 @@ FIRMWARES = ("bios", "uefi")
 OVMF_CODE = "/usr/share/OVMF/OVMF_CODE.fd"
 OVMF_VARS = "/usr/share/OVMF/OVMF_VARS.fd"
 UEFI_MIN_MEMORY_MB = 512
+# Default guest RAM (MiB): a stock distribution's initramfs + systemd boots in it; 256 did not.
+DEFAULT_MEMORY_MB = 1024
+MIN_MEMORY_MB = 64
+MAX_MEMORY_MB = 65536
 # OVMF drives virtio-net itself (VirtioNetDxe); without an option ROM the firmware's own PXE client
 # does the first DHCP (option 93 = 7, no iPXE user class) and loads the iPXE EFI binary BMI's boot
 # network hands out, as on a real UEFI server. (An e1000 would bring qemu's iPXE ROM instead.)
 UEFI_NIC_MODEL = "virtio-net-pci"
 _NETNS_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,14}$")
+
+
+def _memory_mb(value: int | str | None) -> int:
+    """Guest RAM: the option, else ``$BMI_VM_MEMORY``, else :data:`DEFAULT_MEMORY_MB`; validated."""
+    source = "memory_mb"
+    if value is None or value == "":
+        value, source = os.environ.get("BMI_VM_MEMORY") or DEFAULT_MEMORY_MB, "BMI_VM_MEMORY"
+    try:
+        mb = int(value)
+    except (TypeError, ValueError):
+        raise InvalidInput(f"invalid {source} {value!r}: MiB as an integer") from None
+    if not MIN_MEMORY_MB <= mb <= MAX_MEMORY_MB:
+        raise InvalidInput(f"invalid {source} {mb}: use {MIN_MEMORY_MB}-{MAX_MEMORY_MB} MiB")
+    return mb
 
 
 def _stop_all() -> None:
@@ -102,7 +124,7 @@ class QemuNode:
     :param netns: the network namespace holding the boot bridge.
     :param bridge: the bridge inside ``netns`` the VM's tap joins.
     :param console_log: file receiving the serial console (ttyS0).
-    :param memory_mb: guest RAM.
+    :param memory_mb: guest RAM in MiB (default ``$BMI_VM_MEMORY``, else :data:`DEFAULT_MEMORY_MB`).
     :param boot_timeout: default timeout for :meth:`wait_for_console` and :meth:`wait_exit`.
     :param workdir: directory for the pid file and monitor socket (default: a new temp dir).
     :param extra: optional ``qemu_args`` (list of extra qemu arguments), ``nic_model``
@@ -113,7 +135,7 @@ class QemuNode:
     """
 
     def __init__(self, name: str, mac: str, netns: str, bridge: str, console_log: str,
-                 memory_mb: int = 256, boot_timeout: float = 300, workdir: str | None = None,
+                 memory_mb: int | None = None, boot_timeout: float = 300, workdir: str | None = None,
                  **extra: Any) -> None:
         self.name = validate_name(name, "node")
         self.mac = normalize_mac(mac)
@@ -124,7 +146,7 @@ class QemuNode:
         self.netns = netns
         self.bridge = bridge
         self.console_log = os.path.abspath(console_log)
-        self.memory_mb = int(memory_mb)
+        self.memory_mb = _memory_mb(memory_mb)
         self.boot_timeout = float(boot_timeout)
         self.extra = dict(extra)
         self.firmware = str(self.extra.get("firmware") or os.environ.get("BMI_VM_FIRMWARE") or "bios")

@@ -115,3 +115,30 @@ def test_bios_stays_the_default(tmp_path, monkeypatch: pytest.MonkeyPatch) -> No
     argv = vm._qemu_argv()
     assert vm.firmware == "bios" and "pflash" not in " ".join(argv)
     assert "order=n,strict=on,reboot-timeout=1000" in argv and "e1000,netdev=n0,mac=52:54:00:00:00:01" in argv
+
+
+def test_memory_from_option_env_or_default(bootnet: BootNet, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guest RAM: memory_mb, else BMI_VM_MEMORY, else 1 GiB (256 MiB was too little for Debian's initramfs);
+    the running qemu gets it (-m), and bad values are refused before anything starts."""
+    def node(**kw):
+        return QemuNode("mem-check", "52:54:00:c0:ff:03", netns=bootnet.netns, bridge=bootnet.bridge,
+                        console_log=str(tmp_path / "console.log"), workdir=str(tmp_path / "vm"), boot_timeout=30, **kw)
+
+    monkeypatch.delenv("BMI_VM_MEMORY", raising=False)
+    assert node().memory_mb == 1024
+    monkeypatch.setenv("BMI_VM_MEMORY", "768")
+    vm = node()
+    assert vm.memory_mb == 768
+    assert node(memory_mb=300).memory_mb == 300
+    assert node(memory_mb=300, firmware="uefi").memory_mb == 512
+    for bad in ("lots", "0", "999999"):
+        monkeypatch.setenv("BMI_VM_MEMORY", bad)
+        with pytest.raises(InvalidInput):
+            node()
+    try:
+        vm.power_cycle()
+        with open(f"/proc/{vm.pid}/cmdline", "rb") as f:
+            argv = f.read().decode().split("\0")
+        assert argv[argv.index("-m") + 1] == "768"
+    finally:
+        vm.stop()

@@ -16,25 +16,23 @@ MAC = "52:54:00:AB:cd:01"
 
 EXPECTED_IPXE = """#!ipxe
       set keep-san 1
-      ifconf --configurator=dhcp net0
+      isset ${net0/ip} || ifconf --configurator=dhcp net0
       sanboot --keep iscsi:10.0.0.5:tcp:3260:1:iqn.2017-10.org.moc.bmi:5img12
       boot
 """
 
 EXPECTED_IPXE_INITIATOR = """#!ipxe
       set keep-san 1
-      ifconf --configurator=dhcp net2
+      isset ${net2/ip} || ifconf --configurator=dhcp net2
       set initiator-iqn iqn.2017-10.org.moc.bmi.node:node-1
       sanboot --keep iscsi:10.0.0.5:tcp:3262:2:iqn.2017-10.org.moc.bmi:5img12
       boot
 """
 
-# The original mac.temp, no trailing newline.
-EXPECTED_PXELINUX = """DEFAULT menu
+# The default: no menu wait, the image is the DEFAULT (no trailing newline, as the original).
+EXPECTED_PXELINUX = """DEFAULT centos7
   PROMPT 0
   MENU TITLE PXE Menu
-  TIMEOUT 30
-  ONTIMEOUT centos7
 
 
 LABEL centos7
@@ -72,6 +70,30 @@ def test_write_exact_content_and_paths(dirs: tuple[Path, Path]) -> None:
     assert boot.paths("node-1", "52-54-00-ab-cd-01") == written
     # no temp files left behind
     assert files_in(root, root / "by-mac", pxe) == sorted(written)
+
+
+# With [tftp] pxelinux_timeout = 30: the original mac.temp, byte for byte.
+EXPECTED_PXELINUX_WAIT = """DEFAULT menu
+  PROMPT 0
+  MENU TITLE PXE Menu
+  TIMEOUT 30
+  ONTIMEOUT centos7
+
+
+LABEL centos7
+     MENU LABEL centos7
+     KERNEL ipxe.lkrn
+     INITRD node-1.ipxe"""
+
+
+def test_pxelinux_timeout_renders_the_wait_only_when_asked(dirs: tuple[Path, Path]) -> None:
+    root, pxe = dirs
+    assert "TIMEOUT" not in BootFiles(str(pxe), str(root), "10.0.0.5").render_pxelinux("node-1", "centos7")
+    boot = BootFiles(str(pxe), str(root), "10.0.0.5", pxelinux_timeout=30)
+    assert boot.render_pxelinux("node-1", "centos7") == EXPECTED_PXELINUX_WAIT
+    for bad in (-1, 36001):
+        with pytest.raises(InvalidInput):
+            BootFiles(str(pxe), str(root), "10.0.0.5", pxelinux_timeout=bad)
 
 
 def test_configurable_interface_port_lun_and_initiator(dirs: tuple[Path, Path]) -> None:

@@ -1,15 +1,22 @@
-"""tgt conf-file rendering/parsing and input validation of the tgt driver (no tgtd needed)."""
+"""tgt conf-file rendering/parsing and input validation of the tgt driver (no tgtd needed), and the
+LUN parameters the conf file carries, checked on a real tgtd with a real Ceph rbd backing."""
 from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
 
 from ims.common.errors import InvalidInput, IscsiError, TargetExists, TargetNotFound
+from ims.common.process import execute
 from ims.einstein.iscsi.tgt import (
+    LUN_LBPPBE,
     LiveTarget,
     TargetSpec,
     TgtTarget,
@@ -20,6 +27,8 @@ from ims.einstein.iscsi.tgt import (
     render_conf,
 )
 from ims.einstein.storage.base import Backing
+from tests.support.ceph import CephCluster, ceph_cluster  # noqa: F401  (fixture)
+from tests.support.tgt import start_tgtd, stop_tgtd
 
 RBD = Backing("rbd", "bmi/5img12", "conf=/etc/ceph/ceph.conf;id=bmi")
 
@@ -30,6 +39,7 @@ EXPECTED_RBD = """# bmi: tid=7 lun=1
     backing-store bmi/5img12
     bsopts "'conf=/etc/ceph/ceph.conf;id=bmi'"
     write-cache off
+    lbppbe 3
     initiator-address ALL
     initiator-name iqn.2017-10.org.moc.bmi.node:node-1
 </target>
@@ -42,6 +52,7 @@ EXPECTED_NAMES_ONLY = """# bmi: tid=9 lun=1
     backing-store bmi/5img12
     bsopts "'conf=/etc/ceph/ceph.conf;id=bmi'"
     write-cache off
+    lbppbe 3
     # 0.0.0.0/32 matches no initiator: only the names below may log in
     initiator-address 0.0.0.0/32
     initiator-name iqn.2017-10.org.moc.bmi.node:node-1
@@ -54,6 +65,7 @@ EXPECTED_FILE = """# bmi: tid=3 lun=2
     bs-type rdwr
     backing-store /var/lib/bmi/images/5img12
     write-cache off
+    lbppbe 3
     initiator-address 10.0.0.0/24
     initiator-address 127.0.0.1
 </target>
@@ -380,3 +392,44 @@ def test_restore_resyncs_then_recreates(fake: tuple[FakeTgtd, TgtTarget]) -> Non
     for name in ("a", "b", "c"):
         assert parse_conf(Path(driver.conf_path(name)).read_text(), name).tid == tids[PFX + name]
     assert driver.restore() == 0 and tgtd.tids() == tids
+
+
+def _lbppbe(url: str) -> int:
+    out, _ = execute("iscsi-readcapacity16", url, timeout=30)
+    match = re.search(r"LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT:\s*(\d+)", out)
+    assert match, out
+    return int(match.group(1))
+
+
+def test_rbd_lun_reports_disk_physical_blocks_live_and_after_reload(
+        ceph_cluster: CephCluster, tmp_path: Path) -> None:  # noqa: F811
+    """Real Ceph + tgtd: an rbd LUN reports 4 KiB physical blocks, not the 4 MiB object size, both as BMI
+    makes it and when its conf file is loaded by tgt-admin (what restore and Debian's tgt.service do)."""
+    storage = ceph_cluster.storage()
+    image = f"lbppbe-{uuid.uuid4().hex[:8]}"
+    storage.create_image(image, 8 * 1024 * 1024)
+    instance = start_tgtd(tempfile.mkdtemp(prefix="tgtd-", dir=tmp_path))
+    try:
+        drv = TgtTarget(str(tmp_path / "conf.d"), control_port=instance.control_port,
+                        iqn_prefix="iqn.2026-01.org.bmi.lbppbe")
+        drv.add_target(image, storage.backing(image), ["127.0.0.1"])
+        url = instance.url(drv.iqn(image))
+        assert _lbppbe(url) == LUN_LBPPBE == 3
+        conf_copy = tmp_path / "targets.conf"
+        conf_copy.write_text(Path(drv.conf_path(image)).read_text())
+        assert f"    lbppbe {LUN_LBPPBE}\n" in conf_copy.read_text()
+        drv.remove_target(image)
+        proc = subprocess.run(["tgt-admin", "-C", str(instance.control_port), "-c", str(conf_copy), "--execute"],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert _lbppbe(url) == LUN_LBPPBE
+        # Without the parameter tgt's rbd backing reports the object size: what this fixes is real.
+        subprocess.run(["tgt-admin", "-C", str(instance.control_port), "--delete", "ALL", "-f"],
+                       capture_output=True, timeout=60, check=True)
+        conf_copy.write_text(conf_copy.read_text().replace(f"    lbppbe {LUN_LBPPBE}\n", ""))
+        subprocess.run(["tgt-admin", "-C", str(instance.control_port), "-c", str(conf_copy), "--execute"],
+                       capture_output=True, timeout=60, check=True)
+        assert _lbppbe(url) == 13   # 2**13 sectors = 4 MiB
+    finally:
+        stop_tgtd(instance)
+        storage.remove_image(image)

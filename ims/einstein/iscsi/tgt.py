@@ -55,6 +55,7 @@ from ims.common.process import execute
 from ims.einstein.boot import DEFAULT_TEMPLATES_DIR
 from ims.einstein.iscsi.base import IscsiTarget
 from ims.einstein.iscsi.tgt_conf import (
+    LUN_LBPPBE,
     NO_ADDRESS,
     LiveTarget,
     TargetSpec,
@@ -323,8 +324,9 @@ class TgtTarget(IscsiTarget):
         if spec.backing.bsopts:
             lun_args += ["--bsopts", spec.backing.bsopts]
         self._run(*lun_args)
+        # One update: write cache off and the physical block size a disk reports (see LUN_LBPPBE).
         self._run("--op", "update", "--mode", "logicalunit", "--tid", tid, "--lun", str(spec.lun),
-                  "--params", WRITE_CACHE_OFF)
+                  "--params", f"{WRITE_CACHE_OFF},lbppbe={LUN_LBPPBE}")
         # Exactly what tgt-admin binds for the conf file, so a target reloaded by Debian's
         # tgt.service looks the same as one BMI made (NO_ADDRESS for names-only targets).
         for address in spec.initiators or [NO_ADDRESS]:

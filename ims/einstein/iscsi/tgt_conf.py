@@ -25,6 +25,12 @@ _TID_LINE_RE = re.compile(r"^# bmi: tid=(\d+) lun=(\d+)\s*$", re.M)
 _SHOW_TARGET_RE = re.compile(r"^Target (\d+): (\S+)\s*$")
 _SHOW_LUN_RE = re.compile(r"^LUN: (\d+)$")
 
+# Logical blocks per physical block, as a power of two (SCSI READ CAPACITY(16) LBPPBE): 3 = 4 KiB
+# physical blocks of 512-byte sectors, what a 512e disk reports.  tgt's rbd backing would derive it
+# from the Ceph object size (4 MiB, exponent 13), and guests then align and size their I/O to 4 MiB.
+# In the conf file too ("lbppbe" at target level), so tgt-admin and Debian's tgt.service keep it.
+LUN_LBPPBE = 3
+
 # Written to conf files of names-only targets so tgt-admin does not bind ALL (see render_conf).
 NO_ADDRESS = "0.0.0.0/32"
 
@@ -143,7 +149,7 @@ def render_conf(spec: TargetSpec, template: str | None = None) -> str:
     return string.Template(template).substitute(
         tid=spec.tid if spec.tid is not None else 0, lun=spec.lun, target_iqn=spec.iqn,
         bstype=spec.backing.bstype, backing_store=spec.backing.path, bsopts_line=bsopts_line,
-        initiator_lines="".join(lines))
+        initiator_lines="".join(lines), lbppbe=LUN_LBPPBE)
 
 
 def parse_conf(text: str, name: str) -> TargetSpec:
