@@ -69,7 +69,8 @@ class Operations:
                              channel=net.channel)
 
         boot = BootFiles(cfg.tftp.pxelinux_path, cfg.tftp.ipxe_path, cfg.iscsi.ip, iscsi_port=cfg.iscsi.port,
-                         lun=cfg.iscsi.lun, interface=cfg.tftp.boot_interface)
+                         lun=cfg.iscsi.lun, interface=cfg.tftp.boot_interface,
+                         pxelinux_timeout=cfg.tftp.pxelinux_timeout)
         return cls(cfg, storage_drivers.from_config(cfg), iscsi_drivers.from_config(cfg), boot, net_factory)
 
     def close(self) -> None:

@@ -1,4 +1,7 @@
-"""A real distribution boots from its BMI clone: Debian 12 over iSCSI, BIOS, TFTP mode.
+"""A real Debian 12 boots from a BMI clone (kept out of `make test`: building the image debootstraps
+~650 MB from Debian's mirror).  Run it by hand: `.venv/bin/pytest -p no:cacheprovider benchmarks/debian_boot_e2e.py`.
+
+A real distribution boots from its BMI clone: Debian 12 over iSCSI, BIOS, TFTP mode.
 
 The image comes from ``scripts/build-debian-image`` (cached in build/debian12.img; the first build
 needs root and the Debian mirror): systemd, Debian's kernel, an initramfs whose open-iscsi logs in
