@@ -62,6 +62,7 @@ import requests  # noqa: E402
 from ims.common import config as bmi_config  # noqa: E402
 from ims.common.errors import CommandFailed  # noqa: E402
 from ims.common.process import execute  # noqa: E402
+from ims.einstein.journal import owner_alive
 from tests.support import iscsi_rw  # noqa: E402
 
 STACK = REPO / "scripts" / "bmi-stack"
@@ -127,23 +128,6 @@ def children(pid: int) -> list[int]:
     except OSError:
         pass
     return out
-
-
-def owner_alive(owner: str) -> bool:
-    """A journal owner (``host:pid:starttime``) is a live process of this host (other hosts count as alive)."""
-    try:
-        host, pid_s, start = owner.rsplit(":", 2)
-        pid = int(pid_s)
-    except ValueError:
-        return False
-    if host != socket.gethostname():
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return False
-    return fields[0] not in ("Z", "X") and (start == "?" or fields[19] == start)
 
 
 def spawn_detached(argv: list[str], log_path: Path) -> int:

@@ -92,7 +92,7 @@ def owner_alive(owner: str) -> bool:
             fields = fh.read().rsplit(")", 1)[1].split()
     except OSError:
         return False
-    if fields[0] == "Z":
+    if fields[0] in ("Z", "X"):  # zombie or dead
         return False
     return start == "?" or fields[19] == start
 
