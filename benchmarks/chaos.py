@@ -684,6 +684,17 @@ class Chaos:
                                not any(state == "running" and owner_alive(o) for o, state in pending)):
                 break
             time.sleep(0.5)
+        # Then the background: accepted operations still queued or running, and flatten jobs (a copy is
+        # whole only once its flatten has finished and its own snapshot is taken).
+        while time.monotonic() < deadline:
+            with self.db() as db:
+                busy = db.execute("SELECT (SELECT count(*) FROM task WHERE state IN ('queued', 'running')) + "
+                                  "(SELECT count(*) FROM flatten_job)").fetchone()[0]
+            if not busy:
+                break
+            time.sleep(0.5)
+        else:
+            problems.append("background work (operations or flatten jobs) still running after the settle time")
         return problems
 
     @contextlib.contextmanager
@@ -694,6 +705,19 @@ class Chaos:
             yield conn
         finally:
             conn.close()
+
+    def rbd_ls_long(self, pool: str) -> str:
+        """``rbd ls -l`` as JSON; it fails when an image goes away while it is listed (something still
+        removing), so it is tried again a few times."""
+        for attempt in range(10):
+            try:
+                out, _ = execute("rbd", "-p", pool, "ls", "-l", "--format", "json", env=self.env, timeout=120)
+                return out
+            except CommandFailed:
+                if attempt == 9:
+                    raise
+                time.sleep(2.0)
+        raise AssertionError("unreachable")
 
     # --- checks --------------------------------------------------------------------------------------
     def check(self) -> list[str]:
@@ -719,7 +743,7 @@ class Chaos:
             v.append(f"(b) db-ls-differs: `db ls` shows {sorted(set(api_rows) ^ set(ceph))} unlike the database")
 
         # storage
-        out, _ = execute("rbd", "-p", pool, "ls", "-l", "--format", "json", env=self.env, timeout=120)
+        out = self.rbd_ls_long(pool)
         rbd_images: set[str] = set()
         snaps: dict[str, dict[str, bool]] = collections.defaultdict(dict)
         for entry in json.loads(out or "[]"):
