@@ -268,6 +268,8 @@ if mode == "target" and op == "show":
         print("    ACL information:")
         for entry in t["acl"]:
             print("        " + entry)
+elif mode == "sys" and op == "show":
+    print("System:\n    State: ready\n    debug: off")
 elif mode == "target" and op == "new":
     if by_tid(tid) is not None or arg("-T") in targets:
         fail("this target already exists")
@@ -377,7 +379,7 @@ def test_add_of_a_live_iqn_touches_nothing(fake: tuple[FakeTgtd, TgtTarget]) -> 
     assert st["targets"] == before["targets"] and st["deleted"] == []
     # only "new target" attempts and shows were sent: no LUN, bind or delete
     assert {" ".join(c.split()[2:6]) for c in st["calls"][len(before["calls"]):]} == {
-        "--op new --mode target", "--op show --mode target"}
+        "--op new --mode target", "--op show --mode target", "--op show --mode sys"}
 
 
 def test_restore_resyncs_then_recreates(fake: tuple[FakeTgtd, TgtTarget]) -> None:

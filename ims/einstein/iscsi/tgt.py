@@ -80,6 +80,12 @@ DELETE_ATTEMPTS = 3
 # TargetNotFound without another show for this long.  Only a "nothing to delete" answer is remembered,
 # never a tid: nothing is ever deleted or reported live without a fresh show.
 GONE_SECONDS = 2.0
+# How long a mutation waits for tgtd's system state to be "ready" again.  Debian's tgt.service keeps
+# it "offline" while `tgt-admin -e` loads the conf files, and that run DELETES every live target
+# missing from the configuration it parsed at its start: a target added meanwhile would vanish
+# after BMI confirmed it.  So targets are only added/removed while ready, and checked again after.
+SETTLE_SECONDS = 30.0
+SETTLE_ATTEMPTS = 3
 
 _EXISTS = "already exists"
 _NO_TARGET = "can't find the target"
@@ -133,13 +139,35 @@ class TgtTarget(IscsiTarget):
         if os.path.exists(path):
             raise TargetExists(f"iSCSI target {target} already exists")
         self._gone.pop(spec.iqn, None)
+        self._wait_ready()
         self._create(spec)
         try:
             atomic_write(path, render_conf(spec, self._template), 0o600)
+            self._settle_added(spec, path)
         except BaseException:
-            self._delete_by_iqn(spec.iqn)
+            self._delete_by_iqn(spec.iqn, quiet=True)
+            unlink_quietly(path)
             raise
         LOG.info("iSCSI target %s added (tid %s, %s %s)", spec.iqn, spec.tid, backing.bstype, backing.path)
+
+    def _settle_added(self, spec: TargetSpec, path: str) -> None:
+        """Once tgtd is ready, the new target must still be live (see SETTLE_SECONDS); if a
+        restart's ``tgt-admin -e`` deleted it, it is made again: its conf file now exists, so
+        any later ``tgt-admin -e`` keeps it."""
+        for _ in range(SETTLE_ATTEMPTS):
+            self._wait_ready()
+            live = self._show_all().get(spec.iqn)
+            if live is not None and live.backing_stores.get(spec.lun) == spec.backing.path:
+                if live.tid != spec.tid:
+                    spec.tid = live.tid
+                    atomic_write(path, render_conf(spec, self._template), 0o600)
+                return
+            LOG.warning("iSCSI target %s vanished while tgtd was loading its conf files (a tgt restart); "
+                        "making it again", spec.iqn)
+            self._delete_by_iqn(spec.iqn, quiet=True)
+            self._create(spec)
+            atomic_write(path, render_conf(spec, self._template), 0o600)
+        raise IscsiError(f"iSCSI target {spec.iqn} kept vanishing while tgtd restarted; retry")
 
     def remove_target(self, target: str) -> None:
         """Delete the target carrying ``iqn(target)`` (even with live sessions) and its conf file.
@@ -154,10 +182,19 @@ class TgtTarget(IscsiTarget):
         gone = self._gone.pop(iqn, None)
         if spec is None and gone is not None and time.monotonic() - gone < GONE_SECONDS:
             raise TargetNotFound(f"iSCSI target {target} does not exist")
+        self._wait_ready()
         tid = self._delete_by_iqn(iqn)
         if tid is None and spec is None:
             raise TargetNotFound(f"iSCSI target {target} does not exist")
         self._unlink_conf(path)
+        # A restart's `tgt-admin -e` that read the conf file before it went makes the target again.
+        # Best effort: the removal itself is done; reconcile reports a target left without owner.
+        try:
+            self._wait_ready()
+            if self._delete_by_iqn(iqn) is not None:
+                LOG.warning("iSCSI target %s came back from its conf file during a tgt restart; deleted again", iqn)
+        except IscsiError as exc:
+            LOG.warning("iSCSI target %s removed, but could not check it stayed removed: %s", iqn, exc)
         LOG.info("iSCSI target %s removed (tid %s)", iqn, tid if tid is not None else "none live")
 
     def target_exists(self, target: str) -> bool:
@@ -225,6 +262,7 @@ class TgtTarget(IscsiTarget):
         once: a target another run just made counts as live.  A target whose old tid is
         taken gets a free tid and its conf file is rewritten.
         """
+        self._wait_ready()
         self.resync()
         live = self._show_all()
         restored = 0
@@ -271,6 +309,20 @@ class TgtTarget(IscsiTarget):
             if ok_exists and _EXISTS in err:
                 return None
             raise IscsiError(f"tgtadm {' '.join(args[:4])} failed: {err}") from exc
+
+    def _wait_ready(self) -> None:
+        """Wait (up to SETTLE_SECONDS) for tgtd's system state to be "ready"."""
+        deadline = time.monotonic() + SETTLE_SECONDS
+        while True:
+            out = self._run("--op", "show", "--mode", "sys") or ""
+            state = next((line.split(":", 1)[1].strip() for line in out.splitlines()
+                          if line.strip().startswith("State:")), "ready")
+            if state == "ready":
+                return
+            if time.monotonic() >= deadline:
+                raise IscsiError(f"tgtd's state is {state!r} for more than {SETTLE_SECONDS:.0f} s (a tgt restart "
+                                 "loading its targets, or set by an operator); retry when it is ready")
+            time.sleep(0.1)
 
     def _show_all(self) -> dict[str, LiveTarget]:
         return parse_show(self._run("--op", "show", "--mode", "target") or "")
