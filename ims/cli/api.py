@@ -83,17 +83,22 @@ class Api:
         # the server answers 401 for credentials it cannot use.
         self.auth = (auth[0].encode("utf-8", "surrogateescape"), auth[1].encode("utf-8", "surrogateescape"))
         self.session = requests.Session()
-        # Certificates are always verified (requests' default); a private CA comes from --ca / BMI_CA_BUNDLE.
-        self.session.verify = ca or ca_bundle() or True
+        # Certificates are always verified; a private CA comes from --ca / BMI_CA_BUNDLE.  Passed on each
+        # request: requests lets REQUESTS_CA_BUNDLE override a Session's verify, never a request's own path.
+        self.verify: str | bool = ca or ca_bundle() or True
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None,
                 params: dict[str, Any] | None = None) -> Any:
         try:
             resp = self.session.request(method, f"{self.url}/v1{path}", json=body, params=params, auth=self.auth,
-                                        timeout=TIMEOUT_SECONDS)
+                                        timeout=TIMEOUT_SECONDS, verify=self.verify)
         except requests.exceptions.SSLError as exc:
             raise click.ClickException(_tls_message(self.url, exc)) from None
-        except requests.ConnectionError:
+        except requests.ConnectionError as exc:
+            if "Connection aborted" in str(exc) and self.url.startswith("http://"):
+                # A TLS server drops a plain-HTTP request (cheroot resets it, or answers 400, below).
+                raise click.ClickException(f"BMI at {self.url} closed the connection: if it serves HTTPS, use an "
+                                           "https:// URL (BMI_URL)") from None
             raise click.ClickException(f"cannot reach BMI at {self.url} (is Picasso running? "
                                        "set BMI_URL or [rest_api] in the config)") from None
         except requests.Timeout:
