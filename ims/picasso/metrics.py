@@ -171,7 +171,7 @@ def init_app(app: Flask, cfg: Any, einstein: Any) -> None:
     app.register_blueprint(bp)
 
 
-@bp.get("/metrics")
+@bp.get("/metrics", endpoint="metrics")
 def metrics_endpoint() -> Response:
     state = current_app.extensions["bmi_metrics"]
     if state["access"] == "admin":

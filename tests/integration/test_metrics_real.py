@@ -67,4 +67,4 @@ def test_metrics_follow_real_operations() -> None:
         assert after[("bmi_iscsi_targets_live", ())] == 1.0 == float(len(stack.targets()))
         assert count(after, "deprovision", "202") - count(mid, "deprovision", "202") >= 1
         # the scrapes themselves are counted too, under their own route
-        assert count(after, "metrics_endpoint", "200", api="metrics") >= 2
+        assert count(after, "metrics", "200", api="metrics") >= 2

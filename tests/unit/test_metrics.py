@@ -43,11 +43,14 @@ def test_requests_are_counted_by_api_verb_and_status_and_timed(rpc: InProcessCli
     err(web.get("/v1/projects", headers=ALICE), 403)
     err(web.post("/v1/projects", headers=ADMIN, data=b"x" * 5000, content_type="application/json"), 413)
     err(web.get("/no/such/route"), 404)
+    assert web.post("/list_images/", data={"project": "proj1"}, headers=ALICE).status_code == 200
     after = scrape(web)
     assert after[("bmi_requests_total", (("api", "v1"), ("status", "200"), ("verb", "list_images")))] == 2.0
     assert after[("bmi_requests_total", (("api", "v1"), ("status", "403"), ("verb", "list_projects")))] == 1.0
     assert after[("bmi_requests_total", (("api", "v1"), ("status", "413"), ("verb", "create_project")))] == 1.0
     assert after[("bmi_requests_total", (("api", "none"), ("status", "404"), ("verb", "unmatched")))] == 1.0
+    assert after[("bmi_requests_total", (("api", "legacy"), ("status", "200"), ("verb", "list_images")))] == 1.0
+    assert after[("bmi_requests_total", (("api", "metrics"), ("status", "200"), ("verb", "metrics")))] == 1.0
     assert after[("bmi_request_duration_seconds_count", (("api", "v1"), ("verb", "list_images")))] == 2.0
     # the 413 was refused by a before_request hook: it is timed all the same
     assert after[("bmi_request_duration_seconds_count", (("api", "v1"), ("verb", "create_project")))] == 1.0
@@ -96,3 +99,44 @@ def test_metrics_auth_must_be_known() -> None:
 
     with pytest.raises(ConfigError, match=r"\[rest_api\] metrics_auth"):
         bmi_config.parse("t.cfg", text=CFG_TEXT + "metrics_auth = tenants\n")
+
+
+def test_einstein_gauges_come_from_the_task_journal_and_flatten_tables(rpc: InProcessClient, world: Any) -> None:
+    from ims.database.models import Operation, Task
+    from ims.einstein.flatten import FlattenJob
+
+    web = app_for(rpc)
+    with world.ops.sessions() as s, s.begin():
+        for verb, state in (("provision", "queued"), ("provision", "queued"), ("provision", "running"),
+                            ("import_image", "running"), ("deprovision", "done"), ("deprovision", "failed")):
+            s.add(Task(verb=verb, project="proj1", user="alice", args="{}", state=state, owner="h:1:1",
+                       cluster="c"))
+        for state in ("running", "failed", "done", "rolled_back"):
+            s.add(Operation(kind="provision", owner="h:1:1", state=state))
+        s.add(FlattenJob(image="timg9", source="timg1", snap="s", state="running"))
+        s.add(FlattenJob(image="timg8", source="timg1", snap="s", state="queued"))
+    got = scrape(web)
+    assert got[("bmi_operations", (("state", "queued"), ("verb", "provision")))] == 2.0
+    assert got[("bmi_operations", (("state", "running"), ("verb", "provision")))] == 1.0
+    assert got[("bmi_operations", (("state", "running"), ("verb", "import_image")))] == 1.0
+    assert ("bmi_operations", (("state", "done"), ("verb", "deprovision"))) not in got
+    assert got[("bmi_operations_queued", ())] == 2.0 and got[("bmi_operations_running", ())] == 2.0
+    assert got[("bmi_journal_unfinished", (("state", "running"),))] == 1.0
+    assert got[("bmi_journal_unfinished", (("state", "failed"),))] == 1.0
+    assert got[("bmi_flatten_jobs", (("state", "running"),))] == 1.0
+    assert got[("bmi_flatten_jobs", (("state", "queued"),))] == 1.0
+    assert got[("bmi_flatten_jobs", (("state", "cancelling"),))] == 0.0
+
+
+def test_a_part_einstein_cannot_read_is_marked_down_alone(rpc: InProcessClient, world: Any,
+                                                          monkeypatch: Any) -> None:
+    from ims.common.errors import IscsiError
+
+    def down() -> list[str]:
+        raise IscsiError("failed to send request hdr to tgt daemon")
+
+    monkeypatch.setattr(world.ops.iscsi, "live_targets", down)
+    got = scrape(app_for(rpc))
+    assert got[("bmi_einstein_up", ())] == 1.0 and got[("bmi_db_up", ())] == 1.0
+    assert got[("bmi_iscsi_up", ())] == 0.0 and ("bmi_iscsi_targets_live", ()) not in got
+    assert got[("bmi_operations_queued", ())] == 0.0
