@@ -10,6 +10,7 @@ flight finish and are answered, for up to ``drain_seconds``.  Python's ``ssl`` d
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 import threading
 from typing import Any
@@ -30,12 +31,14 @@ def create_server(app: Any, cfg: Any) -> wsgi.Server:
     :raises ConfigError: the certificate or key cannot be loaded (the message says which file and why).
     """
     rest = cfg.rest_api
+    for key in ("certfile", "keyfile"):
+        path = rest.values[key]
+        if not os.path.isfile(path):
+            raise ConfigError(f"[rest_api] {key} {path}: file not found")
+        if not os.access(path, os.R_OK):
+            raise ConfigError(f"[rest_api] {key} {path}: permission denied")
     try:
         adapter = BuiltinSSLAdapter(rest.certfile, rest.keyfile)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"[rest_api] certfile/keyfile: {exc.filename}: file not found") from None
-    except PermissionError as exc:
-        raise ConfigError(f"[rest_api] certfile/keyfile: {exc.filename}: permission denied") from None
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError(f"[rest_api] certfile {rest.certfile} / keyfile {rest.keyfile}: cannot load the "
                           f"certificate and key: {exc}") from None
@@ -49,6 +52,7 @@ def create_server(app: Any, cfg: Any) -> wsgi.Server:
 def serve_until(server: wsgi.Server, stopping: threading.Event, drain_seconds: float) -> None:
     """Serve until ``stopping`` is set, then drain (see the module doc)."""
     server.prepare()  # binds now: an address in use fails here, in the caller's thread
+    LOG.info("Picasso listening on https://%s:%d/", *server.bind_addr[:2])
     loop = threading.Thread(target=server.serve, name="https", daemon=True)
     loop.start()
     while not stopping.wait(0.5):

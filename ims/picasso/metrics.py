@@ -48,6 +48,10 @@ class EinsteinCollector(Collector):
     def __init__(self, client: Any) -> None:
         self.client = client
 
+    def describe(self) -> list[GaugeMetricFamily]:
+        # Without it the registry would call collect() (an RPC call) when the collector is registered.
+        return []
+
     def _status(self) -> dict[str, Any] | None:
         try:
             status = self.client.service_status()

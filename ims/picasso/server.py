@@ -56,8 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             LOG.error("%s", exc)
             return 1
-        LOG.info("Picasso listening on https://%s:%d/", cfg.rest_api.ip, cfg.rest_api.port)
-        https.serve_until(tls_server, stopping, cfg.rest_api.drain_seconds)
+        try:
+            https.serve_until(tls_server, stopping, cfg.rest_api.drain_seconds)
+        except OSError as exc:  # e.g. the address is in use (before anything was served)
+            LOG.error("cannot listen on https://%s:%d/: %s", cfg.rest_api.ip, cfg.rest_api.port, exc)
+            return 1
         return 0
     LOG.info("Picasso listening on http://%s:%d/", cfg.rest_api.ip, cfg.rest_api.port)
     server = waitress.create_server(app, host=cfg.rest_api.ip, port=cfg.rest_api.port,

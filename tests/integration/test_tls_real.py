@@ -220,3 +220,24 @@ def test_https_cli_verification_apis_limits_drain_and_json_logs(servers: Servers
     # never a password, in any log line
     for path in (s.dir / "logs").iterdir():
         assert "alice-pw" not in path.read_text()
+
+
+def test_picasso_refuses_to_start_with_an_unusable_certificate(tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    make_ca(pki, "ca")
+    cert, _key = make_server_cert(pki, "ca")
+    (pki / "other.key").write_text("not a key\n")
+    base = ("[bmi]\nuid = t\n[net_isolator]\nurl = http://127.0.0.1:1\n[iscsi]\nip = 127.0.0.1\n"
+            f"[logs]\npath = {tmp_path}/logs\n[rest_api]\nip = 127.0.0.1\nport = 1\n")
+    missing = pki / "missing.key"
+    cases = {f"certfile = {cert}\nkeyfile = {missing}\n": f"[rest_api] keyfile {missing}: file not found",
+             f"certfile = {cert}\nkeyfile = {pki}/other.key\n": "cannot load the certificate and key",
+             f"certfile = {cert}\n": "[rest_api] certfile and keyfile go together"}
+    for extra, message in cases.items():
+        cfg = tmp_path / "bmi.cfg"
+        cfg.write_text(base + extra)
+        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "picasso_server"), "--config", str(cfg)],
+                              capture_output=True, text=True, timeout=60, env=ENV, check=False)
+        assert proc.returncode == 1 and message in proc.stderr, (extra, proc.stderr)
+        assert "Traceback" not in proc.stderr and "Einstein" not in proc.stderr  # nothing asked Einstein
