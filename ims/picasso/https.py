@@ -45,8 +45,15 @@ def create_server(app: Any, cfg: Any) -> wsgi.Server:
     server = wsgi.Server((rest.ip, rest.port), app, numthreads=rest.threads, server_name="bmi-picasso",
                          shutdown_timeout=rest.drain_seconds)
     server.ssl_adapter = adapter
+    server.error_log = _error_log  # cheroot writes to stderr: into BMI's log (text or JSON) instead
     server.max_request_body_size = rest.max_body_bytes + SLACK_BYTES
     return server
+
+
+def _error_log(msg: str = "", level: int = logging.INFO, traceback: bool = False) -> None:
+    # e.g. "peer dropped the TLS connection suddenly, during handshake" (a client that does not
+    # trust the certificate) or a plain-HTTP request on the TLS port
+    LOG.log(level if isinstance(level, int) else logging.INFO, "https: %s", msg, exc_info=traceback)
 
 
 def serve_until(server: wsgi.Server, stopping: threading.Event, drain_seconds: float) -> None:

@@ -209,6 +209,8 @@ def test_https_cli_verification_apis_limits_drain_and_json_logs(servers: Servers
     assert any(m.startswith(f"Picasso listening on https://127.0.0.1:{s.port}/") for m in messages), messages
     assert "finishing requests in flight" in " ".join(messages) and "Picasso stopped" in messages
     assert {e["component"] for e in picasso} == {"picasso"}
+    # cheroot's own reports (a client that refused the certificate, plain HTTP) land there too
+    assert any("plain HTTP" in m for m in messages) and any("during handshake" in m for m in messages), messages
     s.einstein.send_signal(signal.SIGTERM)
     assert s.einstein.wait(90) == 0
     einstein = json_lines(s.dir / "logs" / "ims.log")
