@@ -13,6 +13,25 @@ DEFAULT_CONFIG = "/etc/bmi/bmiconfig.cfg"
 USER_VARS = ("HIL_USERNAME", "HAAS_USERNAME")
 PASSWORD_VARS = ("HIL_PASSWORD", "HAAS_PASSWORD")
 TIMEOUT_SECONDS = 3600.0  # provisioning and imports can be slow; never hang forever
+CA_VAR = "BMI_CA_BUNDLE"
+CA_META = "bmi.ca"  # where the global --ca option leaves its value (click's ctx.meta)
+
+
+def remember_ca(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """Callback of the global ``--ca PATH`` option."""
+    if value:
+        ctx.meta[CA_META] = value
+    return value
+
+
+def ca_bundle() -> str | None:
+    """The CA certificates that sign BMI's certificate: ``--ca``, else BMI_CA_BUNDLE, else None (the
+    system's trusted CAs).  An https:// URL is always verified; this only says against what."""
+    ctx = click.get_current_context(silent=True)
+    path = (ctx.meta.get(CA_META) if ctx is not None else None) or os.environ.get(CA_VAR) or None
+    if path is not None and not os.path.isfile(path):
+        raise click.ClickException(f"CA bundle {path} (--ca or {CA_VAR}) is not a readable file")
+    return path
 
 
 def server_url() -> str:
@@ -29,7 +48,8 @@ def server_url() -> str:
         ip = parser.get("rest_api", "ip", fallback="127.0.0.1").strip() or "127.0.0.1"
         port = parser.get("rest_api", "port", fallback="9000").strip() or "9000"
         host = f"[{ip}]" if ":" in ip else ip
-        return f"http://{host}:{port}"
+        scheme = "https" if parser.get("rest_api", "certfile", fallback="").strip() else "http"
+        return f"{scheme}://{host}:{port}"
     return DEFAULT_URL
 
 
@@ -56,20 +76,29 @@ def credentials() -> tuple[str, str]:
 class Api:
     """Calls /v1; returns the ``result`` of a 2xx answer, raises ClickException (exit 1) otherwise."""
 
-    def __init__(self, url: str, auth: tuple[str, str]) -> None:
+    def __init__(self, url: str, auth: tuple[str, str], ca: str | None = None) -> None:
         self.url = url
         # Sent as UTF-8 bytes (RFC 7617): requests would encode str as Latin-1 and crash on anything
         # else.  surrogateescape gives back the exact bytes of an environment value that is not UTF-8;
         # the server answers 401 for credentials it cannot use.
         self.auth = (auth[0].encode("utf-8", "surrogateescape"), auth[1].encode("utf-8", "surrogateescape"))
         self.session = requests.Session()
+        # Certificates are always verified; a private CA comes from --ca / BMI_CA_BUNDLE.  Passed on each
+        # request: requests lets REQUESTS_CA_BUNDLE override a Session's verify, never a request's own path.
+        self.verify: str | bool = ca or ca_bundle() or True
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None,
                 params: dict[str, Any] | None = None) -> Any:
         try:
             resp = self.session.request(method, f"{self.url}/v1{path}", json=body, params=params, auth=self.auth,
-                                        timeout=TIMEOUT_SECONDS)
-        except requests.ConnectionError:
+                                        timeout=TIMEOUT_SECONDS, verify=self.verify)
+        except requests.exceptions.SSLError as exc:
+            raise click.ClickException(_tls_message(self.url, exc)) from None
+        except requests.ConnectionError as exc:
+            if "Connection aborted" in str(exc) and self.url.startswith("http://"):
+                # A TLS server drops a plain-HTTP request (cheroot resets it, or answers 400, below).
+                raise click.ClickException(f"BMI at {self.url} closed the connection: if it serves HTTPS, use an "
+                                           "https:// URL (BMI_URL)") from None
             raise click.ClickException(f"cannot reach BMI at {self.url} (is Picasso running? "
                                        "set BMI_URL or [rest_api] in the config)") from None
         except requests.Timeout:
@@ -84,6 +113,8 @@ class Api:
             return data.get("result") if isinstance(data, dict) else data
         if isinstance(data, dict) and isinstance(data.get("error"), dict):
             raise click.ClickException(str(data["error"].get("message") or f"HTTP {resp.status_code}"))
+        if resp.status_code == 400 and "only speaks HTTPS" in resp.text[:500]:  # cheroot's answer to plain HTTP
+            raise click.ClickException(f"BMI at {self.url} serves HTTPS only: use an https:// URL (BMI_URL)")
         raise click.ClickException(f"BMI at {self.url} answered HTTP {resp.status_code}")
 
     def get(self, path: str, params: dict[str, Any] | None = None) -> Any:
@@ -94,3 +125,15 @@ class Api:
 
     def delete(self, path: str) -> Any:
         return self.request("DELETE", path)
+
+
+def _tls_message(url: str, exc: Exception) -> str:
+    text = str(exc)
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+        reason = text.split("certificate verify failed:", 1)[-1].split("(_ssl", 1)[0].strip(" )'\"") \
+            if "certificate verify failed:" in text else "certificate verify failed"
+        return (f"cannot verify the TLS certificate of BMI at {url} ({reason}): give the CA that signed it with "
+                f"--ca PATH or {CA_VAR}")
+    if "WRONG_VERSION_NUMBER" in text or "wrong version number" in text:
+        return f"BMI at {url} does not speak TLS on that port (is it plain HTTP? check BMI_URL)"
+    return f"TLS connection to BMI at {url} failed: {text[:300]}"

@@ -7,7 +7,7 @@ from urllib.parse import quote
 import click
 
 from ims.cli import ops, output
-from ims.cli.api import Api, credentials, server_url
+from ims.cli.api import CA_VAR, Api, credentials, remember_ca, server_url
 from ims.picasso.openapi import MAX_ID
 
 ID = click.IntRange(1, MAX_ID)
@@ -61,6 +61,8 @@ def q(name: str) -> str:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables (for scripts).")
+@click.option("--ca", metavar="PATH", expose_value=False, callback=remember_ca,
+              help=f"Verify BMI's HTTPS certificate against these CA certificates (PEM); default ${CA_VAR}.")
 @click.pass_context
 def cli(ctx: click.Context, as_json: bool) -> None:
     """The Bare Metal Imaging (BMI) is a core component of the Massachusetts Open Cloud and an image

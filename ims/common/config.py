@@ -111,6 +111,11 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "drain_seconds": (float, 60.0),
         # Largest request body Picasso reads (both APIs): larger ones get a 413 before any parsing.
         "max_body_bytes": (int, 1048576),
+        # HTTPS: both set = Picasso serves TLS (cheroot) with this PEM certificate chain and key.
+        "certfile": ("path", ""),
+        "keyfile": ("path", ""),
+        # GET /metrics: none (anyone who reaches [rest_api]) or admin (HTTP Basic, a BMI administrator).
+        "metrics_auth": (str, "none"),
     },
     "logs": {
         "path": ("path", "/var/log/bmi"),
@@ -118,6 +123,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "verbose": (bool, False),
         "max_bytes": (int, 10_000_000),
         "backup_count": (int, 10),
+        # text: one human-readable line per record; json: one JSON object per line.
+        "format": (str, "text"),
     },
     "journal": {
         "retry_seconds": (float, 30.0),
@@ -266,6 +273,13 @@ def _validate(cfg: BMIConfig) -> None:
         if cfg.scheduler.values[key] < 1:
             raise ConfigError(f"{cfg.path}: invalid value {cfg.scheduler.values[key]} for [scheduler] {key}: "
                               "use 1 or more")
+    if cfg.logs.format not in ("text", "json"):
+        raise ConfigError(f"{cfg.path}: invalid value {cfg.logs.format!r} for [logs] format: use text or json")
+    if cfg.rest_api.metrics_auth not in ("none", "admin"):
+        raise ConfigError(f"{cfg.path}: invalid value {cfg.rest_api.metrics_auth!r} for [rest_api] metrics_auth: "
+                          "use none or admin")
+    if bool(cfg.rest_api.certfile) != bool(cfg.rest_api.keyfile):
+        raise ConfigError(f"{cfg.path}: [rest_api] certfile and keyfile go together")
     if cfg.rpc.workers < 1:
         raise ConfigError(f"{cfg.path}: invalid value {cfg.rpc.workers} for [rpc] workers")
 

@@ -10,12 +10,18 @@ rollover), so every file has exactly ONE writing process:
   worker killed mid-record cannot garble the file or wedge the others.
 * Picasso writes ``<[logs] path>/picasso.log`` itself.
 
+``[logs] format``: ``text`` (the default, :data:`FORMAT`) or ``json``: one JSON object per
+line (``time`` (UTC, ISO 8601), ``component``, ``level``, ``logger``, ``message``, ``pid``, and
+``exception`` with the traceback when there is one), for log shippers.  Workers format their
+records themselves, so the supervisor's single file holds whole JSON lines in either format.
+
 ``[logs] max_bytes`` / ``backup_count`` set the rotation.  ``[logs] debug`` turns on DEBUG;
 ``[logs] verbose`` keeps DEBUG records on stderr too (otherwise stderr gets INFO and
 above).  Records never carry credentials: operations log user names and BMI names only.
 """
 from __future__ import annotations
 
+import json
 import logging
 import logging.handlers
 import os
@@ -24,6 +30,7 @@ import socket
 import sys
 import tempfile
 import threading
+from datetime import UTC, datetime
 from typing import Any
 
 FORMAT = "%(asctime)s {component} %(levelname)s %(name)s: %(message)s"
@@ -41,6 +48,37 @@ class _Preformatted(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         text = getattr(record, "bmi_line", None)
         return text if isinstance(text, str) else super().format(record)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line (newlines inside the message are escaped)."""
+
+    def __init__(self, component: str) -> None:
+        super().__init__()
+        self.component = component
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = getattr(record, "bmi_line", None)
+        if isinstance(text, str):
+            return text  # a worker's record, formatted (as JSON) by the worker
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "component": self.component, "level": record.levelname, "logger": record.name,
+            "message": record.getMessage(), "pid": record.process}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            entry["exception"] = record.exc_text
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, ensure_ascii=False, default=str)
+
+
+def formatter(cfg: Any | None, component: str) -> logging.Formatter:
+    """The formatter ``[logs] format`` asks for (text before the config is read)."""
+    if cfg is not None and cfg.logs.format == "json":
+        return JsonFormatter(component)
+    return _Preformatted(FORMAT.format(component=component))
 
 
 class DatagramLineHandler(logging.Handler):
@@ -134,7 +172,7 @@ def setup(cfg: Any | None, component: str, file_name: str | None = EINSTEIN_LOG,
     file (Einstein workers).  Otherwise ``file_name`` is opened in ``[logs] path`` (None: no
     file).  Returns the file handler, if one was opened.
     """
-    fmt = _Preformatted(FORMAT.format(component=component))
+    fmt = formatter(cfg, component)
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)

@@ -27,6 +27,7 @@ from ims.einstein.ops.projects import Projects
 from ims.einstein.ops.provisioning import Provisioning
 from ims.einstein.ops.reconcile import Reconcile
 from ims.einstein.ops.snapshots import Snapshots
+from ims.einstein.ops.status import Status
 from ims.einstein.ops.steps import Steps
 from ims.einstein.storage.base import Storage
 from ims.einstein.tasks import Tasks
@@ -51,6 +52,7 @@ class Operations:
         self._disks = Disks(core, steps)
         self._reconcile = Reconcile(core, steps)
         self._tasks = Tasks(self, core)
+        self._status = Status(core)
         # Journal recovery of a dead worker's operations (run under its locks) builds its context
         # here: with [net_isolator] service_* it can undo HIL changes, else it leaves notes.
         setattr(self.journal, "context_factory", core.service_context)  # noqa: B010 - may predate the attribute
@@ -120,6 +122,11 @@ class Operations:
     @rpc(read_only=True)
     def operation_wait(self, auth: Auth, op_id: int, timeout: float = 20.0) -> dict[str, Any]:
         return self._tasks.wait(auth, op_id, timeout)
+
+    @rpc(read_only=True)
+    def service_status(self) -> dict[str, Any]:
+        """Counts for Picasso's /metrics (no names, no credentials: no auth needed)."""
+        return self._status.snapshot()
 
     # --- auth probes -----------------------------------------------------------------
     @rpc(read_only=True)

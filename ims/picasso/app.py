@@ -5,16 +5,18 @@ from typing import Any
 
 from flask import Flask, Response, request
 
-from ims.picasso import errors, legacy, v1
+from ims.picasso import errors, legacy, metrics, v1
 from ims.picasso.auth import AuthCache
 
 
 def create_app(cfg: Any, client: Any = None) -> Flask:
     """Build Picasso.  ``client`` is an EinsteinClient (default: built from ``cfg``) or a test double."""
+    status_client = client
     if client is None:
         from ims.rpc.client import EinsteinClient
 
         client = EinsteinClient(cfg)
+        status_client = metrics.status_client(cfg)
     app = Flask("ims.picasso")
     app.json.sort_keys = False  # type: ignore[attr-defined]
     limit = int(cfg.rest_api.max_body_bytes)
@@ -24,6 +26,7 @@ def create_app(cfg: Any, client: Any = None) -> Flask:
     # No automatic OPTIONS answers: every method a route does not list is a 405 (as the OpenAPI says).
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     app.extensions["bmi"] = {"client": client, "auth_cache": AuthCache(cfg.net_isolator.auth_cache_seconds)}
+    metrics.init_app(app, cfg, status_client)  # first hook: counts and times even refused requests
 
     @app.before_request
     def refuse_large_bodies() -> Response | None:

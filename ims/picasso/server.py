@@ -1,4 +1,5 @@
-"""Serve Picasso with waitress on ``[rest_api] ip:port`` (never Flask's development server).
+"""Serve Picasso on ``[rest_api] ip:port`` (never Flask's development server): waitress for
+plain HTTP; cheroot for HTTPS when ``[rest_api] certfile``/``keyfile`` are set (ims/picasso/https.py).
 
 SIGTERM/SIGINT drain: the listening socket is closed at once (new connections are
 refused), requests in flight run to the end and their answers are sent, for up to
@@ -18,6 +19,7 @@ import waitress
 from ims.common import config as bmi_config
 from ims.common import log as bmi_log
 from ims.common.errors import ConfigError
+from ims.picasso import https
 from ims.picasso.app import create_app
 from ims.picasso.boot import create_boot_app
 from ims.rpc.client import EinsteinClient
@@ -45,15 +47,27 @@ def main(argv: list[str] | None = None) -> int:
                                              max_request_body_size=_BOOT_MAX_BODY)
         threading.Thread(target=boot_server.run, name="boot-http", daemon=True).start()
         LOG.info("serving node boot scripts on http://%s:%d/boot/<mac>", cfg.boot_http.ip, cfg.boot_http.port)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    if cfg.rest_api.certfile:
+        try:
+            tls_server = https.create_server(app, cfg)
+        except ConfigError as exc:
+            LOG.error("%s", exc)
+            return 1
+        try:
+            https.serve_until(tls_server, stopping, cfg.rest_api.drain_seconds)
+        except OSError as exc:  # e.g. the address is in use (before anything was served)
+            LOG.error("cannot listen on https://%s:%d/: %s", cfg.rest_api.ip, cfg.rest_api.port, exc)
+            return 1
+        return 0
     LOG.info("Picasso listening on http://%s:%d/", cfg.rest_api.ip, cfg.rest_api.port)
     server = waitress.create_server(app, host=cfg.rest_api.ip, port=cfg.rest_api.port,
                                     threads=cfg.rest_api.threads, ident="bmi-picasso",
                                     # waitress buffers a body before the app sees it: refuse a huge one there
                                     # already, a little above the app's own limit (which answers a JSON 413).
                                     max_request_body_size=cfg.rest_api.max_body_bytes + 65536)
-    stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    signal.signal(signal.SIGINT, lambda *_: stopping.set())
     serve_until(server, stopping, cfg.rest_api.drain_seconds)
     return 0
 
