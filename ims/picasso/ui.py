@@ -12,6 +12,7 @@ a 401 carries ``WWW-Authenticate: Basic`` so a browser asks for the credentials.
 """
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from flask import Blueprint, Response, make_response, render_template, request
@@ -68,6 +69,19 @@ def split_operations(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]
     return running + queued, finished
 
 
+def when(value: Any) -> str:
+    """An ISO timestamp from Einstein as ``YYYY-MM-DD HH:MM:SS`` (UTC), "" for none."""
+    if not isinstance(value, str) or not value:
+        return ""
+    try:
+        stamp = datetime.fromisoformat(value)
+    except ValueError:
+        return value
+    if stamp.tzinfo is not None:
+        stamp = stamp.astimezone(UTC)
+    return stamp.strftime("%Y-%m-%d %H:%M:%S") + " UTC"
+
+
 def describe_args(args: Any) -> str:
     if not isinstance(args, dict):
         return ""
@@ -75,7 +89,7 @@ def describe_args(args: Any) -> str:
 
 
 def _page(template: str, code: int = 200, **context: Any) -> Response:
-    return make_response(render_template(template, human_size=human_size, describe_args=describe_args,
+    return make_response(render_template(template, human_size=human_size, describe_args=describe_args, when=when,
                                          refresh=REFRESH_SECONDS, **context), code)
 
 

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -63,8 +62,11 @@ class Browser:
     def open(self, path: str, shot: str) -> str:
         """Load ``path``, keep a full-page screenshot as ``shot``.png; the visible text of the page."""
         self.driver.get(self.base + path)
-        height = self.driver.execute_script("return document.documentElement.scrollHeight")
-        self.driver.set_window_size(1400, max(1000, int(height) + 40))
+        # the whole page in one screenshot: a viewport as tall as the document
+        height = int(self.driver.execute_script("return document.documentElement.scrollHeight"))
+        self.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                                    {"width": 1400, "height": max(600, height), "deviceScaleFactor": 1,
+                                     "mobile": False})
         assert self.driver.save_screenshot(str(ARTIFACTS / f"{shot}.png"))
         (ARTIFACTS / f"{shot}.html").write_text(self.driver.page_source)
         return str(self.driver.find_element("tag name", "body").text)

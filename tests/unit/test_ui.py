@@ -137,3 +137,25 @@ def test_helpers() -> None:
     tree = image_tree(rows)
     assert [r["name"] for r in tree] == ["g", "orphan"]
     assert tree[0]["children"][0]["children"][0]["name"] == "c"
+
+
+def test_running_and_queued_operations_with_progress(web: Any, world: World) -> None:
+    rpc = web.application.extensions["bmi"]["client"]
+    standin = rpc.use_standin()
+    standin.gate.clear()  # hold the queue: the operations stay queued
+    try:
+        for name in ("newimg", "new"):
+            assert web.post("/v1/projects/proj1/images", headers=ALICE, json={"name": name}).status_code == 202
+        with standin._cond:  # the first one as a running operation would look (progress from its journal)
+            standin._queue.popleft()
+            standin._records[1].update(state="running", progress=40, steps_done=2, step="storage.clone",
+                                       started_at=standin._records[1]["created_at"])
+        text = page(web.get("/ui/projects/proj1", headers=ALICE))
+        active = text.split('id="operations-active"')[1].split("</table>")[0]
+        assert active.index("img=newimg") < active.index("img=new<")  # running first, then the queue
+        assert '<progress max="100" value="40"></progress> 40%' in active and "storage.clone" in active
+        assert "queued (#1 in queue)" in active and 'http-equiv="refresh"' in text
+        assert "img=newimg" in page(web.get("/ui/", headers=ALICE))
+        assert "newimg" not in page(web.get("/ui/", headers=BOB))  # bob may not see proj1's operations
+    finally:
+        standin.gate.set()
