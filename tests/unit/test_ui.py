@@ -75,6 +75,9 @@ def test_project_page_shows_the_image_tree_nodes_and_operations(web: Any, world:
     assert "tgtd could not be asked" in text  # the fake iSCSI driver has no sessions to show
     assert "import_image" in text and "img=newimg" in text
     assert "other" not in text.split('id="images"')[1].split("</ul>")[0]  # proj2's image is not in proj1
+    # let the import finish before the world closes under it
+    op = resp.get_json()["result"]["id"]
+    assert web.get(f"/v1/operations/{op}?wait=30", headers=ALICE).get_json()["result"]["state"] == "done"
 
 
 def test_tenant_cannot_open_another_tenants_project(web: Any) -> None:
@@ -159,3 +162,5 @@ def test_running_and_queued_operations_with_progress(web: Any, world: World) -> 
         assert "newimg" not in page(web.get("/ui/", headers=BOB))  # bob may not see proj1's operations
     finally:
         standin.gate.set()
+        # let the queued one finish before the world closes under it
+        assert standin.operation_wait(ALICE_AUTH, 2, 30.0)["state"] in ("done", "failed")
