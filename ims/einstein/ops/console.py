@@ -119,6 +119,13 @@ class Console:
         except BMIError:
             return None  # its storage is gone (drift: reconcile reports it)
 
+    def _still_a_clone(self, ceph: str) -> bool:
+        """Whether a golden image or snapshot is still a clone in storage (its background flatten is pending)."""
+        try:
+            return self.core.storage.parent_info(ceph) is not None
+        except BMIError:
+            return False
+
     # --- views ------------------------------------------------------------------------
     def projects(self, auth: Auth) -> dict[str, Any]:
         """``{"user", "admin", "projects": [{"name", "network", "images", "nodes"}]}``: the caller's projects."""
@@ -149,9 +156,10 @@ class Console:
     def project(self, auth: Auth, project: str) -> dict[str, Any]:
         """One project: its image rows (each with its parent, size and live target) and provisioned nodes.
 
-        ``images``: ``[{"name", "kind", "parent", "size", "public", "snapshot", "iqn", "sessions"}]``
+        ``images``: ``[{"name", "kind", "parent", "size", "public", "snapshot", "flattening", "iqn", "sessions"}]``
         in id order; ``parent`` is the name of a parent row in the same project, else "" (a copy's
-        source in another project is not named: it may be another tenant's).  ``nodes``:
+        source in another project is not named: it may be another tenant's); ``flattening``: a golden
+        image or snapshot that is still a clone in storage (its background flatten has not ended).  ``nodes``:
         ``[{"node", "image", "source", "nic", "mac", "network", "iqn", "initiator", "target_live",
         "logged_in", "sessions", "since"}]``; ``target_live``/``logged_in`` are None when tgtd
         could not be asked (``sessions_known`` False).
@@ -180,6 +188,8 @@ class Console:
         for image in images:
             ceph = image.pop("ceph")
             image["size"] = self._size(ceph)
+            image["flattening"] = image["kind"] in ("golden", "snapshot") and image["size"] is not None \
+                and self._still_a_clone(ceph)
             iqn = core.iscsi.iqn(ceph)
             exported = live is not None and iqn in live
             image["iqn"] = iqn if exported else ""
