@@ -26,6 +26,8 @@ TENANT2 = ("tenant2", "secret2")
 ARTIFACTS = REPO / "test-artifacts" / "ui"
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
+pytestmark = pytest.mark.integration
+
 NODE_INITIATOR_PREFIX = "iqn.2017-10.org.moc.bmi.node:"  # [iscsi] initiator_iqn_prefix's default
 
 
@@ -88,10 +90,11 @@ def stack() -> Iterator[Stack]:
 
 
 @pytest.fixture()
-def browser(stack: Stack) -> Iterator[Browser]:
+def browser(stack: Stack, capsys: pytest.CaptureFixture[str]) -> Iterator[Browser]:
     shutil.rmtree(ARTIFACTS, ignore_errors=True)
     ARTIFACTS.mkdir(parents=True)
-    print(f"\nweb console screenshots: {ARTIFACTS}")
+    with capsys.disabled():  # shown even when pytest captures output
+        print(f"\nweb console screenshots: {ARTIFACTS}")
     b = Browser(stack.url)
     try:
         yield b
