@@ -19,6 +19,7 @@ from ims.common.errors import Forbidden
 from ims.einstein.boot import BootFiles
 from ims.einstein.iscsi.base import IscsiTarget
 from ims.einstein.journal import RecoveryContext
+from ims.einstein.ops.console import Console
 from ims.einstein.ops.core import Auth, Core, NetFactory, user_of
 from ims.einstein.ops.disks import Disks
 from ims.einstein.ops.expose import rpc
@@ -51,6 +52,7 @@ class Operations:
         self._projects = Projects(core)
         self._disks = Disks(core, steps)
         self._reconcile = Reconcile(core, steps)
+        self._console = Console(core)
         self._tasks = Tasks(self, core)
         self._status = Status(core)
         # Journal recovery of a dead worker's operations (run under its locks) builds its context
@@ -266,3 +268,12 @@ class Operations:
     @rpc(admin=True)
     def reconcile(self, auth: Auth, repair: bool = False) -> dict[str, Any]:
         return self._reconcile.reconcile(auth, repair)
+
+    # --- the web console (Picasso's /ui/; ims/einstein/ops/console.py) -------------------
+    @rpc(read_only=True)
+    def console_projects(self, auth: Auth) -> dict[str, Any]:
+        return self._console.projects(auth)
+
+    @rpc(read_only=True)
+    def console_project(self, auth: Auth, project: str) -> dict[str, Any]:
+        return self._console.project(auth, project)

@@ -43,5 +43,6 @@ def create_app(cfg: Any, client: Any = None) -> Flask:
 
     app.register_blueprint(legacy.bp)
     app.register_blueprint(v1.bp)
+    app.register_blueprint(__import__("ims.picasso.ui", fromlist=["bp"]).bp)  # the web console, /ui/
     errors.register(app)
     return app
