@@ -7,6 +7,7 @@ from flask import Flask, Response, request
 
 from ims.picasso import errors, legacy, metrics, v1
 from ims.picasso.auth import AuthCache
+from ims.picasso.ui import bp as ui_bp
 
 
 def create_app(cfg: Any, client: Any = None) -> Flask:
@@ -43,6 +44,6 @@ def create_app(cfg: Any, client: Any = None) -> Flask:
 
     app.register_blueprint(legacy.bp)
     app.register_blueprint(v1.bp)
-    app.register_blueprint(__import__("ims.picasso.ui", fromlist=["bp"]).bp)  # the web console, /ui/
+    app.register_blueprint(ui_bp)  # the web console, /ui/
     errors.register(app)
     return app
