@@ -302,7 +302,8 @@ def up(d: Path, boot_net: bool, http_boot: bool = False, workers: int = 2, nodes
 def service_argv(name: str, d: Path, cfg: Path | None = None, hil_port: int | None = None) -> list[str]:
     """How `up` (and `restart`) start each of the stack's Python services."""
     if name == "hil-simulator":
-        return [PY, "-m", "ims.hilsim", "--inventory", str(d / "hil-inventory.json"), "--port", str(hil_port)]
+        return [PY, str(SCRIPTS / "hil-simulator"), "--inventory", str(d / "hil-inventory.json"),
+                "--port", str(hil_port)]
     script = {"einstein": "einstein_server", "picasso": "picasso_server"}[name]
     return [PY, str(SCRIPTS / script), "--config", str(cfg)]
 
