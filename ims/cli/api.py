@@ -84,7 +84,9 @@ class Api:
             return data.get("result") if isinstance(data, dict) else data
         if isinstance(data, dict) and isinstance(data.get("error"), dict):
             raise click.ClickException(str(data["error"].get("message") or f"HTTP {resp.status_code}"))
-        raise click.ClickException(f"BMI at {self.url} answered HTTP {resp.status_code}")
+        # A plain-text answer (the legacy API's errors, a proxy's, waitress's own 413) is shown as it is.
+        text = resp.text.strip()[:500] if resp.headers.get("Content-Type", "").startswith("text/plain") else ""
+        raise click.ClickException(f"BMI at {self.url} answered HTTP {resp.status_code}{': ' + text if text else ''}")
 
     def get(self, path: str, params: dict[str, Any] | None = None) -> Any:
         return self.request("GET", path, params=params)

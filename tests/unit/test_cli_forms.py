@@ -75,3 +75,30 @@ def test_db_ls_project_hil_does_not_know(picasso: str, world: World) -> None:  #
     assert json.loads(ok(run(picasso, "--json", "db", "ls", "--project", "ghost", user="alice"), None)) == []
     # a project HIL knows but the user is not in is still refused
     fails(run(picasso, "db", "ls", "--project", "proj1", user="bob"), "proj1")
+
+
+def test_plain_text_errors_are_shown_as_they_are() -> None:
+    """A server (or proxy) answering an error in plain text: the CLI prints its text, not only the status."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            body = b"project bmi_infra not found"
+            self.send_response(404)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        fails(run(url, "ls", "bmi_infra"), f"BMI at {url} answered HTTP 404: project bmi_infra not found")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
