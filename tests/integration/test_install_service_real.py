@@ -99,6 +99,7 @@ def test_dry_run_changes_nothing(tmp_path: Path) -> None:
 
 
 def test_units_pass_systemd_analyze_verify(root: Path, tmp_path: Path) -> None:
+    assert shutil.which("systemd-analyze"), "systemd-analyze is missing: run scripts/install-deps (Debian's systemd)"
     # verify --root needs the host's own units (targets the services are ordered after) in that root
     shutil.copytree("/usr/lib/systemd/system", root / "usr" / "lib" / "systemd" / "system", dirs_exist_ok=True,
                     symlinks=True)
