@@ -283,8 +283,8 @@ def up(d: Path, boot_net: bool, http_boot: bool = False, workers: int = 2, nodes
             env_lines += [f"export BMI_NETNS={NETNS}",
                           "# The stack lives in the boot network's namespace: run its clients there.",
                           f'bmi() {{ ip netns exec {NETNS} {REPO / ".venv" / "bin" / "bmi"} "$@"; }}',
-                          f'rbd() {{ ip netns exec {NETNS} rbd "$@"; }}']
-        env_lines.append(hil_helper(NETNS))
+                          f'rbd() {{ ip netns exec {NETNS} rbd "$@"; }}',
+                          hil_helper(NETNS)]
         (d / "env").write_text("\n".join(env_lines) + "\n")
         # The admin registers the guide's project in BMI (the original did this with sqlite3 by hand).
         admin_env = dict(env, BMI_URL=url, HIL_USERNAME=ADMIN[0], HIL_PASSWORD=ADMIN[1])
