@@ -13,7 +13,7 @@ demo: install
 	bash scripts/demo
 
 lint: install
-	.venv/bin/ruff check ims tests benchmarks
+	.venv/bin/ruff check ims hilsim tests benchmarks acceptance-tests scripts/*.py scripts/install-service
 
 stack-up: install
 	scripts/bmi-stack up

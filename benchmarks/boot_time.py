@@ -42,10 +42,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from hilsim.vm import FIRMWARES, QemuNode
 from ims.common.process import execute
 from ims.einstein.boot import BootFiles
 from ims.einstein.iscsi.tgt_conf import LUN_LBPPBE
-from ims.hilsim.vm import FIRMWARES, QemuNode
 from tests.support.bootnet import BootNet, BootTgtd, build_test_image
 
 DEBIAN_IMAGE = os.path.join(REPO, "build", "debian12.img")

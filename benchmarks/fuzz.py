@@ -266,6 +266,13 @@ def check_response(resp: requests.Response, what: str, tally: Tally, far_too_lar
         if resp.text != "Success":
             tally.violation(f"{what} -> 200 text/plain but not 'Success': {resp.text[:200]!r}")
         return
+    if status >= 400 and ctype.startswith("text/plain"):
+        # the legacy form API answers errors as the original did: the message alone, in plain text
+        if not resp.text.strip() or resp.text.lstrip()[:1] in ("{", "<") or not resp.headers.get("X-BMI-Error-Type"):
+            tally.violation(f"{what} -> {status}: not a plain-text error message: {resp.text[:200]!r}")
+        if status == 401 and not resp.headers.get("WWW-Authenticate", "").startswith("Basic"):
+            tally.violation(f"{what} -> 401 without WWW-Authenticate")
+        return
     if not ctype.startswith("application/json"):
         tally.violation(f"{what} -> {status} with Content-Type {ctype!r}: {resp.text[:200]!r}")
         return

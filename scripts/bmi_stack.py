@@ -284,8 +284,7 @@ def up(d: Path, boot_net: bool, http_boot: bool = False, workers: int = 2, nodes
                           "# The stack lives in the boot network's namespace: run its clients there.",
                           f'bmi() {{ ip netns exec {NETNS} {REPO / ".venv" / "bin" / "bmi"} "$@"; }}',
                           f'rbd() {{ ip netns exec {NETNS} rbd "$@"; }}',
-                          f'hil() {{ ip netns exec {NETNS} curl -s -H "Content-Type: application/json" '
-                          '-u "$HIL_USERNAME:$HIL_PASSWORD" "$@"; }']
+                          hil_helper(NETNS)]
         (d / "env").write_text("\n".join(env_lines) + "\n")
         # The admin registers the guide's project in BMI (the original did this with sqlite3 by hand).
         admin_env = dict(env, BMI_URL=url, HIL_USERNAME=ADMIN[0], HIL_PASSWORD=ADMIN[1])
@@ -299,10 +298,23 @@ def up(d: Path, boot_net: bool, http_boot: bool = False, workers: int = 2, nodes
         raise
 
 
+def hil_helper(netns: str | None) -> str:
+    """The env file's ``hil`` shell function: curl to HIL as the user of the env file.
+
+    ``-L`` follows redirects: real HIL answers power actions with a 307 to obmd, which curl re-sends
+    with the same method and body.  curl sends ``-u`` credentials on only to the same host and port
+    (no ``--location-trusted``), so the HIL password never reaches obmd (its URL carries a token).
+    """
+    prefix = f"ip netns exec {netns} " if netns else ""
+    return (f'hil() {{ {prefix}curl -s -L --max-redirs 5 -H "Content-Type: application/json" '
+            '-u "$HIL_USERNAME:$HIL_PASSWORD" "$@"; }')
+
+
 def service_argv(name: str, d: Path, cfg: Path | None = None, hil_port: int | None = None) -> list[str]:
     """How `up` (and `restart`) start each of the stack's Python services."""
     if name == "hil-simulator":
-        return [PY, "-m", "ims.hilsim", "--inventory", str(d / "hil-inventory.json"), "--port", str(hil_port)]
+        return [PY, str(SCRIPTS / "hil-simulator"), "--inventory", str(d / "hil-inventory.json"),
+                "--port", str(hil_port)]
     script = {"einstein": "einstein_server", "picasso": "picasso_server"}[name]
     return [PY, str(SCRIPTS / script), "--config", str(cfg)]
 

@@ -115,7 +115,9 @@ class Api:
             raise click.ClickException(str(data["error"].get("message") or f"HTTP {resp.status_code}"))
         if resp.status_code == 400 and "only speaks HTTPS" in resp.text[:500]:  # cheroot's answer to plain HTTP
             raise click.ClickException(f"BMI at {self.url} serves HTTPS only: use an https:// URL (BMI_URL)")
-        raise click.ClickException(f"BMI at {self.url} answered HTTP {resp.status_code}")
+        # A plain-text answer (the legacy API's errors, a proxy's, waitress's own 413) is shown as it is.
+        text = resp.text.strip()[:500] if resp.headers.get("Content-Type", "").startswith("text/plain") else ""
+        raise click.ClickException(f"BMI at {self.url} answered HTTP {resp.status_code}{': ' + text if text else ''}")
 
     def get(self, path: str, params: dict[str, Any] | None = None) -> Any:
         return self.request("GET", path, params=params)

@@ -2,7 +2,7 @@
 
 The client is written against the facts in ``reference/hil-api.md`` (observed on real
 HIL v0.3 and master), so it works unchanged against real HIL and against
-:mod:`ims.hilsim`:
+:mod:`hilsim`:
 
 * JSON bodies go out as raw ``data`` with ``Content-Type: application/json``; a
   form content type would make Werkzeug swallow the body (hil-api.md §3.1).

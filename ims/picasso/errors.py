@@ -1,9 +1,12 @@
-"""Every error Picasso answers is JSON ``{"error": {"status", "type", "message"}}`` — never HTML."""
+"""Every error Picasso answers is JSON ``{"error": {"status", "type", "message"}}`` — never HTML —
+except on the legacy form API (ims/picasso/legacy.py), which answers as the original BMI did: the
+message alone as a plain-text body.  The status codes are ours on both (docs/api.md lists how they
+differ from the original's); ``X-BMI-Error-Type`` carries the type for the plain-text answers."""
 from __future__ import annotations
 
 import logging
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, has_request_context, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from ims.common.errors import BMIError
@@ -15,9 +18,20 @@ _HTTP_TYPES = {400: "InvalidInput", 401: "AuthenticationFailed", 403: "Forbidden
                503: "ServiceUnavailable"}
 
 
+def legacy_request() -> bool:
+    """Whether the request being answered is one of the legacy form API's (matched or not)."""
+    from ims.picasso.legacy import is_legacy_path  # legacy imports the request helpers: import late
+
+    return has_request_context() and (request.blueprint == "legacy" or is_legacy_path(request.path))
+
+
 def error_response(status: int, type_: str, message: str) -> Response:
-    resp = jsonify({"error": {"status": status, "type": type_, "message": message}})
-    resp.status_code = status
+    if legacy_request():
+        resp = Response(message, status=status, mimetype="text/plain")
+        resp.headers["X-BMI-Error-Type"] = type_
+    else:
+        resp = jsonify({"error": {"status": status, "type": type_, "message": message}})
+        resp.status_code = status
     if status == 401:
         resp.headers["WWW-Authenticate"] = 'Basic realm="BMI"'
     return resp

@@ -1,5 +1,9 @@
 """The v0.6 / split-API form endpoints, kept for old scripts (form-encoded, ``Success`` bodies).
 
+Errors here answer as the original did: the message as a plain-text body (ims/picasso/errors.py
+decides by :func:`is_legacy_path`), with our corrected status codes; ``X-BMI-Error-Type`` names the
+error class for scripts that want it.
+
 They keep their synchronous contract: each mutation is submitted as an operation and waited on
 (ims/picasso/operations.py ``wait``) in calls that each return within seconds, so however long the
 work takes the answer is ``Success`` (or the verb's error with its status), never an RPC timeout.
@@ -7,6 +11,7 @@ work takes the answer is ``Success`` (or the verb's error with its status), neve
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from flask import Blueprint, Response, request
 
@@ -16,6 +21,20 @@ from ims.picasso.auth import client, credentials, project_access
 from ims.picasso.operations import submit, wait
 
 bp = Blueprint("legacy", __name__)
+
+# Every path of this API (filled by _route), to answer its errors in plain text even when no route
+# matched (a wrong method is a 405 before any view runs).
+PATHS: set[str] = set()
+
+
+def _route(path: str, method: str) -> Any:
+    PATHS.add(path.rstrip("/"))
+    return bp.route(path, methods=[method])
+
+
+def is_legacy_path(path: str) -> bool:
+    """Whether ``path`` is one of the form API's (with or without its trailing slash)."""
+    return path.rstrip("/") in PATHS
 
 # form key -> the kind validate_name reports in its message
 _KINDS = {"project": "project", "node": "node", "img": "image", "network": "network", "nic": "nic",
@@ -44,7 +63,7 @@ def json_body(value: object) -> Response:
     return Response(json.dumps(value), status=200, mimetype="application/json")
 
 
-@bp.route("/provision/", methods=["PUT"])
+@_route("/provision/", "PUT")
 def provision() -> Response:
     auth, project = _project()
     if "disk_name" in request.form:  # split API: project, node, disk_name, nic
@@ -57,7 +76,7 @@ def provision() -> Response:
     return success()
 
 
-@bp.route("/deprovision/", methods=["DELETE"])
+@_route("/deprovision/", "DELETE")
 def deprovision() -> Response:
     auth, project = _project()
     if "network" in request.form:
@@ -69,7 +88,7 @@ def deprovision() -> Response:
     return success()
 
 
-@bp.route("/create_snapshot/", methods=["PUT"])
+@_route("/create_snapshot/", "PUT")
 def create_snapshot() -> Response:
     auth, project = _project()
     node = _form("disk_name") if "disk_name" in request.form and "node" not in request.form else _form("node")
@@ -77,33 +96,33 @@ def create_snapshot() -> Response:
     return success()
 
 
-@bp.route("/list_snapshots/", methods=["POST"])
+@_route("/list_snapshots/", "POST")
 def list_snapshots() -> Response:
     auth, project = _project()
     return json_body(client().list_snapshots(auth, project))
 
 
-@bp.route("/list_images/", methods=["POST"])
+@_route("/list_images/", "POST")
 def list_images() -> Response:
     auth, project = _project()
     return json_body(client().list_images(auth, project))
 
 
-@bp.route("/remove_image/", methods=["DELETE"])
+@_route("/remove_image/", "DELETE")
 def remove_image() -> Response:
     auth, project = _project()
     wait(auth, submit(auth, "remove_image", project=project, img=_form("img")))
     return success()
 
 
-@bp.route("/create_disk", methods=["PUT"])
+@_route("/create_disk", "PUT")
 def create_disk() -> Response:
     auth, project = _project()
     return json_body(wait(auth, submit(auth, "create_disk", project=project, disk=_form("disk_name"),
                                        img=_form("img"))))
 
 
-@bp.route("/delete_disk", methods=["DELETE"])
+@_route("/delete_disk", "DELETE")
 def delete_disk() -> Response:
     auth, project = _project()
     wait(auth, submit(auth, "delete_disk", project=project, disk=_form("disk_name")))

@@ -12,8 +12,8 @@ import os
 import re
 import shutil
 
+from hilsim.vm import QemuNode
 from ims.common.process import execute
-from ims.hilsim.vm import QemuNode
 from tests.support.bootnet import DATA_PART_OFFSET, BootNet, BootTgtd
 
 MAC = "52:54:00:b0:07:01"

@@ -5,9 +5,9 @@ import os
 
 import pytest
 
+from hilsim.vm import OVMF_CODE, OVMF_VARS, QemuNode
 from ims.common.errors import InvalidInput
 from ims.common.process import execute
-from ims.hilsim.vm import OVMF_CODE, OVMF_VARS, QemuNode
 from tests.support.bootnet import BootNet
 
 

@@ -348,11 +348,11 @@ def test_simulator_drives_vm_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
     import types
 
-    from ims.hilsim import create_app
+    from hilsim import create_app
 
-    fake_vm = types.ModuleType("ims.hilsim.vm")
+    fake_vm = types.ModuleType("hilsim.vm")
     fake_vm.QemuNode = FakeQemuNode  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "ims.hilsim.vm", fake_vm)
+    monkeypatch.setitem(sys.modules, "hilsim.vm", fake_vm)
     FakeQemuNode.instances.clear()
     inventory = {
         "projects": ["p"],

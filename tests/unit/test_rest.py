@@ -62,6 +62,18 @@ def err(resp: Any, status: int, type_: str | None = None, text: str | None = Non
         assert text in body["message"]
 
 
+def legacy_err(resp: Any, status: int, type_: str | None = None, text: str | None = None) -> None:
+    """An error of the legacy form API: the message alone as a plain-text body (as the original BMI
+    answered), with our status code; the error's type in X-BMI-Error-Type."""
+    body = resp.get_data(as_text=True)
+    assert resp.status_code == status, body
+    assert resp.mimetype == "text/plain", (resp.mimetype, body)
+    assert body.strip() and not body.lstrip().startswith(("{", "<", "[")), body
+    assert resp.headers["X-BMI-Error-Type"] == (type_ or resp.headers["X-BMI-Error-Type"])
+    if text:
+        assert text in body
+
+
 def is_success(resp: Any) -> None:
     assert resp.status_code == 200, resp.get_data(as_text=True)
     assert resp.get_data(as_text=True) == "Success"
@@ -115,7 +127,7 @@ def test_legacy_provision_snapshot_deprovision_flow(web: Any, world: World) -> N
     is_success(web.put("/provision/", data=form, headers=ALICE))
     assert world.iscsi.targets and world.hil.nodes["node1"]["nics"]["eno1"]["networks"] == \
         {"vlan/native": "prov-net"}
-    err(web.put("/provision/", data=form, headers=ALICE), 409, "NodeAlreadyProvisioned")
+    legacy_err(web.put("/provision/", data=form, headers=ALICE), 409, "NodeAlreadyProvisioned")
     is_success(web.put("/create_snapshot/", data={"project": "proj1", "node": "node1", "snap_name": "s1"},
                        headers=ALICE))
     resp = web.post("/list_snapshots/", data={"project": "proj1"}, headers=ALICE)
@@ -124,7 +136,7 @@ def test_legacy_provision_snapshot_deprovision_flow(web: Any, world: World) -> N
     dpro = {"project": "proj1", "node": "node1", "network": "prov-net", "nic": "eno1"}
     is_success(web.delete("/deprovision/", data=dpro, headers=ALICE))
     assert world.iscsi.targets == {} and world.hil.nodes["node1"]["nics"]["eno1"]["networks"] == {}
-    err(web.delete("/deprovision/", data=dpro, headers=ALICE), 404, "NodeNotProvisioned")
+    legacy_err(web.delete("/deprovision/", data=dpro, headers=ALICE), 404, "NodeNotProvisioned")
 
 
 def test_legacy_list_and_remove_images(web: Any, world: World) -> None:
@@ -132,10 +144,11 @@ def test_legacy_list_and_remove_images(web: Any, world: World) -> None:
     assert resp.status_code == 200 and resp.get_json() == ["golden"]
     is_success(web.put("/provision/", data={"project": "proj1", "node": "node2", "img": "golden",
                                             "network": "prov-net", "nic": "eno1"}, headers=ALICE))
-    err(web.delete("/remove_image/", data={"project": "proj1", "img": "golden"}, headers=ALICE), 409, "ImageBusy")
+    legacy_err(web.delete("/remove_image/", data={"project": "proj1", "img": "golden"}, headers=ALICE), 409,
+               "ImageBusy")
     is_success(web.delete("/remove_image/", data={"project": "proj1", "img": "golden-snap"}, headers=ALICE))
     assert not world.storage.image_exists(world.ceph(4))
-    err(web.delete("/remove_image/", data={"project": "proj1", "img": "golden-snap"}, headers=ALICE), 404,
+    legacy_err(web.delete("/remove_image/", data={"project": "proj1", "img": "golden-snap"}, headers=ALICE), 404,
         "ImageNotFound", "golden-snap")
 
 
@@ -148,39 +161,45 @@ def test_legacy_split_api_disks(web: Any, world: World) -> None:
     assert (world.tftp / "node2.ipxe").exists()
     is_success(web.put("/create_snapshot/", data={"project": "proj1", "disk_name": "d1", "snap_name": "ds"},
                        headers=ALICE))
-    err(web.delete("/delete_disk", data={"project": "proj1", "disk_name": "d1"}, headers=ALICE), 409, "ImageBusy")
+    legacy_err(web.delete("/delete_disk", data={"project": "proj1", "disk_name": "d1"}, headers=ALICE), 409,
+               "ImageBusy")
     is_success(web.delete("/deprovision/", data={"project": "proj1", "node": "node2", "nic": "eno1"},
                           headers=ALICE))
     assert not (world.tftp / "node2.ipxe").exists()
     is_success(web.delete("/delete_disk", data={"project": "proj1", "disk_name": "d1"}, headers=ALICE))
     assert "fakeimg5" not in world.iscsi.targets and not world.storage.image_exists("fakeimg5")
-    err(web.delete("/delete_disk", data={"project": "proj1", "disk_name": "d1"}, headers=ALICE), 404)
+    legacy_err(web.delete("/delete_disk", data={"project": "proj1", "disk_name": "d1"}, headers=ALICE), 404)
 
 
 def test_legacy_errors(web: Any, world: World) -> None:
     resp = web.post("/list_images/", data={"project": "proj1"})
-    err(resp, 401, "AuthenticationFailed")
+    legacy_err(resp, 401, "AuthenticationFailed", "authentication required")
     assert resp.headers["WWW-Authenticate"].startswith("Basic")
-    err(web.post("/list_images/", data={"project": "proj1"}, headers=basic("alice", "nope")), 401)
-    err(web.post("/list_images/", data={}, headers=ALICE), 400, "InvalidInput", "'project'")
-    err(web.put("/provision/", data={"project": "proj1", "node": "node1", "img": "golden", "nic": "x"},
+    legacy_err(web.post("/list_images/", data={"project": "proj1"}, headers=basic("alice", "nope")), 401)
+    legacy_err(web.post("/list_images/", data={}, headers=ALICE), 400, "InvalidInput", "'project'")
+    legacy_err(web.put("/provision/", data={"project": "proj1", "node": "node1", "img": "golden", "nic": "x"},
                 headers=ALICE), 400, "InvalidInput", "'network'")
-    err(web.post("/list_images/", data={"project": "../etc"}, headers=ALICE), 400, "InvalidName")
-    err(web.put("/create_snapshot/", data={"project": "proj1", "node": "node1", "snap_name": "a\nb"},
+    legacy_err(web.post("/list_images/", data={"project": "../etc"}, headers=ALICE), 400, "InvalidName")
+    legacy_err(web.put("/create_snapshot/", data={"project": "proj1", "node": "node1", "snap_name": "a\nb"},
                 headers=ALICE), 400, "InvalidName")
     # HIL refuses a project the user is not in: 401, as the service answers (not 403)
-    err(web.post("/list_images/", data={"project": "proj1"}, headers=BOB), 401, "AuthenticationFailed")
-    err(web.post("/list_images/", data={"project": "nope"}, headers=ALICE), 404, "ProjectNotFound")
-    err(web.get("/list_images/", headers=ALICE), 405, "MethodNotAllowed")
+    legacy_err(web.post("/list_images/", data={"project": "proj1"}, headers=BOB), 401, "AuthenticationFailed")
+    legacy_err(web.post("/list_images/", data={"project": "nope"}, headers=ALICE), 404, "ProjectNotFound")
+    legacy_err(web.get("/list_images/", headers=ALICE), 405, "MethodNotAllowed")
+    legacy_err(web.get("/create_disk", headers=ALICE), 405, "MethodNotAllowed")  # no route ran: still plain text
+    assert web.get("/create_disk", headers=ALICE).headers["Allow"] == "PUT"
+    # the same errors on /v1 stay JSON
+    err(web.get("/v1/projects/nope/images", headers=ALICE), 404, "ProjectNotFound")
+    err(web.put("/v1/projects/proj1/images", headers=ALICE), 405, "MethodNotAllowed")
     err(web.get("/no/such/route", headers=ALICE), 404, "NotFound")
     world.storage.broken = True
-    err(web.put("/provision/", data={"project": "proj1", "node": "node2", "img": "golden", "network": "prov-net",
+    legacy_err(web.put("/provision/", data={"project": "proj1", "node": "node2", "img": "golden", "network": "prov-net",
                                      "nic": "eno1"}, headers=ALICE), 503, "StorageError")
     world.storage.broken = False
     assert world.ops.reconcile({"username": "admin", "password": "admin-pw"})["images_without_row"] == []
 
 
-def test_unexpected_exception_is_json_500() -> None:
+def test_unexpected_exception_is_a_500_without_internals() -> None:
     class Exploding:
         def check_auth(self, auth: Any, project: str) -> None:
             return None
@@ -190,6 +209,9 @@ def test_unexpected_exception_is_json_500() -> None:
 
     app = create_app(bmi_config.parse("t.cfg", text=CFG_TEXT), client=Exploding())
     resp = app.test_client().post("/list_images/", data={"project": "proj1"}, headers=ALICE)
+    legacy_err(resp, 500, "InternalError", "see the BMI server log")
+    assert "secret" not in resp.get_data(as_text=True)
+    resp = app.test_client().get("/v1/projects/proj1/images", headers=ALICE)
     err(resp, 500, "InternalError")
     assert "secret" not in resp.get_data(as_text=True)
 
@@ -228,7 +250,7 @@ HOSTILE_CREDENTIALS = [
 
 @pytest.mark.parametrize("headers", HOSTILE_CREDENTIALS)
 def test_credentials_of_any_encoding_get_a_401_on_both_apis(web: Any, headers: dict[str, str]) -> None:
-    err(web.post("/list_images/", data={"project": "proj1"}, headers=headers), 401, "AuthenticationFailed")
+    legacy_err(web.post("/list_images/", data={"project": "proj1"}, headers=headers), 401, "AuthenticationFailed")
     err(web.get("/v1/projects/proj1/images", headers=headers), 401, "AuthenticationFailed")
     err(web.post("/v1/admin/reconcile", headers=headers), 401, "AuthenticationFailed")
 
@@ -263,8 +285,9 @@ def test_ids_at_the_bounds_are_accepted(web: Any) -> None:
 def test_bodies_over_the_limit_are_413_before_parsing_or_auth(web: Any, world: World) -> None:
     big = "x" * 5000
     for resp in (web.put("/provision/", data={"project": "proj1", "node": "node1", "img": big}, headers=ALICE),
-                 web.put("/provision/", data={"junk": big}),  # no credentials: still 413, nothing parsed
-                 web.post("/v1/projects/proj1/images", data='{"name": "' + big + '"}',
+                 web.put("/provision/", data={"junk": big})):  # no credentials: still 413, nothing parsed
+        legacy_err(resp, 413, "PayloadTooLarge", "4096")
+    for resp in (web.post("/v1/projects/proj1/images", data='{"name": "' + big + '"}',
                           content_type="application/json", headers=ALICE),
                  web.post("/v1/admin/reconcile", data=big)):
         err(resp, 413, "PayloadTooLarge", "4096")
@@ -397,8 +420,8 @@ def test_v1_iscsi_is_for_administrators_and_disks_for_members(web: Any, world: W
     refused(web, web.post("/v1/projects/proj1/nodes/node1/provision", json={"image": "d1", "network": "prov-net",
                                                                              "nic": "eno1"}, headers=ALICE),
             ALICE, 409, "WrongKind", "d1 is a provisioned disk")
-    err(web.put("/provision/", data={"project": "proj1", "node": "node1", "img": "d1", "network": "prov-net",
-                                     "nic": "eno1"}, headers=ALICE), 409, "WrongKind")
+    legacy_err(web.put("/provision/", data={"project": "proj1", "node": "node1", "img": "d1", "network": "prov-net",
+                                            "nic": "eno1"}, headers=ALICE), 409, "WrongKind")
     done(web, web.post("/v1/projects/proj1/nodes/node2/provision", json={"disk": "d1", "nic": "eno1"},
                        headers=ALICE), ALICE)
     done(web, web.post("/v1/projects/proj1/nodes/node2/deprovision", json={"nic": "eno1"}, headers=ALICE), ALICE)

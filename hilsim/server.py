@@ -1,6 +1,6 @@
-"""Command line of the HIL simulator: ``python -m ims.hilsim`` / ``scripts/hil-simulator``.
+"""Command line of the HIL simulator: ``python -m hilsim`` / ``scripts/hil-simulator``.
 
-Serves :func:`ims.hilsim.app.create_app` with Werkzeug's threaded WSGI server on
+Serves :func:`hilsim.app.create_app` with Werkzeug's threaded WSGI server on
 127.0.0.1 (real HIL is single-threaded; threads only make tests faster). SIGTERM and
 SIGINT stop it cleanly: pending action timers are cancelled and every VM is stopped.
 """
@@ -16,10 +16,10 @@ from types import FrameType
 
 from werkzeug.serving import make_server
 
-from ims.hilsim.app import Simulator, create_app
-from ims.hilsim.inventory import InventoryError
+from hilsim.app import Simulator, create_app
+from hilsim.inventory import InventoryError
 
-LOG = logging.getLogger("ims.hilsim")
+LOG = logging.getLogger("hilsim")
 
 
 def _parser() -> argparse.ArgumentParser:

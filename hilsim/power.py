@@ -1,6 +1,6 @@
 """Power control behind the simulator's OBM calls.
 
-A node with a ``"vm"`` entry in the inventory is a qemu VM (``ims.hilsim.vm.QemuNode``,
+A node with a ``"vm"`` entry in the inventory is a qemu VM (``hilsim.vm.QemuNode``,
 imported only when such a node exists, so the simulator runs without qemu otherwise).
 Other nodes just record their power state, like HIL's mock OBM.
 """
@@ -10,9 +10,9 @@ import logging
 import threading
 from typing import Any, Protocol
 
+from hilsim.errors import BadArgumentError, OBMError
+from hilsim.model import HILState, Node
 from ims.common.errors import BMIError
-from ims.hilsim.errors import BadArgumentError, OBMError
-from ims.hilsim.model import HILState, Node
 
 LOG = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class PowerController:
         self._locks: dict[str, threading.Lock] = {}
         vm_nodes = [n for n in state.nodes.values() if n.vm is not None]
         if vm_nodes:
-            from ims.hilsim.vm import QemuNode  # lazy: only simulators with VMs need qemu
+            from hilsim.vm import QemuNode  # lazy: only simulators with VMs need qemu
 
             for node in vm_nodes:
                 options: dict[str, Any] = dict(node.vm or {})

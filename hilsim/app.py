@@ -13,10 +13,10 @@ from typing import Any
 
 from flask import Flask, Response, request
 
-from ims.hilsim.errors import SimError, ValidationError
-from ims.hilsim.inventory import load_inventory
-from ims.hilsim.model import Caller, HILState
-from ims.hilsim.power import PowerController
+from hilsim.errors import SimError, ValidationError
+from hilsim.inventory import load_inventory
+from hilsim.model import Caller, HILState
+from hilsim.power import PowerController
 
 # key -> (type, required)
 Schema = dict[str, tuple[type, bool]]
@@ -88,7 +88,7 @@ def create_app(inventory: dict[str, Any], action_delay: float = 0.2) -> Flask:
     state = HILState(action_delay)
     load_inventory(state, inventory)
     sim = Simulator(state, PowerController(state))
-    app = Flask("ims.hilsim")
+    app = Flask("hilsim")
     app.extensions["hilsim"] = sim
 
     @app.errorhandler(SimError)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ims.hilsim.errors import SimError
-from ims.hilsim.model import HILState
+from hilsim.errors import SimError
+from hilsim.model import HILState
 
 
 class InventoryError(ValueError):
