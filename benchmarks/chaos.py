@@ -345,6 +345,12 @@ class Chaos:
             return None, None, f"no answer ({type(exc).__name__})"
         except requests.exceptions.Timeout:
             return None, None, "no answer (timeout)"
+        error_type = resp.headers.get("X-BMI-Error-Type")
+        if resp.status_code >= 400 and error_type and resp.headers.get("Content-Type", "").startswith("text/plain"):
+            # the legacy form API answers errors as the original BMI did: the message in plain text
+            # (the type in a header); read as the same error the JSON API gives
+            return resp.status_code, {"error": {"type": error_type, "message": resp.text.strip(),
+                                                "status": resp.status_code}}, ""
         try:
             data: Any = resp.json()
         except ValueError:
