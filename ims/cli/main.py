@@ -6,7 +6,7 @@ from urllib.parse import quote
 
 import click
 
-from ims.cli import ops, output
+from ims.cli import ops, output, transfer
 from ims.cli.api import Api, credentials, server_url
 from ims.picasso.openapi import MAX_ID
 
@@ -475,6 +475,9 @@ def reconcile(c: Ctx, repair: bool) -> None:
     import json
 
     click.echo(json.dumps(c.api.post("/admin/reconcile", {"repair": repair}), indent=2, sort_keys=True))
+
+
+transfer.register(cli)  # bmi upload / bmi download (ims/cli/transfer.py)
 
 
 def main() -> None:
