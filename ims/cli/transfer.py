@@ -27,7 +27,7 @@ import requests
 
 from ims.common.errors import CommandFailed
 from ims.common.process import execute
-from ims.common.transfer import CHUNK, is_zero
+from ims.common.transfer import CHUNK, nonzero_extents
 
 QCOW2_MAGIC = b"QFI\xfb"
 CONVERT_TIMEOUT_SECONDS = 24 * 3600.0
@@ -197,16 +197,15 @@ def upload(project: str, img: str, file: str, fmt: str, tmpdir: str | None) -> N
 
 
 def _write_sparse(fh: Any, chunks: Iterator[bytes], on_chunk: Callable[[bytes], None]) -> int:
-    """Write ``chunks`` to ``fh``, seeking over chunks of zeros; the bytes received."""
+    """Write ``chunks`` to ``fh``, leaving holes where blocks are zeros; the bytes received."""
     total = 0
     for data in chunks:
         on_chunk(data)
-        if is_zero(data):
-            fh.seek(len(data), os.SEEK_CUR)
-        else:
-            fh.write(data)
+        for offset, extent in nonzero_extents(data, total):
+            fh.seek(offset)
+            fh.write(extent)
         total += len(data)
-    fh.truncate(total)  # a trailing hole still counts
+    fh.truncate(total)  # the holes up to the end (a file of zeros stays all hole)
     return total
 
 
