@@ -21,7 +21,7 @@ from typing import Any
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
 from ims.common import transfer as xfer
-from ims.common.errors import BMIError, InvalidInput
+from ims.common.errors import BMIError, Conflict, InvalidInput
 from ims.common.names import validate_name
 from ims.einstein.journal import current_owner
 from ims.picasso.auth import client, project_access
@@ -37,6 +37,10 @@ SHA256_HEADER = "X-BMI-SHA256"
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 # With nothing but zeros to send, still tell Einstein this often that the upload is alive.
 _KEEPALIVE_SECONDS = 10.0
+
+
+class ChecksumMismatch(Conflict):
+    """The body is not what the client's X-BMI-SHA256 says (409: the request is well-formed)."""
 
 
 def init(app: Flask, cfg: Any) -> None:
@@ -105,8 +109,8 @@ def upload(project: str, img: str) -> Any:
                 last_call = time.monotonic()
         sha256 = digest.hexdigest()
         if expected is not None and expected.lower() != sha256:
-            raise InvalidInput(f"the image's SHA-256 is {sha256}, not the {expected.lower()} given in "
-                               f"{SHA256_HEADER}; nothing was stored")
+            raise ChecksumMismatch(f"the image's SHA-256 is {sha256}, not the {expected.lower()} given in "
+                                   f"{SHA256_HEADER}; nothing was stored")
         result = rpc.upload_commit(auth, project, upload_id, owner)
     except BaseException:
         try:

@@ -5,7 +5,7 @@ from typing import Any
 
 from ims.picasso.openapi import _ERR, _ERRORS, _param, name
 
-_BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+_BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary", "minLength": 1}}}
 _UPLOADED = {"type": "object", "required": ["name", "size", "sha256", "written"], "properties": {
     "name": name("image"), "size": {"type": "integer"}, "sha256": {"type": "string"},
     "written": {"type": "integer"}}}
@@ -18,8 +18,8 @@ def paths() -> dict[str, dict[str, Any]]:
                 "summary": "Upload a raw image as a new golden image of the project (the body is the image; "
                            "Content-Length is its size, at most [rest_api] max_upload_bytes).  Blocks of zeros are "
                            "not stored.  All or nothing: the image exists only once the whole body has been "
-                           "stored.  Optional header X-BMI-SHA256: the body's SHA-256 (400 and nothing stored when "
-                           "it differs)",
+                           "stored.  Optional header X-BMI-SHA256: the body's SHA-256 (409 ChecksumMismatch and "
+                           "nothing stored when it differs)",
                 "parameters": params + [{"name": "X-BMI-SHA256", "in": "header", "required": False,
                                          "schema": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"}}],
                 "requestBody": {"required": True, "content": _BINARY},

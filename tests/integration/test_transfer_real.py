@@ -147,6 +147,8 @@ def test_raw_upload_with_holes_is_sparse_provisionable_and_downloads_equal(stack
     assert stack.bmi("pro", "bmi_infra", "bmi_node", "up-raw", "bmi_network", "bmi_port").stdout == "Success\n"
     (clone,), = query(stack, "SELECT id FROM image WHERE name = 'bmi_node' AND kind = 'node'")
     assert any(t.endswith(f"{UID}img{clone}") for t in stack.targets())
+    live = requests.get(url(stack, "bmi_node"), auth=tenant(stack), timeout=60)  # a node's live disk
+    assert live.status_code == 409 and live.json()["error"]["type"] == "WrongKind"
     assert stack.bmi("dpro", "bmi_infra", "bmi_node", "bmi_network", "bmi_port").stdout == "Success\n"
 
     out = tmp_path / "back.raw"
@@ -198,7 +200,7 @@ def test_bad_names_other_tenants_and_bad_requests_are_json_errors_and_change_not
     put("ok", auth=("haas", "wrong"), status=401)
     put("ok", auth=TENANT2, status=401, kind="AuthenticationFailed")  # not a member of bmi_infra (as HIL says)
     put("ok", headers={"Content-Type": "application/json"}, status=415)
-    put("ok", headers={**octet, "X-BMI-SHA256": "0" * 64}, kind="InvalidInput")  # checksum mismatch
+    put("ok", headers={**octet, "X-BMI-SHA256": "0" * 64}, status=409, kind="ChecksumMismatch")
     put("ok", headers={**octet, "X-BMI-SHA256": "xyz"}, kind="InvalidInput")
     put("ok", data=b"", kind="InvalidInput")
     resp = requests.put(url(stack, "ok") + "?x=1", data=body, auth=tenant(stack), headers=octet, timeout=60)
