@@ -69,7 +69,7 @@ def staging_images(stack: Stack) -> list[str]:
 
 
 def upload_rows(stack: Stack, state: str = "running") -> list[tuple]:
-    return query(stack, "SELECT id, owner FROM operation WHERE kind = 'upload' AND state = ?", state)
+    return query(stack, "SELECT id, owner FROM operation WHERE kind LIKE 'upload%' AND state = ?", state)
 
 
 def assert_nothing_left(stack: Stack, name: str) -> None:
@@ -141,7 +141,7 @@ def test_raw_upload_with_holes_is_sparse_provisionable_and_downloads_equal(stack
     snap = usage[(ceph_name, "snapshot")]
     assert snap["provisioned_size"] == 48 * MiB and 0 < snap["used_size"] <= 12 * MiB
     assert staging_images(stack) == [] and upload_rows(stack) == []
-    assert query(stack, "SELECT state FROM operation WHERE kind = 'upload'")[-1] == ("done",)
+    assert query(stack, "SELECT kind, state FROM operation WHERE kind LIKE 'upload%'")[-1] == ("upload-commit", "done")
 
     # usable like an imported image: a node boots a clone of it
     assert stack.bmi("pro", "bmi_infra", "bmi_node", "up-raw", "bmi_network", "bmi_port").stdout == "Success\n"

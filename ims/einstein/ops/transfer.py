@@ -21,8 +21,8 @@ the same row.  Whatever interrupts an upload, the row is rolled back (the stagin
 * a worker dies while committing: commit first moves the row and the lock to that worker (one
   conditional update), so its death is an ordinary dead worker's operation.
 
-Commit, abort and reaping all start with that conditional update (``_claim``): exactly one of them
-wins an upload.
+Commit, abort and reaping all start with that conditional update (``_claim``, which also changes the
+row's kind to ``upload-commit`` or ``upload-abort``): exactly one of them wins an upload.
 """
 from __future__ import annotations
 
@@ -49,6 +49,9 @@ from ims.einstein.ops.steps import Steps
 LOG = logging.getLogger(__name__)
 
 KIND = "upload"
+# A claimed upload's row changes kind, so that nothing else (a chunk, an abort, the reaper) takes it again;
+# if its new owner dies, journal recovery rolls it back like any dead worker's operation.
+KIND_COMMIT, KIND_ABORT = "upload-commit", "upload-abort"
 # A chunk write refreshes the upload's idle clock at most this often (one database write).
 _HEARTBEAT_SECONDS = 5.0
 _OWNER_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}:\d{1,10}:[0-9?]{1,24}$")
@@ -191,7 +194,7 @@ class Transfer:
         row, args = self._running(upload_id, project)
         img, staging = args["img"], args["image"]
         lock, me = f"image:{project}/{img}", current_owner()
-        if row.owner != owner or not self._claim(upload_id, owner, me, lock):
+        if row.owner != owner or not self._claim(upload_id, owner, me, lock, KIND_COMMIT):
             raise UploadGone(f"upload #{upload_id} is not in progress (it was aborted, or idle too long)")
         tx = Tx(core.journal, upload_id, KIND, args, RecoveryContext())
         tx.steps = json.loads(row.steps)
@@ -250,13 +253,13 @@ class Transfer:
         return reaped
 
     # --- claims and roll-back ---------------------------------------------------------------
-    def _claim(self, op_id: int, owner: str, me: str, lock: str) -> bool:
-        """Move the running upload ``op_id`` and its lock from ``owner`` to this process (one transaction);
-        False if someone else did first (or it is not running)."""
+    def _claim(self, op_id: int, owner: str, me: str, lock: str, kind: str = KIND_ABORT) -> bool:
+        """Move the running upload ``op_id`` and its lock from ``owner`` to this process, as ``kind`` (one
+        transaction); False if someone else did first (or it is not running)."""
         with self.core.session() as session:
             won = session.execute(update(Operation).where(
                 Operation.id == op_id, Operation.kind == KIND, Operation.state == "running",
-                Operation.owner == owner).values(owner=me, updated_at=datetime.now(UTC)))
+                Operation.owner == owner).values(owner=me, kind=kind, updated_at=datetime.now(UTC)))
             if won.rowcount != 1:
                 return False
             session.execute(update(Lock).where(Lock.name == lock, Lock.owner == owner).values(owner=me))
