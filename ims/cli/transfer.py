@@ -61,6 +61,9 @@ def _fail(resp: requests.Response, url: str) -> click.ClickException:
         data = None
     if isinstance(data, dict) and isinstance(data.get("error"), dict):
         return click.ClickException(str(data["error"].get("message") or f"HTTP {resp.status_code}"))
+    if resp.status_code == 413:  # refused by the web server itself, before Picasso saw the body
+        return click.ClickException("BMI refused the image: it is larger than the server accepts "
+                                    "([rest_api] max_upload_bytes)")
     return click.ClickException(f"BMI at {url} answered HTTP {resp.status_code}")
 
 

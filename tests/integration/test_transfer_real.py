@@ -330,6 +330,11 @@ def test_uploads_larger_than_max_upload_bytes_are_refused(stack: Stack, tmp_path
     assert resp.json()["error"]["type"] == "PayloadTooLarge" and "max_upload_bytes" in resp.json()["error"]["message"]
     cli = stack.bmi("upload", "bmi_infra", "too-big", str(src), check=False)
     assert cli.returncode == 1 and "max_upload_bytes" in cli.stderr
+    # far larger: waitress refuses it from its Content-Length, before reading the body (413, plain text)
+    huge = tmp_path / "huge.raw"
+    make_image(huge, 50 * MiB, [(0, 100)])
+    cli = stack.bmi("upload", "bmi_infra", "too-big", str(huge), check=False)
+    assert cli.returncode == 1 and "max_upload_bytes" in cli.stderr
     exact = tmp_path / "exact.raw"
     make_image(exact, MiB, [(0, 100)])
     assert stack.bmi("upload", "bmi_infra", "fits", str(exact)).stdout == "Success\n"
