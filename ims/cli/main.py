@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from ims.cli import admin, images, nodes
+from ims.cli import admin, images, nodes, transfer
 from ims.cli.api import CA_VAR, remember_ca
 from ims.cli.common import Ctx
 
@@ -33,6 +33,9 @@ def cli(ctx: click.Context, as_json: bool) -> None:
 for _module in (images, nodes, admin):
     for _command in _module.COMMANDS:
         cli.add_command(_command)
+
+
+transfer.register(cli)  # bmi upload / bmi download (ims/cli/transfer.py)
 
 
 def main() -> None:

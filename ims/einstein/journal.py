@@ -447,6 +447,29 @@ class Journal:
                 LOG.warning("finishing %s forward hit a transient error (%s); retrying in %.1f s", kind, exc, delay)
                 time.sleep(delay)
 
+    # --- operations spanning several calls (uploads: ims/einstein/ops/transfer.py) ----------
+    def hold(self, names: list[str], owner: str, purpose: str) -> None:
+        """Take ``names`` for ``owner`` until :meth:`release` (not bound to this call, unlike :meth:`lock`).
+
+        ``owner`` may be another process (``host:pid:start``): when it dies, its locks are taken
+        over and its running operations finished exactly like a dead worker's.
+        """
+        names = sorted(set(names))
+        self._acquire(names, owner, purpose)
+        try:
+            self._finish_pending_under(names, owner)
+        except BaseException:
+            self._release(names, owner)
+            raise
+
+    def release(self, names: list[str], owner: str) -> None:
+        self._release(sorted(set(names)), owner)
+
+    def finish(self, op_id: int, ctx: RecoveryContext | None = None) -> str | None:
+        """Roll back (or forward, once committed) the unfinished operation ``op_id``; its new state."""
+        result = self._finish_row(op_id, ctx or self.context_factory())
+        return result[0] if result is not None else None
+
     def recover(self, ctx: RecoveryContext | None = None, keep_days: float = 30.0) -> dict[str, Any]:
         """Finish every operation whose owner died, and retry ``failed`` ones, each under its locks.
 

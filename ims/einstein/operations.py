@@ -30,6 +30,7 @@ from ims.einstein.ops.reconcile import Reconcile
 from ims.einstein.ops.snapshots import Snapshots
 from ims.einstein.ops.status import Status
 from ims.einstein.ops.steps import Steps
+from ims.einstein.ops.transfer import Transfer
 from ims.einstein.storage.base import Storage
 from ims.einstein.tasks import Tasks
 
@@ -53,6 +54,7 @@ class Operations:
         self._disks = Disks(core, steps)
         self._reconcile = Reconcile(core, steps)
         self._console = Console(core)
+        self._transfer = Transfer(core, steps)
         self._tasks = Tasks(self, core)
         self._status = Status(core)
         # Journal recovery of a dead worker's operations (run under its locks) builds its context
@@ -95,6 +97,8 @@ class Operations:
         summary = self.journal.recover(ctx)
         # After the journal: a dead worker's running tasks take the outcome of their journal rows.
         summary["tasks"] = self._tasks.recover()
+        # Uploads whose Picasso (or Einstein) went away without a word: idle too long.
+        summary["uploads_reaped"] = self._transfer.reap()
         if any(summary[k] for k in ("rolled_back", "rolled_forward", "failed")):
             LOG.warning("journal recovery: %s", {k: len(summary[k]) for k in ("rolled_back", "rolled_forward",
                                                                               "failed")})
@@ -263,6 +267,31 @@ class Operations:
     @rpc(admin=True)
     def db_remove(self, auth: Auth, project: str, img: str) -> None:
         self._projects.db_remove(auth, project, img)
+
+    # --- upload and download (ims/einstein/ops/transfer.py; Picasso streams the HTTP body) ---------
+    @rpc()
+    def upload_begin(self, auth: Auth, project: str, img: str, size: int, owner: str) -> dict[str, Any]:
+        return self._transfer.begin(auth, project, img, size, owner)
+
+    @rpc()
+    def upload_write(self, auth: Auth, project: str, upload_id: int, extents: list[Any]) -> int:
+        return self._transfer.write(auth, project, upload_id, extents)
+
+    @rpc()
+    def upload_commit(self, auth: Auth, project: str, upload_id: int, owner: str) -> dict[str, Any]:
+        return self._transfer.commit(auth, project, upload_id, owner)
+
+    @rpc()
+    def upload_abort(self, auth: Auth, project: str, upload_id: int, owner: str) -> bool:
+        return self._transfer.abort(auth, project, upload_id, owner)
+
+    @rpc(read_only=True)
+    def download_info(self, auth: Auth, project: str, img: str) -> dict[str, Any]:
+        return self._transfer.download_info(auth, project, img)
+
+    @rpc(read_only=True)
+    def download_read(self, auth: Auth, project: str, img: str, offset: int, length: int) -> bytes | None:
+        return self._transfer.download_read(auth, project, img, offset, length)
 
     # --- reconcile ---------------------------------------------------------------------
     @rpc(admin=True)

@@ -5,7 +5,7 @@ from typing import Any
 
 from flask import Flask, Response, request
 
-from ims.picasso import errors, legacy, metrics, v1
+from ims.picasso import errors, legacy, metrics, transfer, v1
 from ims.picasso.auth import AuthCache
 from ims.picasso.ui import bp as ui_bp
 
@@ -32,6 +32,8 @@ def create_app(cfg: Any, client: Any = None) -> Flask:
     @app.before_request
     def refuse_large_bodies() -> Response | None:
         # Before any route, credentials check or parsing: an oversized body is never read.
+        if request.endpoint in transfer.OWN_LIMIT:  # uploads: [rest_api] max_upload_bytes (ims/picasso/transfer.py)
+            return None
         if request.content_length is None:
             # chunked: read (at most limit + 1 bytes) now; the body is cached for the route
             too_large = len(request.get_data(cache=True)) > limit
@@ -45,5 +47,6 @@ def create_app(cfg: Any, client: Any = None) -> Flask:
     app.register_blueprint(legacy.bp)
     app.register_blueprint(v1.bp)
     app.register_blueprint(ui_bp)  # the web console, /ui/
+    transfer.init(app, cfg)
     errors.register(app)
     return app

@@ -19,6 +19,7 @@ from cheroot import wsgi
 from cheroot.ssl.builtin import BuiltinSSLAdapter
 
 from ims.common.errors import ConfigError
+from ims.common.transfer import max_upload_bytes
 
 LOG = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ def create_server(app: Any, cfg: Any) -> wsgi.Server:
                          shutdown_timeout=rest.drain_seconds)
     server.ssl_adapter = adapter
     server.error_log = _error_log  # cheroot writes to stderr: into BMI's log (text or JSON) instead
-    server.max_request_body_size = rest.max_body_bytes + SLACK_BYTES
+    # uploads (PUT .../content) have their own, larger limit; the app checks both and answers a JSON 413
+    server.max_request_body_size = max(rest.max_body_bytes, max_upload_bytes(cfg)) + SLACK_BYTES
     return server
 
 

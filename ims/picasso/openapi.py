@@ -295,6 +295,12 @@ def _paths() -> dict[str, dict[str, Any]]:
     }
 
 
+def _transfer_paths() -> dict[str, dict[str, Any]]:
+    from ims.picasso.transfer_doc import paths  # imports this module: load it only once this one is loaded
+
+    return paths()
+
+
 def document() -> dict[str, Any]:
     return {
         "openapi": "3.0.3",
@@ -303,7 +309,7 @@ def document() -> dict[str, Any]:
                                 "(UTF-8; characters outside Latin-1 and control characters are refused "
                                 "with 401).  Request bodies are limited to [rest_api] max_body_bytes (413)."},
         "security": [{"basic": []}],
-        "paths": _paths(),
+        "paths": {**_paths(), **_transfer_paths()},
         "components": {
             "securitySchemes": {"basic": {"type": "http", "scheme": "basic"}},
             "responses": {"Error": {"description": "Error", "content": {"application/json": {"schema": {

@@ -19,6 +19,7 @@ import waitress
 from ims.common import config as bmi_config
 from ims.common import log as bmi_log
 from ims.common.errors import ConfigError
+from ims.common.transfer import max_upload_bytes
 from ims.picasso import https
 from ims.picasso.app import create_app
 from ims.picasso.boot import create_boot_app
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
                                     threads=cfg.rest_api.threads, ident="bmi-picasso",
                                     # waitress buffers a body before the app sees it: refuse a huge one there
                                     # already, a little above the app's own limit (which answers a JSON 413).
-                                    max_request_body_size=cfg.rest_api.max_body_bytes + 65536)
+                                    max_request_body_size=max(cfg.rest_api.max_body_bytes,
+                                                              max_upload_bytes(cfg)) + 65536)
     serve_until(server, stopping, cfg.rest_api.drain_seconds)
     return 0
 

@@ -64,6 +64,18 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def write(self, image: str, offset: int, data: bytes) -> None: ...
 
+    def write_extents(self, image: str, extents: list[tuple[int, bytes]]) -> None:
+        """Write each ``(offset, data)``; drivers may open the image once for all of them (uploads)."""
+        for offset, data in extents:
+            self.write(image, offset, data)
+
+    def rename_image(self, image: str, new_name: str) -> None:
+        """Rename an image that has no snapshots (an upload's staging image becomes a BMI image).
+
+        :raises ImageNotFound: :raises ImageExists: if ``new_name`` is taken.
+        """
+        raise NotImplementedError(f"the {self.name} storage driver cannot rename images")
+
     # --- snapshots ------------------------------------------------------------
     @abc.abstractmethod
     def list_snapshots(self, image: str) -> list[str]: ...

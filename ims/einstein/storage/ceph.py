@@ -211,6 +211,24 @@ class CephStorage(Storage):
             if written != len(data):
                 raise StorageError(f"short write to image {image}: {written} of {len(data)} bytes")
 
+    def write_extents(self, image: str, extents: list[tuple[int, bytes]]) -> None:
+        # one open (a header read and a watch) for all of an upload chunk's extents
+        with self._image(image) as img:
+            size = int(img.size())
+            for offset, data in extents:
+                _check_range(image, size, offset, len(data))
+                written = img.write(data, offset)
+                if written != len(data):
+                    raise StorageError(f"short write to image {image}: {written} of {len(data)} bytes")
+
+    def rename_image(self, image: str, new_name: str) -> None:
+        ioctx = self._ioctx()
+        with self._errors(image):
+            try:
+                rbd.RBD().rename(ioctx, image, new_name)
+            except rbd.ImageExists:
+                raise ImageExists(f"image {new_name} already exists") from None
+
     # --- snapshots --------------------------------------------------------------
     def list_snapshots(self, image: str) -> list[str]:
         with self._image(image, read_only=True) as img:

@@ -241,6 +241,19 @@ class FileStorage(Storage):
                     done = os.pwrite(f.fileno(), view, offset)
                     view, offset = view[done:], offset + done
 
+    def rename_image(self, image: str, new_name: str) -> None:
+        with self._locked():
+            self._require_image(image)
+            if os.path.exists(self._image_path(new_name)):
+                raise ImageExists(f"image {new_name} already exists")
+            meta = self._load(image)
+            if meta["snapshots"]:
+                raise ImageBusy(f"image {image} has snapshots")
+            self._save(new_name, meta)
+            os.rename(self._image_path(image), self._image_path(new_name))
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._meta_path(image))
+
     # --- snapshots --------------------------------------------------------------
     def list_snapshots(self, image: str) -> list[str]:
         with self._locked(exclusive=False):
