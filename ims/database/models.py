@@ -48,7 +48,8 @@ class Image(Base):
     project_id: Mapped[int] = mapped_column(ForeignKey("project.id"), nullable=False)
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("image.id", ondelete="SET NULL"), nullable=True)
     # "golden" (import/copy), "node" (guide's provision clone), "disk" (split API clone), "snapshot"
-    kind: Mapped[str] = mapped_column(String(16), nullable=False, default="golden")
+    # The server default keeps rows valid that the original BMI's own tools insert (they know no kind).
+    kind: Mapped[str] = mapped_column(String(16), nullable=False, default="golden", server_default="golden")
 
     project: Mapped[Project] = relationship(back_populates="images")
     parent: Mapped[Image | None] = relationship(remote_side="Image.id", back_populates="children")
