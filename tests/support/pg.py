@@ -80,18 +80,24 @@ def db_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.fixture()
-def db_url(db_backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[str]:
-    """The URL of an empty database of this test's backend (its schema comes from make_engine)."""
-    if db_backend == "sqlite":
-        yield f"sqlite:///{tmp_path}/bmi.db"
-        return
+def backend_url(request: pytest.FixtureRequest, backend: str, tmp_path: Path) -> str:
+    """The URL of a new empty database of ``backend`` for this test (dropped when the test ends).
+
+    For fixtures that combine the backend with their own parameters (``db_url`` is the plain case)."""
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path}/bmi.db"
+    if backend != "postgresql":
+        raise ValueError(f"unknown database backend {backend!r}")
     cluster: PgCluster = request.getfixturevalue("pg_cluster")
     name = cluster.create_database()
-    try:
-        yield cluster.url(name)
-    finally:
-        cluster.drop_database(name)
+    request.addfinalizer(lambda: cluster.drop_database(name))
+    return cluster.url(name)
+
+
+@pytest.fixture()
+def db_url(db_backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """The URL of an empty database of this test's backend (its schema comes from make_engine)."""
+    return backend_url(request, db_backend, tmp_path)
 
 
 def db_config(url: str) -> str:
