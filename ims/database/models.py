@@ -6,6 +6,9 @@ handed out again and Ceph names ``<uid>img<id>`` never collide.  ``provision``
 records which node boots which clone (MAC, NIC, network) so deprovision and
 reconcile never depend on HIL still knowing the node.  ``operation`` is the
 journal and ``lock`` holds per-node / per-image locks across processes.
+
+The schema is made by migrations (ims/database/migrations/versions), never by ``create_all``:
+a change here needs a new revision there; tests/unit/test_migrate.py fails while the two differ.
 """
 from __future__ import annotations
 

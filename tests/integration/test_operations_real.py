@@ -293,7 +293,7 @@ def test_killed_process_is_recovered(env, scenario, point, committed):
                           capture_output=True, text=True, timeout=120, cwd=str(Path(__file__).parents[2]))
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     with env.ops.journal.session() as s:
-        assert s.scalars(select(Operation)).all()[-1].state == "running"
+        assert s.scalars(select(Operation).order_by(Operation.id)).all()[-1].state == "running"
     summary = env.ops.recover(USER)
     assert summary["rolled_forward" if committed else "rolled_back"], summary
     if committed:
