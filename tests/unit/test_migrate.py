@@ -231,3 +231,27 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="revision 9999, which this BMI does not know"):
         make_engine(url)
     assert inspect(make_engine(url, ensure_schema=False)).has_table("image")
+
+
+def test_einstein_supervisor_upgrades_before_its_recovery_and_workers(tmp_path: Path, monkeypatch) -> None:
+    """Einstein's start: the schema is at head before the first operations object exists."""
+    from ims.rpc import server
+
+    url = f"sqlite:///{tmp_path}/bmi.db"
+    cfg = config.parse("t.cfg", f"[bmi]\nuid = t\n[db]\nurl = {url}\n[net_isolator]\nurl = http://127.0.0.1:1\n"
+                                "[iscsi]\nip = 127.0.0.1\n[rpc]\nhmac_key = k\n")
+    seen: list[str | None] = []
+
+    class Ops:  # stands in for the real Operations (which would need Ceph): records what it found
+        def __init__(self, _cfg: object) -> None:
+            seen.append(revision(url))
+
+        def recover(self) -> dict:
+            return {}
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(server, "load_factory", lambda _spec: Ops)
+    server.Supervisor(cfg).recover()
+    assert seen == [migrate.head()]
