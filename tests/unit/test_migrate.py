@@ -10,8 +10,10 @@
 """
 from __future__ import annotations
 
-import multiprocessing
 import sqlite3
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,7 @@ UID = "112233445566778899"
 USER = {"username": "haas", "password": "secret"}
 ADMIN = {"username": "haasadmin", "password": "admin1234"}
 MAC = "52:54:00:aa:bb:01"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def schema_diff(url: str) -> list:
@@ -61,18 +64,25 @@ def test_a_new_database_gets_the_models_schema(db_url: str) -> None:
     assert revision(db_url) == migrate.head()
 
 
-def _upgrade_in_child(url: str) -> None:
-    migrate.upgrade(url)
+UPGRADER = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from ims.database import migrate
+while not Path(sys.argv[3]).exists():
+    time.sleep(0.005)
+migrate.upgrade(sys.argv[2])
+"""
 
 
-def test_several_processes_upgrading_at_once(db_url: str) -> None:
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_upgrade_in_child, args=(db_url,)) for _ in range(4)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+def test_several_processes_upgrading_at_once(db_url: str, tmp_path: Path) -> None:
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", UPGRADER, str(ROOT), db_url, str(go)], stderr=subprocess.PIPE,
+                              text=True) for _ in range(4)]
+    time.sleep(0.5)
+    go.write_text("")
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], errors
     assert revision(db_url) == migrate.head()
     assert schema_diff(db_url) == []
 
