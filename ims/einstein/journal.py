@@ -12,7 +12,8 @@ still cannot finish, the row stays ``failed`` and a later recovery completes it.
 
 Locks are rows in ``lock`` (primary key = lock name): taking one is an INSERT, so
 two processes racing for a node get exactly one winner (on SQLite and PostgreSQL alike: the
-primary key decides); the loser gets NodeBusy (409).  Every operation row records the locks it ran under (``args["_locks"]``).
+primary key decides); the loser gets NodeBusy (409).  Every operation row records the
+locks it ran under (``args["_locks"]``).
 
 Recovery happens *under those locks*, before anyone else proceeds: when a lock's
 owner is dead, the first process that needs it takes over ALL the dead owner's locks
