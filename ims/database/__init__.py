@@ -1,16 +1,19 @@
-"""Database access: engine creation (SQLite in WAL mode by default, any SQLAlchemy URL)."""
+"""Database access: engine creation (SQLite in WAL mode by default, PostgreSQL, any SQLAlchemy URL).
+
+The schema comes from the migrations (ims/database/migrate.py), not ``create_all``: every
+engine made here finds its database at the newest revision (upgraded, serialised, if it was not).
+"""
 from __future__ import annotations
 
+import hashlib
 import os
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from ims.database.models import Base
 
-
-def make_engine(url: str, busy_timeout_ms: int = 30000) -> Engine:
-    """Create the engine and the tables.  SQLite gets WAL, a busy timeout and foreign keys."""
+def make_engine(url: str, busy_timeout_ms: int = 30000, ensure_schema: bool = True) -> Engine:
+    """Create the engine (SQLite gets WAL, a busy timeout and foreign keys) with its schema at head."""
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
         path = url[len("sqlite:///"):]
         directory = os.path.dirname(path)
@@ -33,9 +36,26 @@ def make_engine(url: str, busy_timeout_ms: int = 30000) -> Engine:
         def _begin_immediate(conn):  # type: ignore[no-untyped-def]
             # Take the write lock at BEGIN so two processes never deadlock upgrading read locks.
             conn.exec_driver_sql("BEGIN IMMEDIATE")
-    Base.metadata.create_all(engine)
+    if ensure_schema:
+        from ims.database import migrate
+
+        migrate.ensure(engine)
     return engine
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(bind=engine, expire_on_commit=False, future=True)
+
+
+def exclusive(session: Session, name: str) -> None:
+    """Serialise this transaction with every other one that calls ``exclusive`` with ``name``.
+
+    For read-then-write decisions that must see every other writer's result (admitting tasks
+    under global bounds, taking over a dead process's locks).  SQLite serialises every
+    transaction already (BEGIN IMMEDIATE); PostgreSQL (READ COMMITTED) takes a
+    transaction-level advisory lock, released at commit or rollback.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    key = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big", signed=True)
+    session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})

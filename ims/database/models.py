@@ -6,6 +6,9 @@ handed out again and Ceph names ``<uid>img<id>`` never collide.  ``provision``
 records which node boots which clone (MAC, NIC, network) so deprovision and
 reconcile never depend on HIL still knowing the node.  ``operation`` is the
 journal and ``lock`` holds per-node / per-image locks across processes.
+
+The schema is made by migrations (ims/database/migrations/versions), never by ``create_all``:
+a change here needs a new revision there; tests/unit/test_migrate.py fails while the two differ.
 """
 from __future__ import annotations
 
@@ -48,7 +51,8 @@ class Image(Base):
     project_id: Mapped[int] = mapped_column(ForeignKey("project.id"), nullable=False)
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("image.id", ondelete="SET NULL"), nullable=True)
     # "golden" (import/copy), "node" (guide's provision clone), "disk" (split API clone), "snapshot"
-    kind: Mapped[str] = mapped_column(String(16), nullable=False, default="golden")
+    # The server default keeps rows valid that the original BMI's own tools insert (they know no kind).
+    kind: Mapped[str] = mapped_column(String(16), nullable=False, default="golden", server_default="golden")
 
     project: Mapped[Project] = relationship(back_populates="images")
     parent: Mapped[Image | None] = relationship(remote_side="Image.id", back_populates="children")

@@ -11,8 +11,9 @@ retried a few times), and the caller is told it succeeded: if the forward functi
 still cannot finish, the row stays ``failed`` and a later recovery completes it.
 
 Locks are rows in ``lock`` (primary key = lock name): taking one is an INSERT, so
-two processes racing for a node get exactly one winner; the loser gets NodeBusy
-(409).  Every operation row records the locks it ran under (``args["_locks"]``).
+two processes racing for a node get exactly one winner (on SQLite and PostgreSQL alike: the
+primary key decides); the loser gets NodeBusy (409).  Every operation row records the
+locks it ran under (``args["_locks"]``).
 
 Recovery happens *under those locks*, before anyone else proceeds: when a lock's
 owner is dead, the first process that needs it takes over ALL the dead owner's locks
@@ -35,19 +36,20 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ims.common.errors import BMIError, InternalError, NodeBusy, ServiceUnavailable
+from ims.database import exclusive
 from ims.database.models import Lock, Operation
+from ims.einstein.journal_tx import RecoveryContext, Tx
 
+__all__ = ["Journal", "RecoveryContext", "Tx", "current_owner", "owner_alive", "LOCKS_KEY", "OPERATION_STARTED"]
 LOG = logging.getLogger(__name__)
-T = TypeVar("T")
 
 # Reserved key of an operation's JSON args: the lock names it ran under.
 LOCKS_KEY = "_locks"
@@ -95,73 +97,6 @@ def owner_alive(owner: str) -> bool:
     if fields[0] in ("Z", "X"):  # zombie or dead
         return False
     return start == "?" or fields[19] == start
-
-
-@dataclass
-class RecoveryContext:
-    """What undo/forward functions may use; ``net`` is None when no HIL credentials are at hand."""
-
-    net: Any = None
-    notes: list[str] = field(default_factory=list)
-
-
-class Tx:
-    """One running operation; created by :meth:`Journal.operation`."""
-
-    def __init__(self, journal: Journal, op_id: int, kind: str, args: dict[str, Any],
-                 ctx: RecoveryContext) -> None:
-        self.journal = journal
-        self.op_id = op_id
-        self.kind = kind
-        self.args = args
-        self.ctx = ctx
-        self.steps: list[dict[str, Any]] = []
-        self.committed = False
-        self.final_state: str | None = None
-
-    def _save(self, session: Session, **extra: Any) -> None:
-        # One UPDATE (no SELECT first): this runs once per step of every operation.
-        values = {"steps": json.dumps(self.steps), "committed": self.committed, **extra}
-        result = session.execute(update(Operation).where(Operation.id == self.op_id).values(**values))
-        if result.rowcount != 1:
-            raise InternalError(f"journal row {self.op_id} vanished")
-
-    def step(self, name: str, do: Callable[[], T], undo: tuple[str, dict[str, Any]] | None = None) -> T:
-        """Record ``name`` (with its undo) durably, then run ``do``.
-
-        One journal write per step: the record before ``do`` is what recovery needs (it undoes
-        a ``started`` step exactly like a ``done`` one: every undo is idempotent).  The step's
-        ``done`` mark is written with the next journal write of this operation (the next
-        step's record, the commit point or the final state), which follows at once.
-        """
-        entry = {"name": name, "undo": list(undo) if undo else None, "state": "started"}
-        self.steps.append(entry)
-        with self.journal.session() as session:
-            self._save(session)
-        self.journal.fault(name, "before")
-        result = do()
-        self.journal.fault(name, "after")
-        entry["state"] = "done"
-        return result
-
-    def db_step(self, name: str, do: Callable[[Session], T],
-                undo: Callable[[T], tuple[str, dict[str, Any]] | None]) -> T:
-        """Run a database change and record it (and its undo) in the same transaction."""
-        self.journal.fault(name, "before")
-        with self.journal.session() as session:
-            result = do(session)
-            spec = undo(result)
-            self.steps.append({"name": name, "undo": list(spec) if spec else None, "state": "done"})
-            self._save(session)
-        self.journal.fault(name, "after")
-        return result
-
-    def commit_point(self) -> None:
-        """From here on a failure is finished forward, not rolled back."""
-        self.committed = True
-        with self.journal.session() as session:
-            self._save(session)
-        self.journal.fault("commit", "after")
 
 
 def _transient(exc: BaseException) -> bool:
@@ -285,6 +220,8 @@ class Journal:
         marker = f"{RECOVERY_PURPOSE}:{uuid.uuid4().hex}"
         with self.session() as session:
             # Conditional on the owner still being the dead one: of two racers exactly one wins.
+            # PostgreSQL: serialised, so two multi-row UPDATEs never lock the rows in opposite orders.
+            exclusive(session, "bmi-lock-takeover")
             won = session.execute(update(Lock).where(Lock.owner == dead).values(owner=owner, purpose=marker))
             names = list(session.scalars(select(Lock.name).where(Lock.purpose == marker)).all()) \
                 if won.rowcount else []

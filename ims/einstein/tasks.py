@@ -46,6 +46,7 @@ from ims.common.errors import (
     ServiceUnavailable,
     to_wire,
 )
+from ims.database import exclusive
 from ims.database.models import Operation, Task
 from ims.einstein.journal import OPERATION_STARTED, current_owner, owner_alive
 from ims.einstein.ops.core import Auth, Core, user_of
@@ -248,6 +249,7 @@ class Tasks:
         with self._admit_lock:
             to_start: list[int] = []
             with self.core.session() as session:
+                exclusive(session, "bmi-task-admission")  # PostgreSQL: one admission at a time, like SQLite
                 rows = session.execute(select(Task.id, Task.project, Task.state, Task.owner, Task.gateway,
                                               Task.cluster).where(Task.state.in_(("queued", "running")))).all()
                 alive = self._alive({r.owner for r in rows})

@@ -208,6 +208,9 @@ class Supervisor:
 
     def recover(self) -> dict[str, Any]:
         """Finish or roll back what a crash left half-done, once, before serving."""
+        if self.factory_spec == DEFAULT_OPS_FACTORY:  # the real database: its schema first, before any worker
+            from ims.database import migrate
+            migrate.upgrade(self.cfg.db_url)
         ops = load_factory(self.factory_spec)(self.cfg)
         try:
             # tgtd may have been restarted (and its targets renumbered, or lost) while Einstein was

@@ -1,5 +1,5 @@
 """Asynchronous operations against REAL parts: a throwaway Ceph cluster, a private tgtd read back
-through libiscsi, the HIL simulator over HTTP, SQLite on disk.  submit -> wait -> done with the
+through libiscsi, the HIL simulator over HTTP, SQLite on disk or PostgreSQL.  submit -> wait -> done with the
 node's target live; a batch of 10 provisions under ``[scheduler] max_per_gateway = 2`` all succeed
 and the task table never shows more than 2 running at once; a worker SIGKILLed mid-task leaves its
 running task rolled back and its queued ones failed, once recovery (as Einstein runs it) is done."""
@@ -59,7 +59,7 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HILSimulator]:
 
 
 @pytest.fixture()
-def ops(tmp_path: Path, ceph_cluster: Any, tgtd: Any, sim: HILSimulator) -> Iterator[Operations]:
+def ops(tmp_path: Path, ceph_cluster: Any, tgtd: Any, sim: HILSimulator, db_url: str) -> Iterator[Operations]:
     (tmp_path / "tftp" / "pxelinux.cfg").mkdir(parents=True)
     path = tmp_path / "bmi.cfg"
     path.write_text(textwrap.dedent(f"""\
@@ -67,7 +67,7 @@ def ops(tmp_path: Path, ceph_cluster: Any, tgtd: Any, sim: HILSimulator) -> Iter
         uid = {UID}
         admin_users = haasadmin
         [db]
-        path = {tmp_path}/bmi.db
+        url = {db_url}
         [fs]
         driver = ceph
         pool = {ceph_cluster.pool}

@@ -1,6 +1,6 @@
 """The guide's workflow and all-or-nothing behaviour of the operations against REAL parts:
 a throwaway Ceph cluster (or the file driver), a private tgtd read back through libiscsi,
-the HIL simulator over HTTP, and SQLite on disk."""
+the HIL simulator over HTTP, and SQLite on disk or a throwaway PostgreSQL."""
 from __future__ import annotations
 
 import json
@@ -23,6 +23,7 @@ from ims.einstein.hil import HILClient
 from ims.einstein.operations import Operations
 from tests.support import iscsi_rw
 from tests.support.ceph import purge_images
+from tests.support.pg import BACKENDS, backend_url
 
 UID = "4242"
 USER = {"username": "haas", "password": "secret"}
@@ -33,7 +34,7 @@ GOLDEN = os.urandom(1 << 20)
 SIZE = 8 << 20
 
 
-def write_config(tmp: Path, driver: str, ceph_cluster, tgtd, hil_sim) -> Path:
+def write_config(tmp: Path, driver: str, ceph_cluster, tgtd, hil_sim, db_url: str | None = None) -> Path:
     (tmp / "tftp" / "pxelinux.cfg").mkdir(parents=True, exist_ok=True)
     conf_dir = tgtd.new_conf_dir()
     fs = (f"driver = ceph\npool = {ceph_cluster.pool}\nconf_file = {ceph_cluster.conf}\nid = admin\n"
@@ -45,6 +46,7 @@ def write_config(tmp: Path, driver: str, ceph_cluster, tgtd, hil_sim) -> Path:
         admin_users = haasadmin
         [db]
         path = {tmp}/bmi.db
+        url = {db_url or ""}
         [fs]
         """) + fs + textwrap.dedent(f"""\
         [iscsi]
@@ -65,9 +67,9 @@ def write_config(tmp: Path, driver: str, ceph_cluster, tgtd, hil_sim) -> Path:
 
 
 class RealEnv:
-    def __init__(self, tmp: Path, driver: str, ceph_cluster, tgtd, hil_sim) -> None:
+    def __init__(self, tmp: Path, driver: str, ceph_cluster, tgtd, hil_sim, db_url: str | None = None) -> None:
         self.tmp, self.driver, self.tgtd, self.hil_sim = tmp, driver, tgtd, hil_sim
-        self.cfg_path = write_config(tmp, driver, ceph_cluster, tgtd, hil_sim)
+        self.cfg_path = write_config(tmp, driver, ceph_cluster, tgtd, hil_sim, db_url)
         self.cfg = config.parse(str(self.cfg_path))
         self.ops = Operations.from_config(self.cfg)
         self.hil = HILClient(hil_sim.url, "haasadmin", "admin1234")
@@ -132,9 +134,15 @@ def shape(state: dict) -> dict:
     return json.loads(text)
 
 
-@pytest.fixture(params=["ceph", "file"])
+# Both storage drivers on SQLite; PostgreSQL with Ceph (the multi-host pairing) - the driver does not
+# change what the database sees.
+ENVS = [p for p in (("ceph", "sqlite"), ("file", "sqlite"), ("ceph", "postgresql")) if p[1] in BACKENDS]
+
+
+@pytest.fixture(params=ENVS, ids=["-".join(p) for p in ENVS])
 def env(request, tmp_path, ceph_cluster, tgtd, hil_sim):
-    e = RealEnv(tmp_path, request.param, ceph_cluster, tgtd, hil_sim)
+    driver, backend = request.param
+    e = RealEnv(tmp_path, driver, ceph_cluster, tgtd, hil_sim, backend_url(request, backend, tmp_path))
     yield e
     e.close()
 
@@ -285,7 +293,7 @@ def test_killed_process_is_recovered(env, scenario, point, committed):
                           capture_output=True, text=True, timeout=120, cwd=str(Path(__file__).parents[2]))
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     with env.ops.journal.session() as s:
-        assert s.scalars(select(Operation)).all()[-1].state == "running"
+        assert s.scalars(select(Operation).order_by(Operation.id)).all()[-1].state == "running"
     summary = env.ops.recover(USER)
     assert summary["rolled_forward" if committed else "rolled_back"], summary
     if committed:

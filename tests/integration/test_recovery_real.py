@@ -1,4 +1,4 @@
-"""Recovery under the lock on REAL parts (Ceph, tgtd, HIL simulator, SQLite on disk).
+"""Recovery under the lock on REAL parts (Ceph, tgtd, HIL simulator, SQLite on disk or PostgreSQL).
 
 A process provisioning bmi_node is SIGKILLed right after it wrote the node's boot files.
 A NEW provision of the same node, by another process, must first roll the dead one back
@@ -48,8 +48,8 @@ def run_child(env: RealEnv, what: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture()
-def env(tmp_path, ceph_cluster, tgtd, hil_sim):
-    e = RealEnv(tmp_path, "ceph", ceph_cluster, tgtd, hil_sim)
+def env(tmp_path, ceph_cluster, tgtd, hil_sim, db_url):
+    e = RealEnv(tmp_path, "ceph", ceph_cluster, tgtd, hil_sim, db_url)
     yield e
     e.close()
 

@@ -1,5 +1,5 @@
 """Issue 7 on REAL parts (throwaway Ceph, a private tgtd read back through libiscsi, the HIL simulator
-over HTTP, SQLite on disk): a dpro typo, a NIC attached before pro, `iscsi create` twice, a tenant naming
+over HTTP, SQLite on disk or PostgreSQL): a dpro typo, a NIC attached before pro, `iscsi create` twice, a tenant naming
 BMI's internal storage, disk delete racing provision-by-disk in two processes, and reconcile --repair
 next to a locked resource."""
 from __future__ import annotations
@@ -20,8 +20,8 @@ GOLDEN_BYTES = 2048  # RealEnv writes random bytes at the start of bmi-test-imag
 
 
 @pytest.fixture
-def env(tmp_path, ceph_cluster, tgtd, hil_sim):
-    e = RealEnv(tmp_path, "ceph", ceph_cluster, tgtd, hil_sim)
+def env(tmp_path, ceph_cluster, tgtd, hil_sim, db_url):
+    e = RealEnv(tmp_path, "ceph", ceph_cluster, tgtd, hil_sim, db_url)
     yield e
     e.close()
 

@@ -56,14 +56,15 @@ SOURCES = ("golden", "other", "rpc-img", "newimg", "new", "src1", "src2", "src3"
 class World:
     """The seeded fakes and the real Operations over them."""
 
-    def __init__(self, uid: str = "fake", auth_cache_seconds: float = 0.0, directory: str | None = None) -> None:
+    def __init__(self, uid: str = "fake", auth_cache_seconds: float = 0.0, directory: str | None = None,
+                 db_url: str | None = None) -> None:
         self.dir = Path(directory or tempfile.mkdtemp(prefix="bmi-fake-ops-"))
         self.tftp = self.dir / "tftp"
         (self.tftp / "pxelinux.cfg").mkdir(parents=True, exist_ok=True)
         leases = self.dir / "leases"
         leases.write_text("".join(f"1700000000 {mac} {ip} {n} *\n" for n, (_, mac, ip) in NODES.items()))
         self.cfg = bmi_config.parse("fake-ops.cfg", text=(
-            f"[bmi]\nuid = {uid}\nadmin_users = admin\n[db]\npath = {self.dir}/bmi.db\n"
+            f"[bmi]\nuid = {uid}\nadmin_users = admin\n[db]\npath = {self.dir}/bmi.db\nurl = {db_url or ''}\n"
             f"[iscsi]\nip = 127.0.0.1\n[net_isolator]\nurl = http://127.0.0.1:1\n"
             f"auth_cache_seconds = {auth_cache_seconds}\n"
             f"[tftp]\npxelinux_path = {self.tftp}/pxelinux.cfg\nipxe_path = {self.tftp}\nleases_file = {leases}\n"))

@@ -26,9 +26,12 @@ from tests.support.fake_ops import World
 WAIT_SECONDS = 120.0
 
 
-def make_journal(db: Path, files: Path) -> Journal:
-    """A journal whose only resource is ``files/<node>`` holding the writer's label."""
-    journal = Journal(make_session_factory(make_engine(f"sqlite:///{db}")))
+def make_journal(db: Path | str, files: Path) -> Journal:
+    """A journal whose only resource is ``files/<node>`` holding the writer's label.
+
+    ``db``: a SQLite file, or any database URL (a string with ``://``)."""
+    url = db if isinstance(db, str) and "://" in db else f"sqlite:///{db}"
+    journal = Journal(make_session_factory(make_engine(url)))
 
     def remove(params: dict[str, Any], _ctx: RecoveryContext) -> None:
         with open(files / "undo.log", "a", encoding="utf-8") as fh:

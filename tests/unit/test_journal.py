@@ -1,4 +1,5 @@
-"""The journal on a real SQLite file, with real (SIGKILLed) processes as dead lock owners.
+"""The journal on a real SQLite file and a real PostgreSQL database, with real (SIGKILLed) processes
+as dead lock owners, and several processes contending for one lock.
 
 The "resource" here is a file per node (like a node's boot files): a step writes it, its undo
 removes it.  A late rollback of a dead provision must never remove a NEWER provision's file.
@@ -34,12 +35,12 @@ import os, signal, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 from tests.support.journal_ops import make_journal, journaled_provision as provision
-journal = make_journal(Path(sys.argv[2]), Path(sys.argv[3]))
+journal = make_journal(sys.argv[2], Path(sys.argv[3]))
 provision(journal, Path(sys.argv[3]), "node1", "old", after_write=lambda: os.kill(os.getpid(), signal.SIGKILL))
 """
 
 
-def kill_mid_provision(db: Path, files: Path) -> None:
+def kill_mid_provision(db: str, files: Path) -> None:
     """A real process writes node1's file under the node lock, then is SIGKILLed."""
     proc = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), str(db), str(files)], capture_output=True,
                           text=True, timeout=60, check=False)
@@ -48,11 +49,10 @@ def kill_mid_provision(db: Path, files: Path) -> None:
 
 
 @pytest.fixture()
-def env(tmp_path: Path) -> tuple[Journal, Path, Path]:
+def env(tmp_path: Path, db_url: str) -> tuple[Journal, str, Path]:
     files = tmp_path / "files"
     files.mkdir()
-    db = tmp_path / "bmi.db"
-    return make_journal(db, files), db, files
+    return make_journal(db_url, files), db_url, files
 
 
 def rows(journal: Journal) -> list[tuple[str, str, dict[str, Any]]]:

@@ -31,8 +31,8 @@ def provision(node: str, project: str = "proj1", img: str | None = None) -> dict
 
 
 @pytest.fixture()
-def world(tmp_path: Path) -> Any:
-    w = World(directory=str(tmp_path / "world"))
+def world(tmp_path: Path, db_url: str) -> Any:
+    w = World(directory=str(tmp_path / "world"), db_url=db_url)
     for i in range(1, 9):
         w.hil.add_node(f"a{i}", "proj1", {"eno1": f"52:54:00:00:01:{i:02x}"})
         w.hil.add_node(f"b{i}", "proj2", {"eno1": f"52:54:00:00:02:{i:02x}"})

@@ -1,0 +1,1 @@
+"""Alembic migrations of BMI's database (applied by :func:`ims.database.migrate.upgrade`)."""
