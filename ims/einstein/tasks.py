@@ -46,7 +46,7 @@ from ims.common.errors import (
     to_wire,
 )
 from ims.database.models import Operation, Task
-from ims.einstein.journal import OPERATION_STARTED, current_owner
+from ims.einstein.journal import OPERATION_STARTED, current_owner, owner_alive
 from ims.einstein.ops.core import Auth, Core, user_of
 from ims.einstein.task_records import STATES, TaskRecords, fair_order
 
@@ -94,6 +94,9 @@ class Tasks(TaskRecords):
     def _limits(self) -> tuple[int, int]:
         sched = self.core.cfg.scheduler.values
         return int(sched["max_per_gateway"]), int(sched["max_per_cluster"])
+
+    def _alive(self, owners: set[str]) -> dict[str, bool]:
+        return {o: o == self.owner or owner_alive(o) for o in owners}
 
     # --- submit ------------------------------------------------------------------
     def _check(self, auth: Auth, verb: str, kwargs: Any) -> dict[str, Any]:
