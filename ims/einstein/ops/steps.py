@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from typing import Any
 
 from sqlalchemy import select
@@ -26,6 +28,7 @@ from sqlalchemy.orm import Session
 
 from ims.common.errors import (
     ImageExists,
+    ImageNotFound,
     NotFound,
     SnapshotExists,
     SnapshotNotFound,
@@ -134,13 +137,17 @@ def purge(core: Core, image: str) -> None:
 
 def _purge_storage(core: Core, image: str) -> None:
     st = core.storage
-    if not st.image_exists(image):
+    try:  # the snapshot list is also the existence check: one image open, not two
+        snaps = st.list_snapshots(image)
+    except ImageNotFound:
+        if st.image_exists(image):
+            raise  # opens but its snapshots do not read back: half removed (purge finishes it)
         return
     with contextlib.suppress(TargetNotFound):
         if core.iscsi.target_exists(image):
             core.iscsi.remove_target(image)
     kept = []
-    for snap in st.list_snapshots(image):
+    for snap in snaps:
         if st.list_children(image, snap):
             kept.append(snap)
             continue
@@ -237,6 +244,8 @@ def ensure_target(core: Core, params: dict[str, Any]) -> None:
 
 class RemoveTarget(Step):
     name, undo_name = "iscsi.remove_target", "iscsi.add"
+    # No target to remove (gone behind BMI's back): its undo must not add one that was not there.
+    made_nothing = (TargetNotFound,)
 
     def execute(self, target: str, image: str, initiators: list[str] | None = None,
                 initiator_names: list[str] | None = None) -> None:
@@ -278,6 +287,50 @@ class _HilStep(Step):
 
     def execute(self, net: Any, **params: Any) -> Any:  # type: ignore[override]
         raise NotImplementedError
+
+
+    def start(self, tx: Tx, /, **params: Any) -> Future[Any]:
+        """Like :meth:`run`, but the HIL call runs in a background thread once its journal record is
+        written, so it overlaps the operation's next steps (HIL round trips are independent of the
+        storage/iSCSI/boot-file work).  The caller must wait for the future before the operation ends
+        (:func:`settled`): its error then rolls the operation back like any step's, and a roll-back
+        starts only after the call has ended, so the undo sees what the call did.
+        """
+        net = params.pop("net")
+        undo = (self.undo_name, params) if self.undo_name else None
+        started: list[Future[Any]] = []
+
+        def submit() -> Future[Any]:
+            started.append(_BACKGROUND.submit(self.execute, net, **params))
+            return started[0]
+
+        try:
+            return tx.step(self.name, submit, undo=undo)
+        except BaseException:  # e.g. an injected fault after the submit: let the call end first
+            wait_futures(started)
+            raise
+
+
+# HIL calls running while an operation does its other steps (Step.start); one per running operation.
+_BACKGROUND = ThreadPoolExecutor(max_workers=64, thread_name_prefix="hil-step")
+
+
+@contextlib.contextmanager
+def settled(call: Future[Any] | None) -> Iterator[None]:
+    """Run the block while ``call`` (from :meth:`_HilStep.start`) proceeds; then wait for it.
+
+    The block's error wins (after the call has ended); otherwise the call's error is raised.
+    Either way the journal rolls back every recorded step, the call's included.
+    """
+    if call is None:
+        yield
+        return
+    try:
+        yield
+    except BaseException:
+        wait_futures([call])
+        raise
+    call.result()
 
 
 class Connect(_HilStep):
