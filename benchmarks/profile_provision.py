@@ -48,8 +48,8 @@ def main() -> int:
         for _ in range(3):  # warm up
             user.do("POST", f"/projects/{bench.PROJECT}/nodes/{node}/provision", prov)
             user.do("POST", f"/projects/{bench.PROJECT}/nodes/{node}/deprovision", dep)
-        procs = [subprocess.Popen([str(REPO / ".venv/bin/py-spy"), "record", "--idle", "--subprocesses", "--format", "raw",
-                                   "-r", "200", "-p", str(pid), "-o", str(d / f"spy-{pid}.txt")],
+        spy = [str(REPO / ".venv/bin/py-spy"), "record", "--idle", "--subprocesses", "--format", "raw", "-r", "200"]
+        procs = [subprocess.Popen([*spy, "-p", str(pid), "-o", str(d / f"spy-{pid}.txt")],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                  for pid in einstein_pids()]
         time.sleep(1)

@@ -28,7 +28,6 @@ from sqlalchemy.orm import Session
 
 from ims.common.errors import (
     ImageExists,
-    ImageNotFound,
     NotFound,
     SnapshotExists,
     SnapshotNotFound,
@@ -137,17 +136,13 @@ def purge(core: Core, image: str) -> None:
 
 def _purge_storage(core: Core, image: str) -> None:
     st = core.storage
-    try:  # the snapshot list is also the existence check: one image open, not two
-        snaps = st.list_snapshots(image)
-    except ImageNotFound:
-        if st.image_exists(image):
-            raise  # opens but its snapshots do not read back: half removed (purge finishes it)
+    if not st.image_exists(image):
         return
     with contextlib.suppress(TargetNotFound):
         if core.iscsi.target_exists(image):
             core.iscsi.remove_target(image)
     kept = []
-    for snap in snaps:
+    for snap in st.list_snapshots(image):
         if st.list_children(image, snap):
             kept.append(snap)
             continue
