@@ -14,19 +14,22 @@ with no action delay), then measures and prints a table (operation, p50, p95, x 
   snapshot at N GiB   POST .../snapshots -> done, node with N GiB written (BMI: clone, flattened later);
                       and the same copy flattened synchronously (the old behaviour) for comparison
   import at N GiB     POST .../images of an rbd image with N GiB written -> done
-  batch of 100        POST /v1/projects/<p>/provisions with 100 nodes -> all done (x floor = / 100 floor p50)
+  batch of 100        POST /v1/provisions {project, nodes} with 100 nodes -> all done (x floor = / 100 floor p50)
   50 concurrent       50 legacy PUT /provision/ at once: all must answer Success
 
 and writes docs/performance.md with the table and two PNG plots (latency vs concurrency; snapshot
 time vs written GiB, BMI vs synchronous flatten).  No thresholds: numbers, not a test.
 
-Environment: BENCH_RUNS (default 20), BENCH_WRITTEN_GIB (default "1 4"; "1 4 20" needs ~25 min),
-BENCH_STACK_DIR (default <repo>/run/bench), BENCH_KEEP=1 leaves the stack up.
+Environment: BENCH_RUNS (default 20), BENCH_WRITTEN_GIB (default "1 20": ~60 GiB written in all; a size
+whose data cannot fit on the disk is lowered to the largest that fits, and the table says so),
+BENCH_STACK_DIR (default <repo>/run/bench), BENCH_KEEP=1 leaves the stack up, BENCH_PARTS (default
+"rest conc batch snap"; docs/performance.md is only written when all run).
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import sys
 import threading
@@ -128,6 +131,7 @@ def start_stack(d: Path, max_gib: float) -> dict[str, str]:
     bmi_stack.service_argv = argv
     os.environ["CEPH_OBJECTSTORE"] = "bluestore"
     # Room for the node's written data, the source image and their copies (sparse file).
+    # (scripts/ceph-dev CEPH_BLUESTORE_GIB sizes it; the file only takes the space written to it)
     os.environ.setdefault("CEPH_BLUESTORE_GIB", str(max(10, int(max_gib * 3) + 10)))
     bmi_stack.down(d)
     bmi_stack.up(d, False, workers=2, nodes=100)
@@ -139,23 +143,50 @@ def nodes_of(d: Path) -> list[tuple[str, str]]:
     return [(n["name"], n["nics"][0]["label"]) for n in inv["nodes"] if n["project"] == PROJECT]
 
 
+ALL_PARTS = ("rest", "conc", "batch", "snap")
+
+
+def fitting_sizes(sizes: list[float], d: Path) -> tuple[list[float], str]:
+    """``sizes`` with any that cannot fit on the disk lowered to the largest that fits (and why).
+
+    At size G the run holds at most ~2 G written at once (the node's data and the synchronous
+    flatten's copy, or the import source and its background copy) in bluestore's sparse file,
+    which never shrinks: room for 2 G + 8 GiB is asked for.
+    """
+    d.mkdir(parents=True, exist_ok=True)
+    free_gib = shutil.disk_usage(d).free / GiB
+    fit = max(1.0, (free_gib - 8) / 2)
+    out, note = [], ""
+    for g in sizes:
+        if g > fit:
+            note = (f"{g:g} GiB written did not fit on this disk ({free_gib:.0f} GiB free): measured at "
+                    f"{int(fit):d} GiB instead, the largest that fits.")
+            g = float(int(fit))
+        out.append(g)
+    return sorted(set(out)), note
+
+
 def main() -> int:
     runs = int(os.environ.get("BENCH_RUNS", "20"))
-    sizes = [float(x) for x in os.environ.get("BENCH_WRITTEN_GIB", "1 4").split()]
+    parts = tuple(os.environ.get("BENCH_PARTS", " ".join(ALL_PARTS)).split())
     d = Path(os.environ.get("BENCH_STACK_DIR", str(REPO / "run" / "bench")))
+    sizes, size_note = fitting_sizes([float(x) for x in os.environ.get("BENCH_WRITTEN_GIB", "1 20").split()], d)
+    if size_note:
+        log(size_note)
     t_start = time.monotonic()
-    env = start_stack(d, max(sizes))
+    env = start_stack(d, max(sizes) if "snap" in parts else 1)
     try:
-        results = measure(d, env, runs, sizes)
+        results = measure(d, env, runs, sizes, parts)
     finally:
         if os.environ.get("BENCH_KEEP") != "1":
             bmi_stack.down(d)
     results["wall_s"] = time.monotonic() - t_start
-    report(results)
+    results["size_note"] = size_note
+    report(results, write_docs=set(ALL_PARTS) <= set(parts))
     return 0
 
 
-def measure(d: Path, env: dict[str, str], runs: int, sizes: list[float]) -> dict[str, Any]:
+def measure(d: Path, env: dict[str, str], runs: int, sizes: list[float], parts: tuple[str, ...]) -> dict[str, Any]:
     cfg_path = env["BMI_CONFIG"]
     cfg = config.parse(cfg_path, Path(cfg_path).read_text())
     ops = Operations.from_config(cfg)  # the same Ceph, tgtd and tftp root, for the floor and for data
@@ -189,7 +220,7 @@ def measure(d: Path, env: dict[str, str], runs: int, sizes: list[float]) -> dict
 
     def tgtadm(*args: str) -> None:
         execute("tgtadm", "-C", str(cfg.iscsi.control_port), "--lld", "iscsi", *args, timeout=30)
-    for i in range(runs):
+    for i in range(runs if "rest" in parts else 0):
         raw = f"bench-raw{i}"
 
         tid = str(900000 + i)  # far above BMI's tid counter
@@ -225,32 +256,35 @@ def measure(d: Path, env: dict[str, str], runs: int, sizes: list[float]) -> dict
         dform = {"project": PROJECT, "node": node, "network": NETWORK, "nic": nic}
         rows["deprovision legacy"].append(timed(lambda f=dform: user.legacy("DELETE", "/deprovision/", f)))
 
-    log("legacy provisions at concurrency " + ", ".join(map(str, CONCURRENCY)))
-    conc: dict[int, list[float]] = {}
-    conc_wall: dict[int, float] = {}
-    for c in CONCURRENCY:
-        conc[c], conc_wall[c] = concurrent_legacy(url, nodes[:c])
-    rows["50 concurrent legacy (each)"] = conc[50]
-    res["conc"] = conc
-    res["conc_wall"] = conc_wall
+    if "conc" in parts:
+        log("legacy provisions at concurrency " + ", ".join(map(str, CONCURRENCY)))
+        conc: dict[int, list[float]] = {}
+        conc_wall: dict[int, float] = {}
+        for c in CONCURRENCY:
+            conc[c], conc_wall[c] = concurrent_legacy(url, nodes[:c])  # raises unless all answer Success
+        rows["50 concurrent legacy (each)"] = conc[50]
+        rows["50 concurrent legacy (wall, all Success)"] = [conc_wall[50]]
+        res["conc"] = conc
+        res["conc_wall"] = conc_wall
 
-    log("batch of 100 nodes: POST /v1/projects/<p>/provisions")
-    batch = [{"node": n, "image": "bench-golden", "network": NETWORK, "nic": c} for n, c in nodes[:100]]
-    t0 = time.perf_counter()
-    recs = user.submit("POST", f"/projects/{PROJECT}/provisions", {"nodes": batch})
-    for r in recs:
-        user.wait_op(int(r["id"]))
-    res["batch_s"] = time.perf_counter() - t0
-    res["batch_n"] = len(batch)
-    rows["batch of 100 (whole batch)"] = [res["batch_s"]]
-    with ThreadPoolExecutor(8) as pool:  # clean up in parallel (not measured)
-        list(pool.map(lambda nc: Rest(url, TENANT).do(
-            "POST", f"/projects/{PROJECT}/nodes/{nc[0]}/deprovision", {"network": NETWORK, "nic": nc[1]}),
-            nodes[:100]))
+    if "batch" in parts:
+        log("batch of 100 nodes: POST /v1/provisions")
+        batch = [{"node": n, "image": "bench-golden", "network": NETWORK, "nic": c} for n, c in nodes[:100]]
+        t0 = time.perf_counter()
+        recs = user.submit("POST", "/provisions", {"project": PROJECT, "nodes": batch})
+        states = [user.wait_op(int(r["id"]))["state"] for r in recs]  # raises on a failed one
+        res["batch_s"] = time.perf_counter() - t0
+        res["batch_n"] = len(batch)
+        res["batch_done"] = states.count("done")
+        rows["batch of 100 (whole batch)"] = [res["batch_s"]]
+        with ThreadPoolExecutor(8) as pool:  # clean up in parallel (not measured)
+            list(pool.map(lambda nc: Rest(url, TENANT).do(
+                "POST", f"/projects/{PROJECT}/nodes/{nc[0]}/deprovision", {"network": NETWORK, "nic": nc[1]}),
+                nodes[:100]))
 
     res["snap"] = {}
     snap_runs = max(3, runs // 4)
-    for gib in sizes:
+    for gib in sizes if "snap" in parts else []:
         size = int(gib * GiB)
         log(f"snapshot and import with {gib:g} GiB written")
         name = f"bench-small{gib:g}".replace(".", "_")
@@ -329,20 +363,22 @@ def concurrent_legacy(url: str, nodes: list[tuple[str, str]]) -> tuple[list[floa
     return lat, wall
 
 
-def report(res: dict[str, Any]) -> None:
+def report(res: dict[str, Any], write_docs: bool = True) -> None:
     rows = res["rows"]
-    fp = statistics.median(rows["floor provision"])
-    fd = statistics.median(rows["floor deprovision"])
+    fp = statistics.median(rows["floor provision"]) if rows.get("floor provision") else float("nan")
+    fd = statistics.median(rows["floor deprovision"]) if rows.get("floor deprovision") else float("nan")
     table = ["| operation | n | p50 | p95 | × floor |", "|---|---|---|---|---|"]
 
     def fmt(s: float) -> str:
         return f"{s * 1000:.0f} ms" if s < 10 else f"{s:.1f} s"
 
     for name, samples in rows.items():
+        if not samples:
+            continue
         p50, p95 = statistics.median(samples), pct(samples, 95)
         if name.startswith("deprovision") or name == "floor deprovision":
             ratio = f"{p50 / fd:.2f}"
-        elif name.startswith(("provision", "floor provision", "50 concurrent")):
+        elif name.startswith(("provision", "floor provision", "50 concurrent legacy (each)")):
             ratio = f"{p50 / fp:.2f}"
         elif name.startswith("batch"):
             ratio = f"{p50 / (res['batch_n'] * fp):.2f} (of {res['batch_n']} × floor)"
@@ -352,6 +388,8 @@ def report(res: dict[str, Any]) -> None:
                      f"{ratio} |")
     text = "\n".join(table)
     print(text)
+    if not write_docs:
+        return
     docs = REPO / "docs"
     plots(res, docs)
     (docs / "performance.md").write_text(f"""# Performance
