@@ -136,13 +136,15 @@ def purge(core: Core, image: str) -> None:
 
 def _purge_storage(core: Core, image: str) -> None:
     st = core.storage
-    if not st.image_exists(image):
+    info = st.describe(image)  # perf: existence, snapshots and parent from one image open
+    if info is None:
         return
+    snaps, parent = info
     with contextlib.suppress(TargetNotFound):
         if core.iscsi.target_exists(image):
             core.iscsi.remove_target(image)
     kept = []
-    for snap in st.list_snapshots(image):
+    for snap in snaps:
         if st.list_children(image, snap):
             kept.append(snap)
             continue
@@ -151,7 +153,6 @@ def _purge_storage(core: Core, image: str) -> None:
     if kept:
         LOG.info("%s still has clones of %s: removed once they are gone", image, ", ".join(kept))
         return
-    parent = st.parent_info(image)
     _quietly(lambda: st.remove_image(image))
     if parent is not None:
         flatten.collect(core, parent[0], parent[1])
