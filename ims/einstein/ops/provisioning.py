@@ -29,7 +29,8 @@ from ims.common.errors import (
 from ims.database.models import Image, Provision
 from ims.einstein.journal import RecoveryContext, Tx
 from ims.einstein.ops.core import Auth, Core
-from ims.einstein.ops.steps import Steps, settled
+from ims.einstein.ops.hil_steps import settled
+from ims.einstein.ops.steps import Steps
 
 
 def node_mac(net: Any, project: str, node: str, nic: str) -> str:

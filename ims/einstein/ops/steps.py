@@ -17,9 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_futures
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select
@@ -272,93 +270,6 @@ class RemoveBoot(Step):
         self.core.boot.write(params["node"], params["mac"], params["label"], params["iqn"], params.get("initiator"))
 
 
-# --- HIL -------------------------------------------------------------------------
-class _HilStep(Step):
-    """HIL changes need the caller's client (``net``), which is not a journal parameter."""
-
-    def run(self, tx: Tx, name: str | None = None, /, **params: Any) -> Any:
-        net = params.pop("net")
-        undo = (self.undo_name, params) if self.undo_name else None
-        return tx.step(name or self.name, lambda: self.execute(net, **params), undo=undo)
-
-    def execute(self, net: Any, **params: Any) -> Any:  # type: ignore[override]
-        raise NotImplementedError
-
-
-    def start(self, tx: Tx, /, **params: Any) -> Future[Any]:
-        """Like :meth:`run`, but the HIL call runs in a background thread once its journal record is
-        written, so it overlaps the operation's next steps (HIL round trips are independent of the
-        storage/iSCSI/boot-file work).  The caller must wait for the future before the operation ends
-        (:func:`settled`): its error then rolls the operation back like any step's, and a roll-back
-        starts only after the call has ended, so the undo sees what the call did.
-        """
-        net = params.pop("net")
-        undo = (self.undo_name, params) if self.undo_name else None
-        started: list[Future[Any]] = []
-
-        def submit() -> Future[Any]:
-            started.append(_BACKGROUND.submit(self.execute, net, **params))
-            return started[0]
-
-        try:
-            return tx.step(self.name, submit, undo=undo)
-        except BaseException:  # e.g. an injected fault after the submit: let the call end first
-            wait_futures(started)
-            raise
-
-
-# HIL calls running while an operation does its other steps (Step.start); one per running operation.
-_BACKGROUND = ThreadPoolExecutor(max_workers=64, thread_name_prefix="hil-step")
-
-
-@contextlib.contextmanager
-def settled(call: Future[Any] | None) -> Iterator[None]:
-    """Run the block while ``call`` (from :meth:`_HilStep.start`) proceeds; then wait for it.
-
-    The block's error wins (after the call has ended); otherwise the call's error is raised.
-    Either way the journal rolls back every recorded step, the call's included.
-    """
-    if call is None:
-        yield
-        return
-    try:
-        yield
-    except BaseException:
-        wait_futures([call])
-        raise
-    call.result()
-
-
-class Connect(_HilStep):
-    name, undo_name = "hil.connect", "hil.detach"
-
-    def execute(self, net: Any, node: str, nic: str, network: str) -> None:  # type: ignore[override]
-        net.connect_network(node, nic, network)
-
-    def revert(self, params: dict[str, Any], ctx: RecoveryContext) -> None:
-        if ctx.net is None:
-            ctx.notes.append(f"detach network {params['network']} from {params['node']}/{params['nic']} in HIL "
-                             "by hand (no HIL credentials during recovery)")
-            return
-        if params["network"] in ctx.net.nic_networks(params["node"], params["nic"]).values():
-            ctx.net.detach_network(params["node"], params["nic"], params["network"])
-
-
-class Detach(_HilStep):
-    name, undo_name = "hil.detach", "hil.connect"
-
-    def execute(self, net: Any, node: str, nic: str, network: str) -> None:  # type: ignore[override]
-        net.detach_network(node, nic, network)
-
-    def revert(self, params: dict[str, Any], ctx: RecoveryContext) -> None:
-        if ctx.net is None:
-            ctx.notes.append(f"connect network {params['network']} to {params['node']}/{params['nic']} in HIL "
-                             "by hand (no HIL credentials during recovery)")
-            return
-        if params["network"] not in ctx.net.nic_networks(params["node"], params["nic"]).values():
-            ctx.net.connect_network(params["node"], params["nic"], params["network"])
-
-
 # --- database --------------------------------------------------------------------
 class DbStep(Step):
     """A database change recorded (with its undo) in the same transaction as the change."""
@@ -435,6 +346,8 @@ class Steps:
     """One instance of every step, registered with the journal (reverts and forward finishers)."""
 
     def __init__(self, core: Core) -> None:
+        from ims.einstein.ops.hil_steps import Connect, Detach  # (hil_steps imports Step from here)
+
         self.clone = Clone(core)
         self.flatten = Flatten(core)
         self.queue_flatten = QueueFlatten(core)
