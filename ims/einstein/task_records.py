@@ -166,15 +166,16 @@ class TaskRecords:
     def show(self, auth: Auth, op_id: Any) -> dict[str, Any]:
         task_id = self._op_id(op_id)
         user_of(auth)
-        with self.core.session() as session:
+        with self.core.session() as session:  # one read: the record is only returned once visible
             task = session.get(Task, task_id)
             project = task.project if task is not None else None
-        if project is None:
+            record = self._records_of(session, [task])[0] if task is not None else None
+        if project is None or record is None:
             self.core.net(auth).authenticate()
             raise OperationNotFound(f"operation {task_id} not found")
         if not self._visible(auth, project, [None]):
             raise OperationNotFound(f"operation {task_id} not found")
-        return self.records([task_id])[0]
+        return record
 
     def list(self, auth: Auth, state: str | None = None, project: str | None = None) -> list[dict[str, Any]]:
         if state is not None and state not in STATES:
