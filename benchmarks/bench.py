@@ -138,6 +138,30 @@ def start_stack(d: Path, max_gib: float) -> dict[str, str]:
     return bmi_stack.read_env(d / "env")
 
 
+def stack_cpu(d: Path, tgt_port: int) -> dict[str, float]:
+    """CPU seconds so far of the stack's processes by kind (Einstein's include its tgtadm children)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    procs: dict[str, tuple[str, list[str]]] = {}
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                procs[pid] = (cmd, Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split())
+            except OSError:
+                continue
+    ours = {p for p, (cmd, _) in procs.items() if str(d) in cmd or f"-C {tgt_port} " in cmd}
+    ours |= {p for p, (_, st) in procs.items() if st[1] in ours}  # Einstein's worker processes
+    out: dict[str, float] = {}
+    for pid in ours:
+        cmd, st = procs[pid]
+        kind = next((k for k, m in (("Picasso", "picasso"), ("HIL simulator", "hilsim"), ("ceph-osd", "ceph-osd"),
+                                    ("ceph-mon", "ceph-mon"), ("tgtd", "tgtd ")) if m in cmd), "Einstein")
+        mine = (int(st[11]) + int(st[12])) / hz
+        children = (int(st[13]) + int(st[14])) / hz
+        out[kind] = out.get(kind, 0.0) + mine + (children if kind == "Einstein" else 0.0)
+    return out
+
+
 def nodes_of(d: Path) -> list[tuple[str, str]]:
     inv = json.loads((d / "hil-inventory.json").read_text())
     return [(n["name"], n["nics"][0]["label"]) for n in inv["nodes"] if n["project"] == PROJECT]
@@ -270,10 +294,13 @@ def measure(d: Path, env: dict[str, str], runs: int, sizes: list[float], parts: 
     if "batch" in parts:
         log("batch of 100 nodes: POST /v1/provisions")
         batch = [{"node": n, "image": "bench-golden", "network": NETWORK, "nic": c} for n, c in nodes[:100]]
+        cpu0 = stack_cpu(d.resolve(), int(cfg.iscsi.control_port))
         t0 = time.perf_counter()
         recs = user.submit("POST", "/provisions", {"project": PROJECT, "nodes": batch})
         states = [user.wait_op(int(r["id"]))["state"] for r in recs]  # raises on a failed one
         res["batch_s"] = time.perf_counter() - t0
+        cpu1 = stack_cpu(d.resolve(), int(cfg.iscsi.control_port))
+        res["batch_cpu"] = {k: (v - cpu0.get(k, 0.0)) / len(batch) for k, v in cpu1.items()}
         res["batch_n"] = len(batch)
         res["batch_done"] = states.count("done")
         rows["batch of 100 (whole batch)"] = [res["batch_s"]]
@@ -412,47 +439,57 @@ the batch with {res['batch_n']} × the provision floor, i.e. doing the bare work
 
 {text}
 
+{res.get("size_note", "")}
 Snapshot and import return once the new image exists as a copy-on-write clone, usable at once;
 a worker flattens it in the background (docs/operations.md).  "sync flatten" is the old way on
 the same node data: clone + `rbd flatten` before answering — it grows with the data written.
 
 ## What BMI does on top of the floor, and what was cut
 
-Profiled with py-spy on the Einstein workers (`py-spy record --idle`) and by counting calls
-per operation (a provision / a deprovision):
+Profiled with py-spy on the Einstein workers (`benchmarks/profile_provision.py`: `py-spy record
+--idle --subprocesses` while /v1 provisions and deprovisions run one at a time) and by counting
+calls per operation (a provision / a deprovision):
 
-* HIL requests: provision 4 (node record for the MAC, node record again for the NIC's
-  networks, connect, action status; the first status poll used to sleep 50 ms, now 5 ms);
-  deprovision 3 (node record, detach, action status).  Reading the node once per provision
-  needs ims/einstein/ops/provisioning.py to take both from one ``show_node``.
-* tgtadm calls: provision 6 (new, LUN, write cache off, two binds, and one show that checks our
-  IQN has our tid and backing); deprovision 4 (show, delete, show: the IQN checks; one show in
-  the idempotent forward step; was 5).
-* journal writes: one per step, plus opening and closing the operation (was two per step).
-* RPC: waiting for an operation goes to the worker that runs it, which wakes the waiter when it
-  ends (was: any worker, polling the database up to every 0.1 s).
+* **HIL**: provision 3 requests: ONE read of the node, under the node's lock (its owner — 403
+  unless the project owns it —, the NIC's MAC and whether the network is already attached; was
+  two reads), connect, action status.  Deprovision 3: node read, detach, action status.
+  The connect (detach) **overlaps** the clone, target and boot files (the boot-file and target
+  removal): its journal step is recorded first, the HIL call then runs in a background thread
+  and the operation waits for it before it ends, rolls back or (deprovision) passes its commit
+  point; either side failing rolls back both (ims/einstein/ops/hil_steps.py).
+* **Ceph**: provision opens no image besides the clone itself (the parent's snapshot checks now
+  only run to explain a failed clone); deprovision reads existence, snapshots and parent with
+  one image open (`Storage.describe`; was three).  Each open is several OSD round trips.
+* **tgtadm** (a fork+exec each): provision 6 (new, LUN, write cache off, two binds, and one show
+  that checks our IQN has our tid); deprovision 3 (show, delete, show: the IQN checks; the
+  separate `target_exists` show before the remove step is gone).
+* **Journal durability kept** (tests/unit/test_journal.py, tests/integration/test_recovery_real.py):
+  every step is recorded *before* it runs, in its own committed transaction (SQLite WAL,
+  `synchronous = NORMAL`: a commit survives the death of the process, which is what recovery is
+  for; a power loss can lose the last commits, never corrupt the database).  A background HIL
+  call is sent only after its record is committed, so a worker killed at any point leaves a
+  journal that undoes it; that undo sends the opposite action and waits out one HIL still has
+  pending on the NIC (HIL answers 409 "already active"), so a connect still in flight when the
+  worker died is detached once it lands (test_operations_real.py::test_killed_process_is_recovered).
 
-* **HIL**: every request costs HIL a password check (the simulator: PBKDF2, ~7 ms CPU; real
-  HIL hashes too), so round trips are what counts.  One keep-alive `requests.Session` per
-  worker and credentials (ims/einstein/hil.py `_shared_session`; was a new TCP connection per
-  operation); action polls at 5, 15, 45, 135 ms, ... (was 50, 100, 200 ms).
-* **Journal durability kept**: every step is recorded *before* it runs, in its own committed
-  transaction, exactly as before; recovery undoes a `started` step like a `done` one (every
-  undo is idempotent), so the `done` mark now rides on the operation's next journal write
-  instead of a write of its own.  SQLite runs in WAL mode with `synchronous = NORMAL`: a
-  commit survives the death of the process (what recovery is for); a power loss can lose the
-  last commits, never corrupt the database.
-* **tgt**: the IQN verification stays: no target is deleted or reported by a remembered tid;
-  every delete is show → delete → show.  Only a "nothing to delete" answer of this process's
-  own confirmed delete is remembered (2 s), for deprovision's idempotent repeat of the remove.
+CPU per provision during the batch of {res.get('batch_n', 100)}, by process (seconds of CPU / node;
+two cores are shared with everything else on the machine):
 
-What is left between BMI and the floor lies outside the files this benchmark's change touched:
-taking the MAC and the NIC's networks from one node read in `Provisioning.provision`; running
-the HIL connect concurrently with the clone/target/boot-file steps (they are independent);
-one `rbd.Image` open for purge's exists / snapshots / children / parent checks (each open is a
-few Ceph round trips); dropping deprovision's `target_exists` show before the remove step
-(the remove does its own show); and the task path (a task row inserted, claimed and closed
-per operation).
+| process | CPU per provision |
+|---|---|
+""" + "\n".join(f"| {k} | {v * 1000:.0f} ms |" for k, v in sorted(res.get("batch_cpu", {}).items(),
+                                                                key=lambda kv: -kv[1])) + """
+
+What is left lies outside the files this change owns: every SQLite session starts with
+`BEGIN IMMEDIATE`, reads included (ims/database), and SQLite's busy handler *sleeps* 1–100 ms
+between retries — under a batch, a third of an Einstein worker's busy samples wait there;
+serialising a process's transactions on a Python lock (and reads with a plain `BEGIN`) would
+hand the lock over at once.  tgt's show lists *every* target (O(targets) per provision for tgtd
+and for the parser: tgtd's CPU per provision grows with the number of nodes exported); the
+confirming show after a delete could trust tgtadm's exit status.  The HIL simulator hashes the
+password on every request (PBKDF2, like HIL): 3 requests are ~20 ms of its CPU per provision.
+`rbd remove` of a layering-only image deletes every object of its size (no object map): it is
+most of the floor's deprovision and of BMI's.
 
 ## Latency vs concurrency (legacy API, all answered `Success`)
 
