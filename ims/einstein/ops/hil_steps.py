@@ -14,7 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from typing import Any
 
-from ims.common.errors import Conflict, InvalidInput
+from ims.common.errors import AuthenticationFailed, Conflict, Forbidden, InvalidInput, NotFound
 from ims.einstein.journal import RecoveryContext, Tx
 from ims.einstein.ops.steps import Step
 
@@ -87,7 +87,11 @@ class Connect(_HilStep):
             ctx.notes.append(f"detach network {params['network']} from {params['node']}/{params['nic']} in HIL "
                              "by hand (no HIL credentials during recovery)")
             return
-        settle_nic(ctx.net, params["node"], params["nic"], params["network"], attached=False)
+        try:
+            settle_nic(ctx.net, params["node"], params["nic"], params["network"], attached=False)
+        except (AuthenticationFailed, Forbidden, NotFound) as exc:  # these credentials cannot (node moved on)
+            ctx.notes.append(f"detach network {params['network']} from "
+                             f"{params['node']}/{params['nic']} in HIL by hand ({exc.message})")
 
 
 class Detach(_HilStep):
@@ -101,7 +105,11 @@ class Detach(_HilStep):
             ctx.notes.append(f"connect network {params['network']} to {params['node']}/{params['nic']} in HIL "
                              "by hand (no HIL credentials during recovery)")
             return
-        settle_nic(ctx.net, params["node"], params["nic"], params["network"], attached=True)
+        try:
+            settle_nic(ctx.net, params["node"], params["nic"], params["network"], attached=True)
+        except (AuthenticationFailed, Forbidden, NotFound) as exc:  # these credentials cannot (node moved on)
+            ctx.notes.append(f"connect network {params['network']} to "
+                             f"{params['node']}/{params['nic']} in HIL by hand ({exc.message})")
 
 
 # How long an undo waits for a networking action another (dead) process left pending on the NIC.

@@ -98,7 +98,9 @@ class Provisioning:
         core, steps = self.core, self.steps
         names.validate_names(project=project, node=node, image=img, network=network, nic=nic)
         net = core.access(auth, project)
-        with core.journal.lock([f"node:{node}", f"image:{project}/{node}"], "provision"):
+        # The caller's HIL client also finishes what a dead worker left under these locks: its
+        # connect (sent while the clone was made) is undone even without a service account.
+        with core.journal.lock([f"node:{node}", f"image:{project}/{node}"], "provision", RecoveryContext(net=net)):
             # perf: one HIL read of the node, under the lock: its owner (403 unless ours), the NIC's
             # MAC, and whether the network is already attached (then deprovision must leave it).
             mac, nic_networks = node_nic(net, project, node, nic)
@@ -133,7 +135,8 @@ class Provisioning:
         core, steps = self.core, self.steps
         names.validate_names(project=project, node=node, network=network, nic=nic)
         net = core.access(auth, project)
-        with core.journal.lock([f"node:{node}", f"image:{project}/{node}"], "deprovision"):
+        with core.journal.lock([f"node:{node}", f"image:{project}/{node}"], "deprovision",
+                               RecoveryContext(net=net)):
             prov, row = provisioned(core, project, node, kind="node")
             check_recorded(prov, node, nic, network)
             network = prov.network or network
