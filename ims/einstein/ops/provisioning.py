@@ -50,6 +50,15 @@ def node_nic(net: Any, project: str, node: str, nic: str) -> tuple[str, list[str
     raise NicNotFound(f"node {node} has no NIC named {nic}")
 
 
+def recovery_ctx(core: Core, net: Any) -> RecoveryContext:
+    """What finishes a dead worker's operation found under the node's locks: the service account's
+    HIL client if one is configured, else the caller's, so a connect the dead worker sent while it
+    made the clone is undone even without a service account (a caller whose credentials cannot
+    reach the node leaves a note instead: ims/einstein/ops/hil_steps.py)."""
+    ctx = core.journal.context_factory()
+    return ctx if ctx.net is not None else RecoveryContext(net=net)
+
+
 def boot_params(core: Core, node: str, mac: str, label: str, clone: str, owner: str) -> dict[str, Any]:
     """The parameters of a write/remove-boot-files step."""
     _, _, initiator = core.initiators(owner)
@@ -98,9 +107,7 @@ class Provisioning:
         core, steps = self.core, self.steps
         names.validate_names(project=project, node=node, image=img, network=network, nic=nic)
         net = core.access(auth, project)
-        # The caller's HIL client also finishes what a dead worker left under these locks: its
-        # connect (sent while the clone was made) is undone even without a service account.
-        with core.journal.lock([f"node:{node}", f"image:{project}/{node}"], "provision", RecoveryContext(net=net)):
+        with core.journal.lock([f"node:{node}", f"image:{project}/{node}"], "provision", recovery_ctx(core, net)):
             # perf: one HIL read of the node, under the lock: its owner (403 unless ours), the NIC's
             # MAC, and whether the network is already attached (then deprovision must leave it).
             mac, nic_networks = node_nic(net, project, node, nic)
@@ -136,7 +143,7 @@ class Provisioning:
         names.validate_names(project=project, node=node, network=network, nic=nic)
         net = core.access(auth, project)
         with core.journal.lock([f"node:{node}", f"image:{project}/{node}"], "deprovision",
-                               RecoveryContext(net=net)):
+                               recovery_ctx(core, net)):
             prov, row = provisioned(core, project, node, kind="node")
             check_recorded(prov, node, nic, network)
             network = prov.network or network
