@@ -208,9 +208,15 @@ class TaskRecords:
                 break
             # This worker's own tasks wake it the moment they end; another worker's are polled,
             # soon at first (most operations take tens of ms), then every 0.1 s.
+            task_id = record["id"]
             with self._cond:
-                local = record["id"] in self._running or record["id"] in self._pending
-                self._cond.wait(min(left, 1.0 if local else pause))
+                if task_id in self._running or task_id in self._pending:
+                    # perf: wake for THIS task's end only; every task's end (and every submit) notifies
+                    # the condition, and 50 waiters re-reading the database each time contend for it
+                    self._cond.wait_for(lambda t=task_id: t not in self._running and t not in self._pending,
+                                        min(left, 1.0))
+                else:
+                    self._cond.wait(min(left, pause))
             pause = min(0.1, pause * 2)
             record = self.records([record["id"]])[0]
         return record
