@@ -136,9 +136,11 @@ def settle_nic(net: Any, node: str, nic: str, network: str, attached: bool) -> N
             return
         except (Conflict, InvalidInput) as exc:
             text = exc.message.lower()
-            if "already active" in text and time.monotonic() < deadline:
-                time.sleep(0.2)
-                continue
+            if "already active" in text:
+                if time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    continue
+                raise  # still pending: the undo fails and is retried by a later recovery
             if attached and isinstance(exc, Conflict) and "already attached" in text:
                 return
             if not attached and isinstance(exc, InvalidInput) and "not attached" in text:
