@@ -480,6 +480,11 @@ two cores are shared with everything else on the machine):
 """ + "\n".join(f"| {k} | {v * 1000:.0f} ms |" for k, v in sorted(res.get("batch_cpu", {}).items(),
                                                                 key=lambda kv: -kv[1])) + """
 
+Why provision stays above 1.3 × the floor here: on two shared cores latency follows CPU, and
+BMI's extra work is CPU the floor does not spend — the HIL simulator's password hash on each
+of its 3 requests, one more tgtadm fork and the journal/RPC Python (the table above); running
+the HIL calls alongside the clone and target hides their latency only while a core is free.
+
 What is left lies outside the files this change owns: every SQLite session starts with
 `BEGIN IMMEDIATE`, reads included (ims/database), and SQLite's busy handler *sleeps* 1–100 ms
 between retries — under a batch, a third of an Einstein worker's busy samples wait there;
