@@ -14,19 +14,22 @@ with no action delay), then measures and prints a table (operation, p50, p95, x 
   snapshot at N GiB   POST .../snapshots -> done, node with N GiB written (BMI: clone, flattened later);
                       and the same copy flattened synchronously (the old behaviour) for comparison
   import at N GiB     POST .../images of an rbd image with N GiB written -> done
-  batch of 100        POST /v1/projects/<p>/provisions with 100 nodes -> all done (x floor = / 100 floor p50)
+  batch of 100        POST /v1/provisions {project, nodes} with 100 nodes -> all done (x floor = / 100 floor p50)
   50 concurrent       50 legacy PUT /provision/ at once: all must answer Success
 
 and writes docs/performance.md with the table and two PNG plots (latency vs concurrency; snapshot
 time vs written GiB, BMI vs synchronous flatten).  No thresholds: numbers, not a test.
 
-Environment: BENCH_RUNS (default 20), BENCH_WRITTEN_GIB (default "1 4"; "1 4 20" needs ~25 min),
-BENCH_STACK_DIR (default <repo>/run/bench), BENCH_KEEP=1 leaves the stack up.
+Environment: BENCH_RUNS (default 20), BENCH_WRITTEN_GIB (default "1 20": ~60 GiB written in all; a size
+whose data cannot fit on the disk is lowered to the largest that fits, and the table says so),
+BENCH_STACK_DIR (default <repo>/run/bench), BENCH_KEEP=1 leaves the stack up, BENCH_PARTS (default
+"rest conc batch snap"; docs/performance.md is only written when all run).
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import sys
 import threading
@@ -44,6 +47,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 import bmi_stack  # noqa: E402
+from bench_report import report  # noqa: E402
 
 from ims.common import config  # noqa: E402
 from ims.common.process import execute  # noqa: E402
@@ -62,13 +66,6 @@ CONCURRENCY = (1, 5, 10, 25, 50)
 
 def log(msg: str) -> None:
     print(f"bench: {msg}", file=sys.stderr, flush=True)
-
-
-def pct(samples: list[float], q: float) -> float:
-    s = sorted(samples)
-    if len(s) == 1:
-        return s[0]
-    return statistics.quantiles(s, n=100, method="inclusive")[int(q) - 1]
 
 
 class Rest:
@@ -128,10 +125,35 @@ def start_stack(d: Path, max_gib: float) -> dict[str, str]:
     bmi_stack.service_argv = argv
     os.environ["CEPH_OBJECTSTORE"] = "bluestore"
     # Room for the node's written data, the source image and their copies (sparse file).
+    # (scripts/ceph-dev CEPH_BLUESTORE_GIB sizes it; the file only takes the space written to it)
     os.environ.setdefault("CEPH_BLUESTORE_GIB", str(max(10, int(max_gib * 3) + 10)))
     bmi_stack.down(d)
     bmi_stack.up(d, False, workers=2, nodes=100)
     return bmi_stack.read_env(d / "env")
+
+
+def stack_cpu(d: Path, tgt_port: int) -> dict[str, float]:
+    """CPU seconds so far of the stack's processes by kind (Einstein's include its tgtadm children)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    procs: dict[str, tuple[str, list[str]]] = {}
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                procs[pid] = (cmd, Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split())
+            except OSError:
+                continue
+    ours = {p for p, (cmd, _) in procs.items() if str(d) in cmd or f"-C {tgt_port} " in cmd}
+    ours |= {p for p, (_, st) in procs.items() if st[1] in ours}  # Einstein's worker processes
+    out: dict[str, float] = {}
+    for pid in ours:
+        cmd, st = procs[pid]
+        kind = next((k for k, m in (("Picasso", "picasso"), ("HIL simulator", "hilsim"), ("ceph-osd", "ceph-osd"),
+                                    ("ceph-mon", "ceph-mon"), ("tgtd", "tgtd ")) if m in cmd), "Einstein")
+        mine = (int(st[11]) + int(st[12])) / hz
+        children = (int(st[13]) + int(st[14])) / hz
+        out[kind] = out.get(kind, 0.0) + mine + (children if kind == "Einstein" else 0.0)
+    return out
 
 
 def nodes_of(d: Path) -> list[tuple[str, str]]:
@@ -139,23 +161,50 @@ def nodes_of(d: Path) -> list[tuple[str, str]]:
     return [(n["name"], n["nics"][0]["label"]) for n in inv["nodes"] if n["project"] == PROJECT]
 
 
+ALL_PARTS = ("rest", "conc", "batch", "snap")
+
+
+def fitting_sizes(sizes: list[float], d: Path) -> tuple[list[float], str]:
+    """``sizes`` with any that cannot fit on the disk lowered to the largest that fits (and why).
+
+    At size G the run holds at most ~2 G written at once (the node's data and the synchronous
+    flatten's copy, or the import source and its background copy) in bluestore's sparse file,
+    which never shrinks: room for 2 G + 8 GiB is asked for.
+    """
+    d.mkdir(parents=True, exist_ok=True)
+    free_gib = shutil.disk_usage(d).free / GiB
+    fit = max(1.0, (free_gib - 8) / 2)
+    out, note = [], ""
+    for g in sizes:
+        if g > fit:
+            note = (f"{g:g} GiB written did not fit on this disk ({free_gib:.0f} GiB free): measured at "
+                    f"{int(fit):d} GiB instead, the largest that fits.")
+            g = float(int(fit))
+        out.append(g)
+    return sorted(set(out)), note
+
+
 def main() -> int:
     runs = int(os.environ.get("BENCH_RUNS", "20"))
-    sizes = [float(x) for x in os.environ.get("BENCH_WRITTEN_GIB", "1 4").split()]
+    parts = tuple(os.environ.get("BENCH_PARTS", " ".join(ALL_PARTS)).split())
     d = Path(os.environ.get("BENCH_STACK_DIR", str(REPO / "run" / "bench")))
+    sizes, size_note = fitting_sizes([float(x) for x in os.environ.get("BENCH_WRITTEN_GIB", "1 20").split()], d)
+    if size_note:
+        log(size_note)
     t_start = time.monotonic()
-    env = start_stack(d, max(sizes))
+    env = start_stack(d, max(sizes) if "snap" in parts else 1)
     try:
-        results = measure(d, env, runs, sizes)
+        results = measure(d, env, runs, sizes, parts)
     finally:
         if os.environ.get("BENCH_KEEP") != "1":
             bmi_stack.down(d)
     results["wall_s"] = time.monotonic() - t_start
-    report(results)
+    results["size_note"] = size_note
+    report(results, write_docs=set(ALL_PARTS) <= set(parts))
     return 0
 
 
-def measure(d: Path, env: dict[str, str], runs: int, sizes: list[float]) -> dict[str, Any]:
+def measure(d: Path, env: dict[str, str], runs: int, sizes: list[float], parts: tuple[str, ...]) -> dict[str, Any]:
     cfg_path = env["BMI_CONFIG"]
     cfg = config.parse(cfg_path, Path(cfg_path).read_text())
     ops = Operations.from_config(cfg)  # the same Ceph, tgtd and tftp root, for the floor and for data
@@ -189,7 +238,7 @@ def measure(d: Path, env: dict[str, str], runs: int, sizes: list[float]) -> dict
 
     def tgtadm(*args: str) -> None:
         execute("tgtadm", "-C", str(cfg.iscsi.control_port), "--lld", "iscsi", *args, timeout=30)
-    for i in range(runs):
+    for i in range(runs if "rest" in parts else 0):
         raw = f"bench-raw{i}"
 
         tid = str(900000 + i)  # far above BMI's tid counter
@@ -225,32 +274,38 @@ def measure(d: Path, env: dict[str, str], runs: int, sizes: list[float]) -> dict
         dform = {"project": PROJECT, "node": node, "network": NETWORK, "nic": nic}
         rows["deprovision legacy"].append(timed(lambda f=dform: user.legacy("DELETE", "/deprovision/", f)))
 
-    log("legacy provisions at concurrency " + ", ".join(map(str, CONCURRENCY)))
-    conc: dict[int, list[float]] = {}
-    conc_wall: dict[int, float] = {}
-    for c in CONCURRENCY:
-        conc[c], conc_wall[c] = concurrent_legacy(url, nodes[:c])
-    rows["50 concurrent legacy (each)"] = conc[50]
-    res["conc"] = conc
-    res["conc_wall"] = conc_wall
+    if "conc" in parts:
+        log("legacy provisions at concurrency " + ", ".join(map(str, CONCURRENCY)))
+        conc: dict[int, list[float]] = {}
+        conc_wall: dict[int, float] = {}
+        for c in CONCURRENCY:
+            conc[c], conc_wall[c] = concurrent_legacy(url, nodes[:c])  # raises unless all answer Success
+        rows["50 concurrent legacy (each)"] = conc[50]
+        rows["50 concurrent legacy (wall, all Success)"] = [conc_wall[50]]
+        res["conc"] = conc
+        res["conc_wall"] = conc_wall
 
-    log("batch of 100 nodes: POST /v1/projects/<p>/provisions")
-    batch = [{"node": n, "image": "bench-golden", "network": NETWORK, "nic": c} for n, c in nodes[:100]]
-    t0 = time.perf_counter()
-    recs = user.submit("POST", f"/projects/{PROJECT}/provisions", {"nodes": batch})
-    for r in recs:
-        user.wait_op(int(r["id"]))
-    res["batch_s"] = time.perf_counter() - t0
-    res["batch_n"] = len(batch)
-    rows["batch of 100 (whole batch)"] = [res["batch_s"]]
-    with ThreadPoolExecutor(8) as pool:  # clean up in parallel (not measured)
-        list(pool.map(lambda nc: Rest(url, TENANT).do(
-            "POST", f"/projects/{PROJECT}/nodes/{nc[0]}/deprovision", {"network": NETWORK, "nic": nc[1]}),
-            nodes[:100]))
+    if "batch" in parts:
+        log("batch of 100 nodes: POST /v1/provisions")
+        batch = [{"node": n, "image": "bench-golden", "network": NETWORK, "nic": c} for n, c in nodes[:100]]
+        cpu0 = stack_cpu(d.resolve(), int(cfg.iscsi.control_port))
+        t0 = time.perf_counter()
+        recs = user.submit("POST", "/provisions", {"project": PROJECT, "nodes": batch})
+        states = [user.wait_op(int(r["id"]))["state"] for r in recs]  # raises on a failed one
+        res["batch_s"] = time.perf_counter() - t0
+        cpu1 = stack_cpu(d.resolve(), int(cfg.iscsi.control_port))
+        res["batch_cpu"] = {k: (v - cpu0.get(k, 0.0)) / len(batch) for k, v in cpu1.items()}
+        res["batch_n"] = len(batch)
+        res["batch_done"] = states.count("done")
+        rows["batch of 100 (whole batch)"] = [res["batch_s"]]
+        with ThreadPoolExecutor(8) as pool:  # clean up in parallel (not measured)
+            list(pool.map(lambda nc: Rest(url, TENANT).do(
+                "POST", f"/projects/{PROJECT}/nodes/{nc[0]}/deprovision", {"network": NETWORK, "nic": nc[1]}),
+                nodes[:100]))
 
     res["snap"] = {}
     snap_runs = max(3, runs // 4)
-    for gib in sizes:
+    for gib in sizes if "snap" in parts else []:
         size = int(gib * GiB)
         log(f"snapshot and import with {gib:g} GiB written")
         name = f"bench-small{gib:g}".replace(".", "_")
@@ -327,143 +382,6 @@ def concurrent_legacy(url: str, nodes: list[tuple[str, str]]) -> tuple[list[floa
             "DELETE", "/deprovision/", {"project": PROJECT, "node": nc[0], "network": NETWORK, "nic": nc[1]}),
             nodes))
     return lat, wall
-
-
-def report(res: dict[str, Any]) -> None:
-    rows = res["rows"]
-    fp = statistics.median(rows["floor provision"])
-    fd = statistics.median(rows["floor deprovision"])
-    table = ["| operation | n | p50 | p95 | × floor |", "|---|---|---|---|---|"]
-
-    def fmt(s: float) -> str:
-        return f"{s * 1000:.0f} ms" if s < 10 else f"{s:.1f} s"
-
-    for name, samples in rows.items():
-        p50, p95 = statistics.median(samples), pct(samples, 95)
-        if name.startswith("deprovision") or name == "floor deprovision":
-            ratio = f"{p50 / fd:.2f}"
-        elif name.startswith(("provision", "floor provision", "50 concurrent")):
-            ratio = f"{p50 / fp:.2f}"
-        elif name.startswith("batch"):
-            ratio = f"{p50 / (res['batch_n'] * fp):.2f} (of {res['batch_n']} × floor)"
-        else:
-            ratio = "—"
-        table.append(f"| {name} | {len(samples)} | {fmt(p50)} | {fmt(p95) if len(samples) > 1 else '—'} | "
-                     f"{ratio} |")
-    text = "\n".join(table)
-    print(text)
-    docs = REPO / "docs"
-    plots(res, docs)
-    (docs / "performance.md").write_text(f"""# Performance
-
-Written by `make bench` (benchmarks/bench.py) on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, in
-{res['wall_s'] / 60:.1f} minutes: one throwaway stack (`scripts/bmi-stack up --nodes 100`, bluestore Ceph on a
-sparse file, a private tgtd, the HIL simulator with no action delay, 2 Einstein workers) on
-{os.cpu_count()} CPU cores.  Regenerate with `make bench`; the numbers below are from that one run.
-
-**Floor**: the bare work BMI must do, timed on the same Ceph and tgtd with no checks: a librbd
-clone of the golden image's snapshot, the tgtadm calls that make the same target as BMI's (new
-target, LUN, write cache off, bind the address rule, bind the initiator name) and two boot files
-written; for deprovision one `tgtadm --op delete` by the tid it made, a librbd remove and the
-two files removed.  The floor talks to no HIL; BMI also connects/detaches the node's NIC.
-**/v1** times are what a user waits for:
-the `POST` that answers `202 Accepted` until its operation is `done`.  **legacy** times are the
-synchronous form API (`PUT /provision/` answering `Success`).  × floor compares the p50 with the
-floor's p50 (provision rows with the provision floor, deprovision rows with the deprovision floor;
-the batch with {res['batch_n']} × the provision floor, i.e. doing the bare work serially).
-
-{text}
-
-Snapshot and import return once the new image exists as a copy-on-write clone, usable at once;
-a worker flattens it in the background (docs/operations.md).  "sync flatten" is the old way on
-the same node data: clone + `rbd flatten` before answering — it grows with the data written.
-
-## What BMI does on top of the floor, and what was cut
-
-Profiled with py-spy on the Einstein workers (`py-spy record --idle`) and by counting calls
-per operation (a provision / a deprovision):
-
-* HIL requests: provision 4 (node record for the MAC, node record again for the NIC's
-  networks, connect, action status; the first status poll used to sleep 50 ms, now 5 ms);
-  deprovision 3 (node record, detach, action status).  Reading the node once per provision
-  needs ims/einstein/ops/provisioning.py to take both from one ``show_node``.
-* tgtadm calls: provision 6 (new, LUN, write cache off, two binds, and one show that checks our
-  IQN has our tid and backing); deprovision 4 (show, delete, show: the IQN checks; one show in
-  the idempotent forward step; was 5).
-* journal writes: one per step, plus opening and closing the operation (was two per step).
-* RPC: waiting for an operation goes to the worker that runs it, which wakes the waiter when it
-  ends (was: any worker, polling the database up to every 0.1 s).
-
-* **HIL**: every request costs HIL a password check (the simulator: PBKDF2, ~7 ms CPU; real
-  HIL hashes too), so round trips are what counts.  One keep-alive `requests.Session` per
-  worker and credentials (ims/einstein/hil.py `_shared_session`; was a new TCP connection per
-  operation); action polls at 5, 15, 45, 135 ms, ... (was 50, 100, 200 ms).
-* **Journal durability kept**: every step is recorded *before* it runs, in its own committed
-  transaction, exactly as before; recovery undoes a `started` step like a `done` one (every
-  undo is idempotent), so the `done` mark now rides on the operation's next journal write
-  instead of a write of its own.  SQLite runs in WAL mode with `synchronous = NORMAL`: a
-  commit survives the death of the process (what recovery is for); a power loss can lose the
-  last commits, never corrupt the database.
-* **tgt**: the IQN verification stays: no target is deleted or reported by a remembered tid;
-  every delete is show → delete → show.  Only a "nothing to delete" answer of this process's
-  own confirmed delete is remembered (2 s), for deprovision's idempotent repeat of the remove.
-
-What is left between BMI and the floor lies outside the files this benchmark's change touched:
-taking the MAC and the NIC's networks from one node read in `Provisioning.provision`; running
-the HIL connect concurrently with the clone/target/boot-file steps (they are independent);
-one `rbd.Image` open for purge's exists / snapshots / children / parent checks (each open is a
-few Ceph round trips); dropping deprovision's `target_exists` show before the remove step
-(the remove does its own show); and the task path (a task row inserted, claimed and closed
-per operation).
-
-## Latency vs concurrency (legacy API, all answered `Success`)
-
-| concurrent provisions | p50 | p95 | wall |
-|---|---|---|---|
-""" + "\n".join(f"| {c} | {fmt(statistics.median(v))} | {fmt(pct(v, 95))} | {fmt(res['conc_wall'][c])} |"
-                for c, v in res["conc"].items()) + """
-
-![latency vs concurrency](performance-concurrency.png)
-
-## Snapshot time vs data written
-
-![snapshot time vs written GiB](performance-snapshot.png)
-""")
-    log(f"wrote {docs / 'performance.md'}")
-
-
-def plots(res: dict[str, Any], docs: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    cs = list(res["conc"])
-    ax.plot(cs, [statistics.median(res["conc"][c]) * 1000 for c in cs], "o-", label="p50 per request")
-    ax.plot(cs, [pct(res["conc"][c], 95) * 1000 for c in cs], "s--", label="p95 per request")
-    ax.plot(cs, [res["conc_wall"][c] * 1000 for c in cs], "^:", label="wall time, all requests")
-    ax.set_xlabel("concurrent legacy PUT /provision/")
-    ax.set_ylabel("ms")
-    ax.set_title("Provision latency vs concurrency")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(docs / "performance-concurrency.png", dpi=100)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    gs = sorted(res["snap"])
-    ax.plot(gs, [res["snap"][g][0] for g in gs], "o-", label="BMI snapshot (p50; background flatten)")
-    ax.plot(gs, [res["snap"][g][1] for g in gs], "s--", label="clone + synchronous flatten")
-    ax.set_xlabel("GiB written in the node's image")
-    ax.set_ylabel("seconds until answered")
-    ax.set_title("Snapshot time vs data written")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(docs / "performance-snapshot.png", dpi=100)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -145,17 +145,20 @@ class Journal:
 
     # --- locks ----------------------------------------------------------------
     @contextlib.contextmanager
-    def lock(self, names: list[str], purpose: str) -> Iterator[None]:
+    def lock(self, names: list[str], purpose: str, ctx: RecoveryContext | None = None) -> Iterator[None]:
         """Hold every lock in ``names`` (all or none) for the duration; NodeBusy (409) if taken.
+
+        ``ctx`` (e.g. the caller's HIL client) is what finishing a dead process's operations under
+        these locks uses; without it, :attr:`context_factory`'s (the service account, if any).
 
         Before returning, whatever a dead process (or an earlier failed recovery) left
         unfinished under these locks is finished: the caller never works on top of it.
         """
         owner = current_owner()
         names = sorted(set(names))
-        self._acquire(names, owner, purpose)
+        self._acquire(names, owner, purpose, ctx)
         try:
-            self._finish_pending_under(names, owner)
+            self._finish_pending_under(names, owner, ctx)
         except BaseException:
             self._release(names, owner)
             raise
@@ -181,7 +184,7 @@ class Journal:
             return False
         return True
 
-    def _acquire(self, names: list[str], owner: str, purpose: str) -> None:
+    def _acquire(self, names: list[str], owner: str, purpose: str, ctx: RecoveryContext | None = None) -> None:
         deadline = time.monotonic() + self.recovery_wait_seconds
         while True:
             if self._insert(names, owner, purpose):
@@ -201,7 +204,7 @@ class Journal:
                 doing = what.split(":", 1)[0] if what.startswith(RECOVERY_PURPOSE) else what
                 raise NodeBusy(f"{label} is busy ({doing} in progress); try again when it has finished")
             for dead_owner in dead:
-                found = self._take_over_and_recover(dead_owner, owner)
+                found = self._take_over_and_recover(dead_owner, owner, ctx)
                 if found.get("failed"):
                     failed = found["failed"][0]
                     raise ServiceUnavailable(f"operation #{failed['id']} ({failed['kind']}) of a process that died "
@@ -243,7 +246,7 @@ class Journal:
                 session.execute(delete(Lock).where(Lock.purpose == marker))
         return summary
 
-    def _finish_pending_under(self, names: list[str], owner: str) -> None:
+    def _finish_pending_under(self, names: list[str], owner: str, ctx: RecoveryContext | None = None) -> None:
         """Finish ``failed`` operations (and running ones of dead owners) that ran under any of ``names``."""
         wanted = set(names)
         with self.session() as session:
@@ -256,7 +259,7 @@ class Journal:
                 pending.append((op_id, sorted(locks - wanted)))
         if not pending:
             return
-        ctx = self.context_factory()
+        ctx = ctx or self.context_factory()
         for op_id, extra in sorted(pending):
             if extra and not self._insert(extra, owner, RECOVERY_PURPOSE):
                 raise NodeBusy(f"{extra[0].split(':', 1)[-1]} is busy (an unfinished operation #{op_id} needs it); "

@@ -15,6 +15,7 @@ project's batch of 100 never starves another's single provision (``queue_positio
 in that order, 1-based).  A worker only starts its own tasks but leaves
 room for other workers' tasks that rank ahead of them.
 
+Records, show/list/wait and the fair order live in ims/einstein/task_records.py.
 Progress comes from the journal: ``journal.OPERATION_STARTED`` links each journal row the call
 opens to the task, and the record shows those rows' steps.
 
@@ -31,18 +32,16 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from ims.common import names
 from ims.common.errors import (
     BMIError,
     InvalidInput,
-    OperationNotFound,
     ServiceUnavailable,
     to_wire,
 )
@@ -50,6 +49,9 @@ from ims.database import exclusive
 from ims.database.models import Operation, Task
 from ims.einstein.journal import OPERATION_STARTED, current_owner, owner_alive
 from ims.einstein.ops.core import Auth, Core, user_of
+from ims.einstein.task_records import STATES, TaskRecords, fair_order
+
+__all__ = ["NOT_STARTED", "STATES", "Tasks", "fair_order"]
 
 LOG = logging.getLogger(__name__)
 
@@ -59,63 +61,18 @@ GATEWAY_VERBS = frozenset({"provision", "deprovision", "iscsi_create", "iscsi_re
 CLUSTER_VERBS = frozenset({"create_snapshot", "remove_image", "import_image", "copy_image", "move_image",
                            "export_image"})
 SUBMITTABLE = GATEWAY_VERBS | CLUSTER_VERBS
-STATES = ("queued", "running", "done", "failed")
-# Roughly how many journal steps each verb records: progress while running (capped below 100).
-EXPECTED_STEPS = {"provision": 5, "deprovision": 5, "create_snapshot": 6, "import_image": 4, "copy_image": 4,
-                  "move_image": 2, "export_image": 3, "remove_image": 3, "create_disk": 3, "delete_disk": 3,
-                  "provision_disk": 3, "deprovision_disk": 3, "iscsi_create": 1, "iscsi_remove": 1}
 # The kind of name each verb argument holds (validated before queuing, as the verb would).
 ARG_KINDS = {"project": "project", "src_project": "project", "dest_project": "project", "node": "node",
              "img": "image", "img1": "image", "img2": "image", "name": "image", "snap_name": "snapshot",
              "snap": "snapshot", "network": "network", "nic": "nic", "disk": "disk"}
 MAX_BATCH = 200
-MAX_LIST = 200
-WAIT_CAP_SECONDS = 30.0
 # How often a worker with queued tasks re-checks admission (other workers' tasks free slots
 # without telling it); its own tasks' ends wake it at once.
 POLL_SECONDS = 0.05
 NOT_STARTED = "the back-end stopped before it started; nothing was done"
 
 
-def _iso(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    return _aware(value).isoformat()  # SQLite returns naive datetimes: they are UTC
-
-
-def fair_order(queued: Iterable[tuple[int, str]], last_started: dict[str, Any]) -> list[int]:
-    """Ids of queued tasks ``(id, project)`` in the order they may start: round-robin by project.
-
-    The next turn goes to the project served least recently (``last_started``: when its latest
-    task started; projects never served first, then by their oldest queued task), which gives
-    its oldest queued task and goes to the back of the round.
-    """
-    per_project: dict[str, list[int]] = {}
-    for task_id, project in sorted(queued):
-        per_project.setdefault(project, []).append(task_id)
-    # (0, rank) for never served, (1, time) for served ones; then the oldest queued id.
-    turn: dict[str, tuple[Any, ...]] = {}
-    for project, ids in per_project.items():
-        last = last_started.get(project)
-        turn[project] = (0, ids[0]) if last is None else (1, _aware(last), ids[0])
-    order: list[int] = []
-    served = 0
-    while per_project:
-        project = min(per_project, key=lambda p: turn[p])
-        ids = per_project[project]
-        order.append(ids.pop(0))
-        if not ids:
-            del per_project[project]
-        served += 1
-        turn[project] = (2, served)
-    return order
-
-
-def _aware(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
-
-
-class Tasks:
+class Tasks(TaskRecords):
     """One per Operations instance (per Einstein worker)."""
 
     def __init__(self, ops: Any, core: Core) -> None:
@@ -139,8 +96,8 @@ class Tasks:
         sched = self.core.cfg.scheduler.values
         return int(sched["max_per_gateway"]), int(sched["max_per_cluster"])
 
-    def wait_cap(self) -> float:
-        return min(WAIT_CAP_SECONDS, float(self.core.cfg.rpc.timeout) / 2)
+    def _alive(self, owners: set[str]) -> dict[str, bool]:
+        return {o: o == self.owner or owner_alive(o) for o in owners}
 
     # --- submit ------------------------------------------------------------------
     def _check(self, auth: Auth, verb: str, kwargs: Any) -> dict[str, Any]:
@@ -293,18 +250,6 @@ class Tasks:
                              daemon=True).start()
         return len(claimed)
 
-    @staticmethod
-    def _last_started(session: Session, queued: list[tuple[int, str]]) -> dict[str, Any]:
-        projects = sorted({p for _i, p in queued})
-        if not projects:
-            return {}
-        rows = session.execute(select(Task.project, func.max(Task.started_at)).where(Task.project.in_(projects))
-                               .group_by(Task.project)).all()
-        return {project: last for project, last in rows if last is not None}
-
-    def _alive(self, owners: set[str]) -> dict[str, bool]:
-        return {o: o == self.owner or owner_alive(o) for o in owners}
-
     def _link(self, task_id: int, session: Session, op_id: int) -> None:
         """Record that the call of task ``task_id`` opened journal row ``op_id`` (same transaction)."""
         task = session.get(Task, task_id)
@@ -344,129 +289,6 @@ class Tasks:
             session.execute(update(Task).where(Task.id == task_id).values(
                 state="failed" if error else "done", result=None if error else result_json,
                 error=json.dumps(error) if error else None, finished_at=datetime.now(UTC)))
-
-    # --- records -----------------------------------------------------------------
-    def _positions(self, session: Session) -> dict[int, int]:
-        rows = session.execute(select(Task.id, Task.project, Task.state, Task.owner)
-                               .where(Task.state.in_(("queued", "running")))).all()
-        alive = self._alive({r.owner for r in rows})
-        queued = [(r.id, r.project) for r in rows if r.state == "queued" and alive[r.owner]]
-        order = fair_order(queued, self._last_started(session, queued))
-        return {task_id: pos for pos, task_id in enumerate(order, start=1)}
-
-    def _record(self, task: Task, positions: dict[int, int], ops: dict[int, Operation]) -> dict[str, Any]:
-        steps: list[dict[str, Any]] = []
-        for op_id in json.loads(task.journal_ops or "[]"):
-            op = ops.get(op_id)
-            if op is not None:
-                steps.extend(json.loads(op.steps or "[]"))
-        done = [s for s in steps if s.get("state") == "done"]
-        if task.state == "done":
-            progress = 100
-        elif task.state == "running":
-            progress = min(95, len(done) * 100 // max(1, EXPECTED_STEPS.get(task.verb, 4)))
-        else:
-            progress = 0
-        return {"id": task.id, "verb": task.verb, "project": task.project, "args": json.loads(task.args),
-                "user": task.user, "state": task.state,
-                "queue_position": positions.get(task.id) if task.state == "queued" else None,
-                "progress": progress, "steps_done": len(done), "step": steps[-1]["name"] if steps else None,
-                "result": json.loads(task.result) if task.result is not None and task.state == "done" else None,
-                "error": json.loads(task.error) if task.error else None,
-                "created_at": _iso(task.created_at), "started_at": _iso(task.started_at),
-                "finished_at": _iso(task.finished_at)}
-
-    def _records_of(self, session: Session, tasks: list[Task]) -> list[dict[str, Any]]:
-        positions = self._positions(session) if any(t.state == "queued" for t in tasks) else {}
-        op_ids = {i for t in tasks for i in json.loads(t.journal_ops or "[]")}
-        ops = {op.id: op for op in session.scalars(select(Operation).where(Operation.id.in_(op_ids)))} \
-            if op_ids else {}
-        return [self._record(t, positions, ops) for t in tasks]
-
-    def records(self, ids: list[int]) -> list[dict[str, Any]]:
-        with self.core.session() as session:
-            tasks = {t.id: t for t in session.scalars(select(Task).where(Task.id.in_(ids)))}
-            return self._records_of(session, [tasks[i] for i in ids if i in tasks])
-
-    # --- reading (tenant-scoped) ---------------------------------------------------
-    def _visible(self, auth: Auth, project: str, admin: list[bool | None]) -> bool:
-        """May ``auth`` see operations of ``project``?  Bad credentials raise 401; ``admin`` caches."""
-        try:
-            self.core.access(auth, project)
-            return True
-        except BMIError as exc:
-            if exc.status not in (401, 403, 404):
-                raise
-        if admin[0] is None:
-            self.core.net(auth).authenticate()  # wrong credentials: 401, whatever the operation
-            try:
-                self.core.admin(auth)
-                admin[0] = True
-            except BMIError:
-                admin[0] = False
-        return bool(admin[0])
-
-    def _op_id(self, op_id: Any) -> int:
-        if isinstance(op_id, bool) or not isinstance(op_id, (int, str)):
-            raise InvalidInput("invalid operation id")
-        try:
-            value = int(op_id)
-        except ValueError:
-            raise InvalidInput("invalid operation id") from None
-        if not 0 < value < 2**63:
-            raise InvalidInput("invalid operation id")
-        return value
-
-    def show(self, auth: Auth, op_id: Any) -> dict[str, Any]:
-        task_id = self._op_id(op_id)
-        user_of(auth)
-        with self.core.session() as session:
-            task = session.get(Task, task_id)
-            project = task.project if task is not None else None
-        if project is None:
-            self.core.net(auth).authenticate()
-            raise OperationNotFound(f"operation {task_id} not found")
-        if not self._visible(auth, project, [None]):
-            raise OperationNotFound(f"operation {task_id} not found")
-        return self.records([task_id])[0]
-
-    def list(self, auth: Auth, state: str | None = None, project: str | None = None) -> list[dict[str, Any]]:
-        if state is not None and state not in STATES:
-            raise InvalidInput(f"invalid state {state!r}: use one of {', '.join(STATES)}")
-        user_of(auth)
-        query = select(Task).order_by(Task.id.desc()).limit(MAX_LIST)
-        if state is not None:
-            query = query.where(Task.state == state)
-        if project is not None:
-            names.validate_name(project, "project")
-            query = query.where(Task.project == project)
-        with self.core.session() as session:
-            tasks = list(session.scalars(query))
-        admin: list[bool | None] = [None]
-        allowed = {p: self._visible(auth, p, admin) for p in sorted({t.project for t in tasks})}
-        if not tasks:
-            self.core.net(auth).authenticate()
-        with self.core.session() as session:
-            return self._records_of(session, [t for t in tasks if allowed[t.project]])
-
-    def wait(self, auth: Auth, op_id: Any, timeout: Any = 20.0) -> dict[str, Any]:
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-            raise InvalidInput("invalid timeout")
-        record = self.show(auth, op_id)
-        deadline = time.monotonic() + max(0.0, min(float(timeout), self.wait_cap()))
-        pause = 0.005
-        while record["state"] not in ("done", "failed"):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            # This worker's own tasks wake it the moment they end; another worker's are polled,
-            # soon at first (most operations take tens of ms), then every 0.1 s.
-            with self._cond:
-                local = record["id"] in self._running or record["id"] in self._pending
-                self._cond.wait(min(left, 1.0 if local else pause))
-            pause = min(0.1, pause * 2)
-            record = self.records([record["id"]])[0]
-        return record
 
     # --- crash safety ----------------------------------------------------------------
     def recover(self, keep_days: float = 30.0) -> dict[str, list[int]]:

@@ -232,6 +232,15 @@ def _paths() -> dict[str, dict[str, Any]]:
                         Body({"nodes": ({"type": "array", "minItems": 1, "maxItems": MAX_BATCH,
                                          "items": BATCH_NODE.schema()}, "")}, ("nodes",))),
         },
+        "/v1/provisions": {
+            "post": _op("provisions", f"Provision several nodes of one project ({{project, nodes: [{{node, image, "
+                        f"network, nic}}]}}, 1 to {MAX_BATCH} nodes, each once): the same batch as "
+                        "POST /v1/projects/{project}/provisions", [],
+                        _accepted("each node", {"type": "array", "items": OPERATION}, location=False),
+                        Body({"project": _n("project"),
+                              "nodes": ({"type": "array", "minItems": 1, "maxItems": MAX_BATCH,
+                                         "items": BATCH_NODE.schema()}, "")}, ("project", "nodes"))),
+        },
         "/v1/projects/{project}/nodes/{node}/ip": {
             "get": _op("nodeIp", "The node's IP address (from the DHCP leases)", _P + ["node"],
                        _result({"type": "string"})),

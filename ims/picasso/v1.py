@@ -220,11 +220,25 @@ def deprovision(project: str, node: str) -> Any:
 def provision_batch(project: str) -> Any:
     """Body ``{"nodes": [{"node", "image", "network", "nic"}, ...]}`` (1 to MAX_BATCH nodes, each once):
     one operation per node, all queued or none (an invalid item is a 400 naming its index)."""
-    auth = project_access(project)
+    return _provision_batch(project, _json(), ("nodes",))
+
+
+@bp.post("/provisions")
+def provisions() -> Any:
+    """The same batch with the project in the body: ``{"project", "nodes": [...]}`` (issue 8's form)."""
     data = _json()
-    unknown = sorted(set(data) - {"nodes"})
+    project = data.get("project")
+    if not isinstance(project, str):
+        raise InvalidInput("'project' (the project the nodes are provisioned in) is required")
+    return _provision_batch(project, data, ("nodes", "project"))
+
+
+def _provision_batch(project: str, data: dict[str, Any], keys: tuple[str, ...]) -> Any:
+    auth = project_access(project)
+    unknown = sorted(set(data) - set(keys))
     if unknown:
-        raise InvalidInput(f"unknown JSON key(s) {', '.join(repr(k[:64]) for k in unknown[:5])}; expected: nodes")
+        raise InvalidInput(f"unknown JSON key(s) {', '.join(repr(k[:64]) for k in unknown[:5])}; expected: "
+                           f"{', '.join(keys)}")
     nodes = data.get("nodes")
     if not isinstance(nodes, list) or not 1 <= len(nodes) <= MAX_BATCH:
         raise InvalidInput(f"'nodes' must be a list of 1 to {MAX_BATCH} objects {{node, image, network, nic}}")

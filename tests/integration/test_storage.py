@@ -409,3 +409,18 @@ def test_ceph_connection_shared_and_renewed_after_fork(ceph_cluster: CephCluster
         assert img in first.list_images()  # the parent's connection still works
     finally:
         first.remove_image(img)
+
+
+def test_describe_reads_snapshots_and_parent_at_once(storage: Storage, names: Names) -> None:
+    """What a removal reads first (ims/einstein/ops/steps.py purge): None for a missing image."""
+    assert storage.describe(names("ghost")) is None
+    golden(storage, names("g"))
+    assert storage.describe(names("g")) == ([], None)
+    storage.create_snapshot(names("g"), "s")
+    storage.protect_snapshot(names("g"), "s")
+    storage.clone(names("g"), "s", names("c"))
+    storage.create_snapshot(names("c"), "k")
+    assert storage.describe(names("g")) == (["s"], None)
+    assert storage.describe(names("c")) == (["k"], (names("g"), "s"))
+    storage.flatten(names("c"))
+    assert storage.describe(names("c")) == (["k"], None)

@@ -605,6 +605,27 @@ def test_batch_is_all_or_nothing_and_bounded(web: Any, rpc: InProcessClient) -> 
     assert web.get("/v1/operations", headers=ADMIN).get_json()["result"] == []
 
 
+def test_post_v1_provisions_takes_the_project_in_the_body(web: Any, world: World, rpc: InProcessClient) -> None:
+    """Issue 8's form of the batch: POST /v1/provisions {"project", "nodes"}; the same checks as the
+    per-project path (nothing queued on a bad body), the same records."""
+    good = {"node": "node1", "image": "golden", "network": "prov-net", "nic": "eno1"}
+    err(web.post("/v1/provisions", json={"nodes": [good]}, headers=ALICE), 400, text="'project'")
+    err(web.post("/v1/provisions", json={"project": "a b", "nodes": [good]}, headers=ALICE), 400)
+    err(web.post("/v1/provisions", json={"project": "proj1", "nodes": [good], "x": 1}, headers=ALICE), 400,
+        text="'x'")
+    err(web.post("/v1/provisions", json={"project": "proj1", "nodes": [good]}, headers=BOB), 401)
+    assert not [c for c in rpc.calls if c[0] == "submit_batch"]
+    resp = web.post("/v1/provisions", json={"project": "proj1", "nodes": [good, {**good, "node": "node2"}]},
+                    headers=ALICE)
+    assert resp.status_code == 202
+    records = resp.get_json()["result"]
+    assert [(r["project"], r["args"]["node"]) for r in records] == [("proj1", "node1"), ("proj1", "node2")]
+    for record in records:
+        while record["state"] not in ("done", "failed"):
+            record = web.get(f"/v1/operations/{record['id']}?wait=30", headers=ALICE).get_json()["result"]
+        assert record["state"] == "done", record
+
+
 def test_legacy_waits_on_the_operation_in_short_calls(web: Any, rpc: InProcessClient, world: World,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The legacy API answers Success however long the operation takes: it loops on operation_wait."""
@@ -637,14 +658,14 @@ def test_openapi_documents_202_with_location_for_every_queued_mutation() -> None
         ("/v1/projects/{project}/images/{img}/export", "post"), ("/v1/projects/{project}/images/{img}/copy", "post"),
         ("/v1/projects/{project}/images/{img}/move", "post"), ("/v1/projects/{project}/snapshots/{snap}", "delete"),
         ("/v1/projects/{project}/nodes/{node}/provision", "post"), ("/v1/projects/{project}/provisions", "post"),
-        ("/v1/projects/{project}/nodes/{node}/deprovision", "post"),
+        ("/v1/provisions", "post"), ("/v1/projects/{project}/nodes/{node}/deprovision", "post"),
         ("/v1/projects/{project}/nodes/{node}/snapshots", "post"), ("/v1/projects/{project}/iscsi", "post"),
         ("/v1/projects/{project}/iscsi/{img}", "delete"), ("/v1/projects/{project}/disks", "post"),
         ("/v1/projects/{project}/disks/{disk}", "delete")}
     for path, method in accepted:
         responses = doc["paths"][path][method]["responses"]
         assert not {"200", "201", "204"} & set(responses), (path, method)
-        if path != "/v1/projects/{project}/provisions":
+        if path not in ("/v1/projects/{project}/provisions", "/v1/provisions"):
             assert "Location" in responses["202"]["headers"], (path, method)
         schema = responses["202"]["content"]["application/json"]["schema"]["properties"]["result"]
         record = schema.get("items", schema)

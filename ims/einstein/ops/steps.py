@@ -134,13 +134,15 @@ def purge(core: Core, image: str) -> None:
 
 def _purge_storage(core: Core, image: str) -> None:
     st = core.storage
-    if not st.image_exists(image):
+    info = st.describe(image)  # perf: existence, snapshots and parent from one image open
+    if info is None:
         return
+    snaps, parent = info
     with contextlib.suppress(TargetNotFound):
         if core.iscsi.target_exists(image):
             core.iscsi.remove_target(image)
     kept = []
-    for snap in st.list_snapshots(image):
+    for snap in snaps:
         if st.list_children(image, snap):
             kept.append(snap)
             continue
@@ -149,7 +151,6 @@ def _purge_storage(core: Core, image: str) -> None:
     if kept:
         LOG.info("%s still has clones of %s: removed once they are gone", image, ", ".join(kept))
         return
-    parent = st.parent_info(image)
     _quietly(lambda: st.remove_image(image))
     if parent is not None:
         flatten.collect(core, parent[0], parent[1])
@@ -237,6 +238,8 @@ def ensure_target(core: Core, params: dict[str, Any]) -> None:
 
 class RemoveTarget(Step):
     name, undo_name = "iscsi.remove_target", "iscsi.add"
+    # No target to remove (gone behind BMI's back): its undo must not add one that was not there.
+    made_nothing = (TargetNotFound,)
 
     def execute(self, target: str, image: str, initiators: list[str] | None = None,
                 initiator_names: list[str] | None = None) -> None:
@@ -265,49 +268,6 @@ class RemoveBoot(Step):
 
     def revert(self, params: dict[str, Any], ctx: RecoveryContext) -> None:
         self.core.boot.write(params["node"], params["mac"], params["label"], params["iqn"], params.get("initiator"))
-
-
-# --- HIL -------------------------------------------------------------------------
-class _HilStep(Step):
-    """HIL changes need the caller's client (``net``), which is not a journal parameter."""
-
-    def run(self, tx: Tx, name: str | None = None, /, **params: Any) -> Any:
-        net = params.pop("net")
-        undo = (self.undo_name, params) if self.undo_name else None
-        return tx.step(name or self.name, lambda: self.execute(net, **params), undo=undo)
-
-    def execute(self, net: Any, **params: Any) -> Any:  # type: ignore[override]
-        raise NotImplementedError
-
-
-class Connect(_HilStep):
-    name, undo_name = "hil.connect", "hil.detach"
-
-    def execute(self, net: Any, node: str, nic: str, network: str) -> None:  # type: ignore[override]
-        net.connect_network(node, nic, network)
-
-    def revert(self, params: dict[str, Any], ctx: RecoveryContext) -> None:
-        if ctx.net is None:
-            ctx.notes.append(f"detach network {params['network']} from {params['node']}/{params['nic']} in HIL "
-                             "by hand (no HIL credentials during recovery)")
-            return
-        if params["network"] in ctx.net.nic_networks(params["node"], params["nic"]).values():
-            ctx.net.detach_network(params["node"], params["nic"], params["network"])
-
-
-class Detach(_HilStep):
-    name, undo_name = "hil.detach", "hil.connect"
-
-    def execute(self, net: Any, node: str, nic: str, network: str) -> None:  # type: ignore[override]
-        net.detach_network(node, nic, network)
-
-    def revert(self, params: dict[str, Any], ctx: RecoveryContext) -> None:
-        if ctx.net is None:
-            ctx.notes.append(f"connect network {params['network']} to {params['node']}/{params['nic']} in HIL "
-                             "by hand (no HIL credentials during recovery)")
-            return
-        if params["network"] not in ctx.net.nic_networks(params["node"], params["nic"]).values():
-            ctx.net.connect_network(params["node"], params["nic"], params["network"])
 
 
 # --- database --------------------------------------------------------------------
@@ -386,6 +346,8 @@ class Steps:
     """One instance of every step, registered with the journal (reverts and forward finishers)."""
 
     def __init__(self, core: Core) -> None:
+        from ims.einstein.ops.hil_steps import Connect, Detach  # (hil_steps imports Step from here)
+
         self.clone = Clone(core)
         self.flatten = Flatten(core)
         self.queue_flatten = QueueFlatten(core)

@@ -115,6 +115,15 @@ class Storage(abc.ABC):
     def parent_info(self, image: str) -> tuple[str, str] | None:
         """``(parent_image, parent_snap)`` for a clone that is not flattened, else None."""
 
+    def describe(self, image: str) -> tuple[list[str], tuple[str, str] | None] | None:
+        """``(snapshots, parent_info)`` of ``image``, or None if it does not exist.
+
+        What a removal reads first; a driver may read both at once (Ceph: one image open, not three).
+        """
+        if not self.image_exists(image):
+            return None
+        return self.list_snapshots(image), self.parent_info(image)
+
     @abc.abstractmethod
     def flatten(self, image: str) -> None:
         """Make a clone independent of its parent (no-op for a non-clone)."""

@@ -286,6 +286,15 @@ class CephStorage(Storage):
 
     # --- clones -----------------------------------------------------------------
     def clone(self, parent: str, snap: str, child: str) -> None:
+        # perf: clone first; the checks below (an image open: several OSD round trips) only run to
+        # say why a clone failed: parent or snapshot missing, or the snapshot not protected.
+        ioctx = self._ioctx()
+        with self._errors(child):
+            try:
+                rbd.RBD().clone(ioctx, parent, snap, ioctx, child, features=FEATURES)
+                return
+            except (rbd.ImageNotFound, rbd.InvalidArgument):
+                pass
         with self._image(parent, read_only=True) as img:
             self._require_snapshot(img, parent, snap)
             if not img.is_protected_snap(snap):
@@ -311,6 +320,25 @@ class CephStorage(Storage):
             except rbd.ImageNotFound:  # librbd's way of saying "no parent"
                 return None
             return parent, snap
+
+    def describe(self, image: str) -> tuple[list[str], tuple[str, str] | None] | None:
+        # One read-only open (each open is several OSD round trips).  An image that opens but whose
+        # snapshots or parent do not read back (a removal cut short) raises, as list_snapshots does.
+        ioctx = self._ioctx()
+        with self._errors(image):
+            try:
+                img = rbd.Image(ioctx, image, read_only=True)
+            except rbd.ImageNotFound:
+                return None
+            try:
+                snaps = self._snap_names(img)
+                try:
+                    _pool, parent, snap = img.parent_info()
+                except rbd.ImageNotFound:  # librbd's way of saying "no parent"
+                    return snaps, None
+                return snaps, (parent, snap)
+            finally:
+                img.close()
 
     def flatten(self, image: str) -> None:
         with self._image(image) as img:

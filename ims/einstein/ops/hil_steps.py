@@ -1,0 +1,153 @@
+"""The journaled HIL steps (connect / detach a NIC's network) and how they overlap other steps.
+
+Split from ims/einstein/ops/steps.py (same Step contract: ``run(tx, **params)`` records, then
+runs; the revert is idempotent).  :meth:`_HilStep.start` runs the HIL call in a background
+thread once its record is written; :func:`settled` joins it before the operation ends or rolls
+back; :func:`settle_nic` undoes it even when a dead worker left the action pending in HIL.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from typing import Any
+
+from ims.common.errors import AuthenticationFailed, Conflict, Forbidden, InvalidInput, NotFound
+from ims.einstein.journal import RecoveryContext, Tx
+from ims.einstein.ops.steps import Step
+
+
+# --- HIL -------------------------------------------------------------------------
+class _HilStep(Step):
+    """HIL changes need the caller's client (``net``), which is not a journal parameter."""
+
+    def run(self, tx: Tx, name: str | None = None, /, **params: Any) -> Any:
+        net = params.pop("net")
+        undo = (self.undo_name, params) if self.undo_name else None
+        return tx.step(name or self.name, lambda: self.execute(net, **params), undo=undo)
+
+    def execute(self, net: Any, **params: Any) -> Any:  # type: ignore[override]
+        raise NotImplementedError
+
+
+    def start(self, tx: Tx, /, **params: Any) -> Future[Any]:
+        """Like :meth:`run`, but the HIL call runs in a background thread once its journal record is
+        written, so it overlaps the operation's next steps (HIL round trips are independent of the
+        storage/iSCSI/boot-file work).  The caller must wait for the future before the operation ends
+        (:func:`settled`): its error then rolls the operation back like any step's, and a roll-back
+        starts only after the call has ended, so the undo sees what the call did.
+        """
+        net = params.pop("net")
+        undo = (self.undo_name, params) if self.undo_name else None
+        started: list[Future[Any]] = []
+
+        def submit() -> Future[Any]:
+            started.append(_BACKGROUND.submit(self.execute, net, **params))
+            return started[0]
+
+        try:
+            return tx.step(self.name, submit, undo=undo)
+        except BaseException:  # e.g. an injected fault after the submit: let the call end first
+            wait_futures(started)
+            raise
+
+
+# HIL calls running while an operation does its other steps (Step.start); one per running operation.
+_BACKGROUND = ThreadPoolExecutor(max_workers=64, thread_name_prefix="hil-step")
+
+
+@contextlib.contextmanager
+def settled(call: Future[Any] | None) -> Iterator[None]:
+    """Run the block while ``call`` (from :meth:`_HilStep.start`) proceeds; then wait for it.
+
+    The block's error wins (after the call has ended); otherwise the call's error is raised.
+    Either way the journal rolls back every recorded step, the call's included.
+    """
+    if call is None:
+        yield
+        return
+    try:
+        yield
+    except BaseException:
+        wait_futures([call])
+        raise
+    call.result()
+
+
+class Connect(_HilStep):
+    name, undo_name = "hil.connect", "hil.detach"
+
+    def execute(self, net: Any, node: str, nic: str, network: str) -> None:  # type: ignore[override]
+        net.connect_network(node, nic, network)
+
+    def revert(self, params: dict[str, Any], ctx: RecoveryContext) -> None:
+        if ctx.net is None:
+            ctx.notes.append(f"detach network {params['network']} from {params['node']}/{params['nic']} in HIL "
+                             "by hand (no HIL credentials during recovery)")
+            return
+        try:
+            settle_nic(ctx.net, params["node"], params["nic"], params["network"], attached=False)
+        except (AuthenticationFailed, Forbidden, NotFound) as exc:  # these credentials cannot (node moved on)
+            ctx.notes.append(f"detach network {params['network']} from "
+                             f"{params['node']}/{params['nic']} in HIL by hand ({exc.message})")
+
+
+class Detach(_HilStep):
+    name, undo_name = "hil.detach", "hil.connect"
+
+    def execute(self, net: Any, node: str, nic: str, network: str) -> None:  # type: ignore[override]
+        net.detach_network(node, nic, network)
+
+    def revert(self, params: dict[str, Any], ctx: RecoveryContext) -> None:
+        if ctx.net is None:
+            ctx.notes.append(f"connect network {params['network']} to {params['node']}/{params['nic']} in HIL "
+                             "by hand (no HIL credentials during recovery)")
+            return
+        try:
+            settle_nic(ctx.net, params["node"], params["nic"], params["network"], attached=True)
+        except (AuthenticationFailed, Forbidden, NotFound) as exc:  # these credentials cannot (node moved on)
+            ctx.notes.append(f"connect network {params['network']} to "
+                             f"{params['node']}/{params['nic']} in HIL by hand ({exc.message})")
+
+
+# How long an undo waits for a networking action another (dead) process left pending on the NIC.
+PENDING_ACTION_WAIT = 120.0
+
+
+def settle_nic(net: Any, node: str, nic: str, network: str, attached: bool) -> None:
+    """Leave ``network`` attached to the NIC (``attached``) or not, whatever HIL is still doing.
+
+    The action is sent directly, not after a look at the NIC: a worker killed just after sending
+    its own connect/detach (the call overlaps the operation's other steps) leaves that action
+    pending in HIL, and the NIC's networks do not show it yet.  HIL refuses an action on a NIC
+    with a pending one (409 "...already active on the nic."): wait and try again.  The answers
+    that mean "already so" end it: 409 "The network is already attached to the nic." for a
+    connect, 400 "The network is not attached to the nic." for a detach (reference/hil-api.md).
+    """
+    deadline = time.monotonic() + PENDING_ACTION_WAIT
+    while True:
+        try:
+            if attached:
+                net.connect_network(node, nic, network)
+            else:
+                net.detach_network(node, nic, network)
+            return
+        except (Conflict, InvalidInput) as exc:
+            text = exc.message.lower()
+            if "already active" in text:
+                if time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    continue
+                raise  # still pending: the undo fails and is retried by a later recovery
+            if attached and isinstance(exc, Conflict) and "already attached" in text:
+                return
+            if not attached and isinstance(exc, InvalidInput) and "not attached" in text:
+                return
+            # Some other answer (an older HIL's wording): decide from what the NIC shows.
+            if (network in net.nic_networks(node, nic).values()) == attached:
+                return
+            raise
+
+
