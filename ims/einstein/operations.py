@@ -16,6 +16,7 @@ from typing import Any
 
 from ims.common.config import BMIConfig
 from ims.common.errors import Forbidden
+from ims.einstein import hosts, routing
 from ims.einstein.boot import BootFiles
 from ims.einstein.iscsi.base import IscsiTarget
 from ims.einstein.journal import RecoveryContext
@@ -58,6 +59,10 @@ class Operations:
         # Journal recovery of a dead worker's operations (run under its locks) builds its context
         # here: with [net_isolator] service_* it can undo HIL changes, else it leaves notes.
         setattr(self.journal, "context_factory", core.service_context)  # noqa: B010 - may predate the attribute
+        # Several hosts (ims/einstein/hosts.py, routing.py): this host in the registry, and node calls
+        # routed to the node's gateway host.
+        self.hosts = hosts.install(cfg, core.sessions, core.engine)
+        self.router = routing.Router(self)
 
     @classmethod
     def from_config(cls, cfg: BMIConfig) -> Operations:
@@ -103,6 +108,11 @@ class Operations:
     def drain_tasks(self, timeout: float) -> bool:
         """On SIGTERM: let this worker's asynchronous operations finish (True) or fail the unstarted ones."""
         return self._tasks.drain(timeout)
+
+    @rpc()
+    def routed_call(self, method: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        """A node's call another host forwarded here, its gateway host (ims/einstein/routing.py)."""
+        return self.router.run_here(method, args, kwargs)
 
     # --- asynchronous operations (ims/einstein/tasks.py) -------------------------------
     @rpc()
