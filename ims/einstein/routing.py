@@ -49,11 +49,10 @@ class Router:
         if verb not in NODE_VERBS or not isinstance(node, str) or not self.hosts.multi():
             return None
         if verb == "provision":
-            with self.ops.core.session() as session:
-                recorded = session.scalar(select(Provision.gateway).where(Provision.node == node))
-            if recorded is not None:
-                return self._usable(recorded)  # already provisioned: its gateway answers (409)
-            return self.hosts.gateway_for(node)
+            # Always the ring: a node still recorded (provisioned: 409, or a deprovision the journal
+            # is finishing) is answered by the ring's host as well as by any other.
+            host = self.hosts.gateway_for(node)
+            return None if host in (None, self.hosts.name) else host
         with self.ops.core.session() as session:
             recorded = session.scalar(select(Provision.gateway).where(Provision.node == node))
         return self._usable(recorded) if recorded is not None else None

@@ -25,6 +25,7 @@ Each Einstein supervisor runs one :class:`HostAgent` thread.  Every ``[host] hea
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -36,7 +37,8 @@ from typing import Any
 from sqlalchemy import select, update
 
 from ims.common.errors import BMIError, NodeBusy
-from ims.database.models import Host, Image, Project, Provision
+from ims.database.models import Host, Image, Lock, Operation, Project, Provision
+from ims.einstein import journal
 from ims.einstein.hosts import HashRing
 from ims.einstein.ops.provisioning import boot_params
 
@@ -129,9 +131,13 @@ class HostAgent:
                                    .join(Image, Image.id == Provision.image_id)
                                    .where(Provision.gateway == self.hosts.name)).all()
         adopted = []
+        busy: set[str] | None = None
         for node, image_id, kind in rows:
             if kind != "node" or self._local_conf(self.core.ceph_name(image_id)):
                 continue
+            busy = self._busy_nodes() if busy is None else busy
+            if node in busy:
+                continue  # being provisioned or deprovisioned (or left for the journal's retries)
             try:
                 if self.adopt(node):
                     adopted.append(node)
@@ -140,6 +146,28 @@ class HostAgent:
             except BMIError as exc:
                 LOG.warning("could not take over node %s yet: %s", node, exc)
         return adopted
+
+    def _busy_nodes(self) -> set[str]:
+        """Nodes a live process works on, or with an operation the journal's retries must finish
+        first (e.g. a committed deprovision whose clone Ceph still holds): never adopted meanwhile.
+        A dead owner's running operation does not count: adopting the node finishes it first."""
+        busy: set[str] = set()
+        with self.core.session() as session:
+            locks = session.execute(select(Lock.name, Lock.owner)).all()
+            ops = session.execute(select(Operation.args, Operation.state, Operation.owner)
+                                  .where(Operation.state.in_(("running", "failed")))).all()
+        for name, owner in locks:
+            if name.startswith("node:") and journal.owner_alive(owner):
+                busy.add(name[len("node:"):])
+        for args, state, owner in ops:
+            if state == "failed" or journal.owner_alive(owner):
+                try:
+                    node = json.loads(args).get("node")
+                except (ValueError, AttributeError):
+                    continue
+                if isinstance(node, str):
+                    busy.add(node)
+        return busy
 
     def adopt(self, node: str) -> bool:
         """Export ``node``'s clone from this host's gateway and point its boot files here."""
