@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import event, inspect, select, text, update
+from sqlalchemy import create_engine, event, inspect, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -93,7 +93,7 @@ class HostInfo:
 class Hosts:
     """This process's view of the host registry (one per Operations instance)."""
 
-    def __init__(self, cfg: Any, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, cfg: Any, sessions: sessionmaker[Session], engine: Any = None) -> None:
         section = cfg.section("host").values
         self.name = local_name(cfg)
         self.portal = f"{cfg.iscsi.ip}:{cfg.iscsi.port}"
@@ -103,6 +103,10 @@ class Hosts:
         if self.heartbeat_seconds <= 0 or self.dead_after <= self.heartbeat_seconds:
             raise ConfigError(f"{cfg.path}: [host] dead_after_seconds must exceed heartbeat_seconds (> 0)")
         self._sessions = sessions
+        # Reads of the host table happen inside callers' transactions (owner liveness while a task
+        # list is read): on their own autocommit connection, never waiting for a write lock that
+        # the caller itself holds (SQLite WAL readers do not block; PostgreSQL reads never do).
+        self._reader = _reader_engine(engine) if engine is not None else None
         self.epoch: int | None = None
         self._cache: tuple[float, dict[str, HostInfo]] = (0.0, {})
         self._lock = threading.Lock()
@@ -151,9 +155,15 @@ class Hosts:
             at, cached = self._cache
             if not fresh and time.monotonic() - at < CACHE_SECONDS:
                 return cached
-        with self.session() as session:
-            found = {r.name: HostInfo(r.name, r.portal, r.rpc, r.epoch, r.state, _aware(r.heartbeat_at))
-                     for r in session.scalars(select(Host))}
+        query = select(Host.name, Host.portal, Host.rpc, Host.epoch, Host.state, Host.heartbeat_at)
+        if self._reader is not None:
+            with self._reader.connect() as conn:
+                result = conn.execute(query).all()
+        else:
+            with self.session() as session:
+                result = session.execute(query).all()
+        found = {r.name: HostInfo(r.name, r.portal, r.rpc, r.epoch, r.state, _aware(r.heartbeat_at))
+                 for r in result}
         with self._lock:
             self._cache = (time.monotonic(), found)
         return found
@@ -204,6 +214,17 @@ class _Tx:
 _CURRENT: dict[str, Hosts] = {}
 
 
+def _reader_engine(engine: Any) -> Any:
+    reader = create_engine(engine.url, isolation_level="AUTOCOMMIT", pool_pre_ping=engine.dialect.name != "sqlite")
+    if reader.dialect.name == "sqlite":
+        @event.listens_for(reader, "connect")
+        def _pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA busy_timeout = 30000")
+            cur.close()
+    return reader
+
+
 def ensure_schema(engine: Any) -> None:
     """Databases made before several hosts: add ``provision.gateway`` (portable ALTER TABLE)."""
     cols = {c["name"] for c in inspect(engine).get_columns("provision")}
@@ -221,7 +242,7 @@ def _stamp_gateway(_mapper: Any, _conn: Any, target: Provision) -> None:
 def install(cfg: Any, sessions: sessionmaker[Session], engine: Any) -> Hosts:
     """This process is host ``[host] name``: owner strings, owner liveness and gateway stamping."""
     ensure_schema(engine)
-    hosts = Hosts(cfg, sessions)
+    hosts = Hosts(cfg, sessions, engine)
     first = "hosts" not in _CURRENT
     _CURRENT["hosts"] = hosts
     journal.HOST["name"] = hosts.name

@@ -43,6 +43,8 @@ class Operations:
     def __init__(self, cfg: BMIConfig, storage: Storage, iscsi: IscsiTarget, boot: BootFiles,
                  net_factory: NetFactory, db_url: str | None = None) -> None:
         self.core = core = Core(cfg, storage, iscsi, boot, net_factory, db_url)
+        # Several hosts (ims/einstein/hosts.py): this host's name in every owner string from here on.
+        self.hosts = hosts.install(cfg, core.sessions, core.engine)
         self.cfg, self.storage, self.iscsi, self.boot = cfg, storage, iscsi, boot
         self.net_factory, self.uid, self.snap = net_factory, core.uid, core.snap
         self.engine, self.sessions, self.journal = core.engine, core.sessions, core.journal
@@ -59,10 +61,7 @@ class Operations:
         # Journal recovery of a dead worker's operations (run under its locks) builds its context
         # here: with [net_isolator] service_* it can undo HIL changes, else it leaves notes.
         setattr(self.journal, "context_factory", core.service_context)  # noqa: B010 - may predate the attribute
-        # Several hosts (ims/einstein/hosts.py, routing.py): this host in the registry, and node calls
-        # routed to the node's gateway host.
-        self.hosts = hosts.install(cfg, core.sessions, core.engine)
-        self.router = routing.Router(self)
+        self.router = routing.Router(self)  # several hosts: node calls run on the node's gateway host
 
     @classmethod
     def from_config(cls, cfg: BMIConfig) -> Operations:

@@ -24,26 +24,14 @@ from ims.einstein.hosts import HashRing
 from tests.support import iscsi_rw
 from tests.support.ceph import ceph_cluster  # noqa: F401 - fixture
 from tests.support.hil import HILSimulatorError, start_hil_simulator
-from tests.support.multihost import UID, Cluster
+from tests.support.multihost import NET, NIC, PROJECT, UID, Cluster, inventory
 
 USER = {"username": "haas", "password": "secret"}
 ADMIN = {"username": "haasadmin", "password": "admin1234"}
-NET, NIC, PROJECT, GOLDEN_NAME = "bmi_network", "eth0", "bmi_infra", "mh-golden"
+GOLDEN_NAME = "mh-golden"
 NODES = [f"mhnode{i}" for i in range(8)]
 INITIATOR = "iqn.2017-10.org.moc.bmi.node:"
 SIZE = 8 << 20
-
-
-def inventory(nodes: list[str]) -> dict[str, Any]:
-    return {
-        "projects": [PROJECT],
-        "users": [{"name": "haas", "password": "secret", "is_admin": False, "projects": [PROJECT]},
-                  {"name": "haasadmin", "password": "admin1234", "is_admin": True, "projects": []}],
-        "networks": [{"name": NET, "owner": PROJECT, "access": [PROJECT], "net_id": "1001"}],
-        "nodes": [{"name": n, "project": PROJECT, "nics": [{"label": NIC, "macaddr": f"52:54:00:aa:{i // 256:02x}:"
-                                                                                      f"{i % 256:02x}"}]}
-                  for i, n in enumerate(nodes)],
-    }
 
 
 def wait_for(what: str, check: Any, timeout: float = 90.0) -> Any:

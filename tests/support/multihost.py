@@ -29,6 +29,20 @@ from tests.support.tgt import TgtdInstance, start_tgtd, stop_tgtd
 REPO = Path(__file__).resolve().parents[2]
 KEY = "multihost-test-key"
 UID = "mh"
+NET, NIC, PROJECT = "bmi_network", "eth0", "bmi_infra"
+
+
+def inventory(nodes: list[str]) -> dict[str, Any]:
+    """A HIL simulator inventory: ``nodes`` in project bmi_infra (NIC eth0), users haas and haasadmin."""
+    return {
+        "projects": [PROJECT],
+        "users": [{"name": "haas", "password": "secret", "is_admin": False, "projects": [PROJECT]},
+                  {"name": "haasadmin", "password": "admin1234", "is_admin": True, "projects": []}],
+        "networks": [{"name": NET, "owner": PROJECT, "access": [PROJECT], "net_id": "1001"}],
+        "nodes": [{"name": n, "project": PROJECT,
+                   "nics": [{"label": NIC, "macaddr": f"52:54:00:aa:{i // 256:02x}:{i % 256:02x}"}]}
+                  for i, n in enumerate(nodes)],
+    }
 
 
 def free_port(consecutive: int = 1) -> int:
