@@ -68,8 +68,10 @@ class HostAgent:
 
     def tick(self) -> None:
         if not self.hosts.heartbeat():
-            LOG.error("host %s was taken over by another host (epoch %s is stale): removing its targets "
-                      "that now live elsewhere, then joining again", self.hosts.name, self.hosts.epoch)
+            LOG.error("host %s was taken over by another host (epoch %s is stale; it was stalled or cut off): "
+                      "stopping its workers, removing its targets that now live elsewhere, then joining again",
+                      self.hosts.name, self.hosts.epoch)
+            stop_workers()
             self.sweep()
             self.hosts.register()
         self.elect()
@@ -234,6 +236,22 @@ class HostAgent:
             LOG.warning("removed local target %s: its node is now exported by gateway %s", target, gateway)
             removed.append(target)
         return removed
+
+
+def stop_workers() -> list[int]:
+    """SIGKILL this supervisor's worker processes: what they were doing was taken over elsewhere, and
+    they must not go on acting on it.  The supervisor restarts them after a recovery process (as for
+    any worker that died); only children of this process are touched."""
+    import multiprocessing
+
+    killed = []
+    for child in multiprocessing.active_children():
+        if child.pid is not None:
+            child.kill()
+            killed.append(child.pid)
+    if killed:
+        LOG.warning("killed fenced worker process(es) %s; they are restarted after recovery", killed)
+    return killed
 
 
 # --- Supervisor hooks (ims/rpc/server.py) ---------------------------------------------------

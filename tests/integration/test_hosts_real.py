@@ -196,3 +196,47 @@ def _host(sessions: Any, name: str) -> Host:
         row = s.get(Host, name)
         assert row is not None
         return row
+
+
+def test_a_stalled_host_is_taken_over_and_when_it_wakes_up_it_is_fenced(cluster: Cluster) -> None:
+    """Host 2 hangs (SIGSTOP) while its tgtd keeps exporting: host 1 takes its nodes over; when host 2
+    wakes up its heartbeat is refused (epoch moved on): it stops its workers, removes the targets it
+    lost from its still-running tgtd, and joins again without taking anything back."""
+    c = cluster
+    client = c.client(0)
+    client.create_project(ADMIN, PROJECT, NET)
+    client.import_image(USER, PROJECT, GOLDEN_NAME)
+    ring = HashRing(["host1", "host2"])
+    chosen = sorted({*NODES[:2], *[n for n in NODES if ring.get(n) == "host2"][:2]})
+    for node in chosen:
+        client.provision(USER, PROJECT, node, GOLDEN_NAME, NET, NIC)
+    sessions = db(c)
+    placed = gateways(sessions)
+    on2 = sorted(n for n, (g, _c) in placed.items() if g == "host2")
+    assert on2, placed
+    iqn = {n: f"iqn.2017-10.org.moc.bmi:{clone}" for n, (_g, clone) in placed.items()}
+    node = on2[0]
+    iscsi_rw.write_lun(c.hosts[1].tgtd.portal, iqn[node], 1, 0, node_data(node), initiator=INITIATOR + node)
+    epoch = _host(sessions, "host2").epoch
+    c.stall(1)
+    try:
+        wait_for("host 1 to take over the stalled host 2",
+                 lambda: all(g == "host1" for g, _c in gateways(sessions).values())
+                 and c.live_iqns(0) == sorted(iqn.values()))
+        assert c.live_iqns(1) == sorted(iqn[n] for n in on2)  # its tgtd still runs: this is what fencing fixes
+    finally:
+        c.resume(1)
+    wait_for("host 2 to drop the targets it lost", lambda: c.live_iqns(1) == [])
+    wait_for("host 2 to join again", lambda: _host(sessions, "host2").state == "up")
+    assert _host(sessions, "host2").epoch >= epoch + 2  # taken over, then joined again
+    c.wait_serving(c.hosts[1])  # its workers were restarted
+    assert "killed fenced worker process(es)" in (c.hosts[1].dir / "logs" / "ims.log").read_text()
+    time.sleep(3 * c.heartbeat)
+    assert c.live_iqns(1) == [] and c.live_iqns(0) == sorted(iqn.values())
+    assert all(g == "host1" for g, _c in gateways(sessions).values())
+    got = iscsi_rw.read_lun(c.hosts[0].tgtd.portal, iqn[node], 1, 0, 8, initiator=INITIATOR + node)
+    assert got == node_data(node)
+    wait_for("no unfinished operation", lambda: unfinished(sessions) == [])
+    for n in chosen:
+        retry_503(lambda n=n: c.client(1).deprovision(USER, PROJECT, n, NET, NIC))
+    assert c.live_iqns(0) == [] and c.live_iqns(1) == []

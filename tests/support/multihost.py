@@ -202,6 +202,17 @@ class Cluster:
                 time.sleep(0.05)
         host.restarts += 1
 
+    def stall(self, index: int) -> None:
+        """A host that hangs (not dead): SIGSTOP its Einstein process group; its tgtd keeps serving."""
+        proc = self.hosts[index].proc
+        assert proc is not None
+        os.killpg(proc.pid, signal.SIGSTOP)
+
+    def resume(self, index: int) -> None:
+        proc = self.hosts[index].proc
+        assert proc is not None
+        os.killpg(proc.pid, signal.SIGCONT)
+
     def restart(self, index: int) -> HostProc:
         host = self.hosts[index]
         if host.tgtd is not None:
@@ -211,6 +222,10 @@ class Cluster:
     def stop_all(self) -> None:
         for host in self.hosts:
             if host.proc is not None and host.proc.poll() is None:
+                try:
+                    os.killpg(host.proc.pid, signal.SIGCONT)  # a stalled one must be able to stop
+                except ProcessLookupError:
+                    pass
                 host.proc.send_signal(signal.SIGTERM)
                 try:
                     host.proc.wait(60)
