@@ -224,8 +224,11 @@ class HostAgent:
                                    .join(Image, Image.id == Provision.image_id)
                                    .where(Provision.image_id.in_(sorted(ids)))).all()
         removed = []
+        live = set(self.hosts.live(fresh=True))
         for image_id, gateway, kind in rows:
-            if kind != "node" or gateway in (None, self.hosts.name):
+            # Only a LIVE other gateway's node: one recorded on a dead (or renamed) host is first moved
+            # by a take-over, possibly to this very host, which then keeps its target.
+            if kind != "node" or gateway in (None, self.hosts.name) or gateway not in live:
                 continue
             target = ids[image_id]
             try:
