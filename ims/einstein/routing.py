@@ -176,4 +176,6 @@ def _bind(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str,
 def resolve(ops: Any, method: str) -> Any:
     """What the RPC endpoint calls for ``method``: routed when ``ops`` has a router (several hosts)."""
     router = getattr(ops, "router", None)
-    return router.resolve(method) if router is not None else getattr(ops, method)
+    if router is None or getattr(router, "ops", None) is not ops:  # e.g. a wrapper that delegates to Operations
+        return getattr(ops, method)
+    return router.resolve(method)

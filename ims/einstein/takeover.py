@@ -31,6 +31,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -46,12 +47,34 @@ LOG = logging.getLogger(__name__)
 
 
 class HostAgent:
-    def __init__(self, ops: Any) -> None:
-        self.ops = ops
-        self.core = ops.core
-        self.hosts = ops.hosts
-        self.steps = ops._provisioning.steps
-        self._clone_re = re.compile(rf"^{re.escape(self.core.uid)}img(\d+)$")
+    """``ops`` (an Operations) is needed only to act on targets: with ``factory`` it is built the first
+    time another host is registered, so a single host heart-beats without a second Ceph connection."""
+
+    def __init__(self, ops: Any = None, hosts: Any = None, factory: Callable[[], Any] | None = None) -> None:
+        self._ops = ops
+        self._factory = factory
+        self.hosts = hosts if hosts is not None else ops.hosts
+
+    @property
+    def ops(self) -> Any:
+        if self._ops is None:
+            assert self._factory is not None
+            self._ops = self._factory()
+            self._ops.hosts.epoch = self.hosts.epoch
+            self.hosts = self._ops.hosts  # one registry view from here on
+        return self._ops
+
+    @property
+    def core(self) -> Any:
+        return self.ops.core
+
+    @property
+    def steps(self) -> Any:
+        return self.ops._provisioning.steps
+
+    @property
+    def _clone_re(self) -> re.Pattern[str]:
+        return re.compile(rf"^{re.escape(self.core.uid)}img(\d+)$")
 
     # --- the loop --------------------------------------------------------------------
     def start(self, stop: threading.Event) -> threading.Thread:
@@ -74,6 +97,8 @@ class HostAgent:
             stop_workers()
             self.sweep()
             self.hosts.register()
+        if self._ops is None and not self.hosts.multi():
+            return  # a single host: nothing to take over, nobody to fence
         self.elect()
         self.sweep()
         self.adopt_all()
@@ -258,30 +283,27 @@ def stop_workers() -> list[int]:
 
 
 # --- Supervisor hooks (ims/rpc/server.py) ---------------------------------------------------
+_PREPARED: dict[str, Any] = {}
+
+
 def prepare(ops: Any) -> None:
     """Before the start-up restore: join the registry and drop targets other gateways took over."""
     hosts = getattr(ops, "hosts", None)
     if hosts is None:
         return
     hosts.register()
-    HostAgent(ops).sweep()
+    _PREPARED["hosts"] = hosts  # the agent heart-beats with it (its engine outlives ops.close())
+    if hosts.multi():
+        HostAgent(ops).sweep()
 
 
 def start_agent(cfg: Any, factory: Any, stop: threading.Event) -> threading.Thread | None:
     """The supervisor's host agent, on its own operations object (one more Ceph connection)."""
     try:
-        ops = factory(cfg)
-        if getattr(ops, "hosts", None) is None or not hasattr(ops, "_provisioning"):
-            close = getattr(ops, "close", None)
-            if close:
-                close()
+        hosts = _PREPARED.get("hosts")
+        if hosts is None:  # an ops factory without a host registry (test doubles): nothing to do
             return None
-        row = ops.hosts.rows(fresh=True).get(ops.hosts.name)
-        if row is not None and row.state == "up":
-            ops.hosts.epoch = row.epoch  # prepare() registered this host a moment ago
-        else:
-            ops.hosts.register()
-        return HostAgent(ops).start(stop)
+        return HostAgent(hosts=hosts, factory=lambda: factory(cfg)).start(stop)
     except Exception:  # noqa: BLE001 - serve anyway; a single host needs no agent
         LOG.exception("the host agent (heartbeat, take-over) could not start")
         return None
