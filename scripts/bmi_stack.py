@@ -3,6 +3,9 @@
     scripts/bmi-stack up [--boot] [--dir DIR]   start Ceph, tgtd, the HIL simulator, Einstein, Picasso
         [--workers N]                           Einstein worker processes (default 2)
         [--nodes N]                             at least N HIL nodes in project bmi_infra (adds node-01, ...)
+        [--hosts N]                             N BMI hosts (docs/deployment.md): each its own Einstein and
+                                                tgtd with its own portal address, sharing Ceph, the database,
+                                                the TFTP root, HIL and Picasso (which talks to host1)
     scripts/bmi-stack status [--dir DIR]        show what runs
     scripts/bmi-stack down [--dir DIR]          stop exactly what `up` started
     scripts/bmi-stack env [--dir DIR]           print the path of the env file to `source`
@@ -218,8 +221,47 @@ def read_env(path: Path) -> dict[str, str]:
     return out
 
 
+def host_config(d: Path, main_cfg: Path, name: str, tgt: dict[str, str]) -> Path:
+    """Host ``name``'s config: host1's, with its own tgtd, tgt conf dir, RPC ports and [host] name."""
+    import configparser
+
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(main_cfg)
+    portal_ip, _, portal_port = tgt["TGT_PORTAL"].rpartition(":")
+    conf_dir = d / f"tgt-conf.d-{name}"
+    conf_dir.mkdir(exist_ok=True)
+    parser["iscsi"].update({"ip": portal_ip, "port": portal_port, "conf_dir": str(conf_dir),
+                            "control_port": tgt["TGT_CONTROL_PORT"]})
+    parser["rpc"].update({"name_server_port": str(free_port()), "rpc_server_port": str(free_port())})
+    parser["logs"]["path"] = str(d / "logs" / name)
+    parser["host"] = {"name": name, "heartbeat_seconds": "1.0", "dead_after_seconds": "6.0"}
+    path = d / f"bmiconfig-{name}.cfg"
+    with open(path, "w", encoding="utf-8") as fh:
+        parser.write(fh)
+    path.chmod(0o600)
+    return path
+
+
+def start_extra_hosts(d: Path, cfg: Path, hosts: int, boot: dict[str, str] | None, env: dict[str, str]) -> None:
+    """Hosts 2..N: a tgtd on its own portal address (127.0.0.N, or 10.77.X.(200+N) on the boot
+    bridge) and an Einstein with its own name server; host1 is the stack's usual one."""
+    for index in range(2, hosts + 1):
+        name = f"host{index}"
+        tgt_env = dict(os.environ)
+        portal_ip = f"127.0.0.{index}"
+        if boot:
+            tgt_env["TGT_NETNS"] = boot["BOOTNET_NETNS"]
+            portal_ip = boot["BOOTNET_IP"].rsplit(".", 1)[0] + f".{200 + index}"
+            run("ip", "addr", "add", f"{portal_ip}/{boot.get('BOOTNET_PREFIX', '24')}", "dev",
+                boot["BOOTNET_BRIDGE"])
+        log(f"starting {name}: tgtd on {portal_ip} and Einstein")
+        run(str(SCRIPTS / "tgtd-dev"), "start", str(d / f"tgt-{name}"), portal_ip, env=tgt_env)
+        host_cfg = host_config(d, cfg, name, read_env(d / f"tgt-{name}" / "env"))
+        spawn(f"einstein-{name}", service_argv("einstein", d, cfg=host_cfg), d, dict(env, BMI_CONFIG=str(host_cfg)))
+
+
 def up(d: Path, boot_net: bool, http_boot: bool = False, workers: int = 2, nodes: int = 0,
-       uefi_nodes: frozenset[str] = frozenset()) -> None:
+       uefi_nodes: frozenset[str] = frozenset(), hosts: int = 1) -> None:
     if (d / "env").exists() and all(alive(p) for p in (d / "pids").glob("*.pid")) and \
             list((d / "pids").glob("*.pid")):
         log(f"already up (source {d / 'env'}); run `scripts/bmi-stack down` first to start afresh")
@@ -265,9 +307,14 @@ def up(d: Path, boot_net: bool, http_boot: bool = False, workers: int = 2, nodes
         hil_url = f"http://127.0.0.1:{hil_port}"
         wait_http(hil_url + "/v0/nodes/free", 30, "hil-simulator", d)
         cfg = write_config(d, ceph_conf, tgt, hil_url, boot, http_boot_port, workers)
+        if hosts > 1:  # several hosts (docs/deployment.md): this first one is host1
+            with open(cfg, "a", encoding="utf-8") as fh:
+                fh.write("\n[host]\nname = host1\nheartbeat_seconds = 1.0\ndead_after_seconds = 6.0\n")
         env = dict(os.environ, BMI_CONFIG=str(cfg), CEPH_CONF=ceph_conf)
         log("starting Einstein and Picasso")
         spawn("einstein", service_argv("einstein", d, cfg=cfg), d, env)
+        if hosts > 1:
+            start_extra_hosts(d, cfg, hosts, boot, env)
         spawn("picasso", service_argv("picasso", d, cfg=cfg), d, env)
         rest = read_env_ini(cfg)
         url = f"http://127.0.0.1:{rest}"
@@ -392,8 +439,11 @@ def down(d: Path) -> None:
         return
     for name in ("picasso", "einstein", "hil-simulator"):
         stop_pid(d / "pids" / f"{name}.pid")
-    if (d / "tgt").exists():
-        subprocess.run([str(SCRIPTS / "tgtd-dev"), "stop", str(d / "tgt")], check=False)
+    for leftover in sorted((d / "pids").glob("einstein-host*.pid")) if (d / "pids").exists() else []:
+        stop_pid(leftover)
+    for tgt_dir in [d / "tgt", *sorted(d.glob("tgt-host*"))]:
+        if tgt_dir.exists():
+            subprocess.run([str(SCRIPTS / "tgtd-dev"), "stop", str(tgt_dir)], check=False)
     if (d / "ceph").exists():
         subprocess.run([str(SCRIPTS / "ceph-dev"), "stop", str(d / "ceph"), "--purge"], check=False)
     if (d / "bootnet").exists():
@@ -417,7 +467,8 @@ def status(d: Path) -> int:
         state = "running" if alive(pid_file) else "DEAD"
         ok &= state == "running"
         print(f"{pid_file.stem:15s} {state} (pid {pid_file.read_text().strip()})")
-    for name, sub in (("ceph", "ceph/pids"), ("tgtd", "tgt")):
+    extra = [(f"tgtd-{p.name[4:]}", p.name) for p in sorted(d.glob("tgt-host*"))]
+    for name, sub in (("ceph", "ceph/pids"), ("tgtd", "tgt"), *extra):
         for pid_file in sorted((d / sub).glob("*.pid")):
             state = "running" if alive(pid_file) else "DEAD"
             ok &= state == "running"
@@ -440,6 +491,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="Einstein worker processes (default 2)")
     parser.add_argument("--nodes", type=int, default=0,
                         help="at least this many HIL nodes in project bmi_infra (extra ones are node-01, ...)")
+    parser.add_argument("--hosts", type=int, default=1,
+                        help="BMI hosts, each with its own Einstein and tgtd (default 1; docs/deployment.md)")
     parser.add_argument("--uefi", default="", metavar="NODES",
                         help="with --boot: these nodes (comma list, or 'all') boot with UEFI firmware (OVMF)")
     args = parser.parse_args()
@@ -453,7 +506,9 @@ def main() -> int:
         restart(d, args.service)
         return 0
     if args.command == "up":
-        up(d, args.boot or args.http_boot, args.http_boot, args.workers, args.nodes, uefi)
+        if not 1 <= args.hosts <= 50:
+            parser.error("--hosts must be 1-50")
+        up(d, args.boot or args.http_boot, args.http_boot, args.workers, args.nodes, uefi, args.hosts)
         print(d / "env")
         return 0
     if args.command == "down":

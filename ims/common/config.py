@@ -129,6 +129,14 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
     "journal": {
         "retry_seconds": (float, 30.0),
     },
+    "host": {
+        # Several hosts (ims/einstein/hosts.py, docs/deployment.md): this Einstein host's name in the
+        # database (empty = the machine's hostname), how often it heart-beats, and after how long
+        # without a heartbeat another host takes its nodes over.
+        "name": (str, ""),
+        "heartbeat_seconds": (float, 2.0),
+        "dead_after_seconds": (float, 10.0),
+    },
     "scheduler": {
         # Asynchronous operations running at once, across all workers, per iSCSI gateway
         # ([iscsi] ip:port) and per storage cluster ([fs]); the rest wait, fairly across projects.

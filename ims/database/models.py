@@ -74,6 +74,9 @@ class Provision(Base):
     # None for rows older than this column (deprovision then detaches if attached, as before).
     connected: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Several hosts (ims/einstein/hosts.py): the host whose tgt gateway exports this node's target;
+    # None for rows older than the column (the one host of a single-host deployment).
+    gateway: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class Operation(Base):
@@ -132,3 +135,23 @@ class Task(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class Host(Base):
+    """An Einstein host (ims/einstein/hosts.py): its tgt portal, its RPC name server, its heartbeat.
+
+    ``epoch`` grows at every (re)start of the host and when another host takes it over
+    (``state`` ``dead``): a host whose heartbeat no longer matches its epoch has been fenced.
+    """
+
+    __tablename__ = "host"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    portal: Mapped[str] = mapped_column(String(128), nullable=False)     # tgt portal ip:port
+    rpc: Mapped[str] = mapped_column(String(128), nullable=False)        # Pyro name server ip:port
+    epoch: Mapped[int] = mapped_column(Integer, nullable=False, default=1)
+    state: Mapped[str] = mapped_column(String(16), nullable=False, default="up")  # up | dead
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    taken_over_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    taken_over_by: Mapped[str | None] = mapped_column(String(64), nullable=True)

@@ -74,10 +74,15 @@ def _proc_start_time(pid: int) -> str:
         return "?"
 
 
+# Several hosts (set by ims/einstein/hosts.py): this host's name in owner strings ([host] name),
+# and how another host's owner is judged (alive while that host's heartbeat is fresh).
+HOST: dict[str, Any] = {"name": socket.gethostname(), "alive": None}
+
+
 def current_owner() -> str:
     """``host:pid:starttime`` of this process (start time guards against pid reuse)."""
     pid = os.getpid()
-    return f"{socket.gethostname()}:{pid}:{_proc_start_time(pid)}"
+    return f"{HOST['name']}:{pid}:{_proc_start_time(pid)}"
 
 
 def owner_alive(owner: str) -> bool:
@@ -87,8 +92,9 @@ def owner_alive(owner: str) -> bool:
         pid = int(pid_s)
     except ValueError:
         return False
-    if host != socket.gethostname():
-        return True  # another host's process: not ours to judge
+    if host != HOST["name"]:
+        remote = HOST["alive"]  # another host's process: alive while its host heart-beats
+        return True if remote is None else bool(remote(host))
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
             fields = fh.read().rsplit(")", 1)[1].split()

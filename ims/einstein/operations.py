@@ -16,6 +16,7 @@ from typing import Any
 
 from ims.common.config import BMIConfig
 from ims.common.errors import Forbidden
+from ims.einstein import hosts, routing
 from ims.einstein.boot import BootFiles
 from ims.einstein.iscsi.base import IscsiTarget
 from ims.einstein.journal import RecoveryContext
@@ -43,6 +44,8 @@ class Operations:
     def __init__(self, cfg: BMIConfig, storage: Storage, iscsi: IscsiTarget, boot: BootFiles,
                  net_factory: NetFactory, db_url: str | None = None) -> None:
         self.core = core = Core(cfg, storage, iscsi, boot, net_factory, db_url)
+        # Several hosts (ims/einstein/hosts.py): this host's name in every owner string from here on.
+        self.hosts = hosts.install(cfg, core.sessions, core.engine)
         self.cfg, self.storage, self.iscsi, self.boot = cfg, storage, iscsi, boot
         self.net_factory, self.uid, self.snap = net_factory, core.uid, core.snap
         self.engine, self.sessions, self.journal = core.engine, core.sessions, core.journal
@@ -60,6 +63,7 @@ class Operations:
         # Journal recovery of a dead worker's operations (run under its locks) builds its context
         # here: with [net_isolator] service_* it can undo HIL changes, else it leaves notes.
         setattr(self.journal, "context_factory", core.service_context)  # noqa: B010 - may predate the attribute
+        self.router = routing.Router(self)  # several hosts: node calls run on the node's gateway host
 
     @classmethod
     def from_config(cls, cfg: BMIConfig) -> Operations:
@@ -107,6 +111,11 @@ class Operations:
     def drain_tasks(self, timeout: float) -> bool:
         """On SIGTERM: let this worker's asynchronous operations finish (True) or fail the unstarted ones."""
         return self._tasks.drain(timeout)
+
+    @rpc()
+    def routed_call(self, method: str, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        """A node's call another host forwarded here, its gateway host (ims/einstein/routing.py)."""
+        return self.router.run_here(method, args, kwargs)
 
     # --- asynchronous operations (ims/einstein/tasks.py) -------------------------------
     @rpc()

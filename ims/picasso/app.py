@@ -14,9 +14,9 @@ def create_app(cfg: Any, client: Any = None) -> Flask:
     """Build Picasso.  ``client`` is an EinsteinClient (default: built from ``cfg``) or a test double."""
     status_client = client
     if client is None:
-        from ims.rpc.client import EinsteinClient
+        from ims.picasso.directory import DirectoryClient
 
-        client = EinsteinClient(cfg)
+        client = DirectoryClient(cfg)  # several hosts: falls back to another live host (docs/deployment.md)
         status_client = metrics.status_client(cfg)
     app = Flask("ims.picasso")
     app.json.sort_keys = False  # type: ignore[attr-defined]

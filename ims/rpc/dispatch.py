@@ -10,6 +10,7 @@ from typing import Any
 import Pyro4
 
 from ims.common.errors import BMIError, InvalidInput, ServiceUnavailable, to_wire
+from ims.einstein import routing
 from ims.rpc.methods import ALLOWED_METHODS
 
 LOG = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class EinsteinEndpoint:
             return _unknown()
         if not isinstance(args, (list, tuple)) or not isinstance(kwargs, dict):
             return {"ok": False, "error": InvalidInput("malformed call").to_dict()}
-        func = getattr(self._ops, method)
+        func = routing.resolve(self._ops, method)  # several hosts: a node's call runs on its gateway host
         try:
             # Check the arity before calling so a TypeError raised inside an operation is
             # not mistaken for a bad call (and vice versa).

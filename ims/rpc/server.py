@@ -27,6 +27,7 @@ import Pyro4.naming
 from ims.common import config as bmi_config
 from ims.common import log as bmi_log
 from ims.common.errors import ConfigError
+from ims.einstein import takeover
 from ims.rpc.dispatch import EinsteinEndpoint
 from ims.rpc.methods import DEFAULT_OPS_FACTORY, NAME_PREFIX
 
@@ -216,6 +217,7 @@ class Supervisor:
             # tgtd may have been restarted (and its targets renumbered, or lost) while Einstein was
             # down: re-read every target's tid by IQN and re-create missing ones before anything
             # acts on a target.  Only here, before any worker runs: no operation can race it.
+            takeover.prepare(ops)  # several hosts: join, and drop targets another host took over
             iscsi = getattr(ops, "iscsi", None)
             if iscsi is not None:
                 restored = iscsi.restore()
@@ -276,6 +278,7 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
         self.start_name_server()
+        takeover.start_agent(self.cfg, load_factory(self.factory_spec), self._stop)  # heartbeat, take-over
         try:
             for index in range(self.cfg.rpc.workers):
                 self._spawn(index)

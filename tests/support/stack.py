@@ -96,11 +96,12 @@ class Stack:
 
 @contextlib.contextmanager
 def running_stack(boot: bool = False, http_boot: bool = False, workers: int = 2,
-                  nodes: int = 0) -> Iterator[Stack]:
+                  nodes: int = 0, hosts: int = 1) -> Iterator[Stack]:
     """``nodes``: at least that many HIL nodes in bmi_infra (extra ones are node-01, ...)."""
     directory = Path(tempfile.mkdtemp(prefix="bmi-boot-stack-" if boot else "bmi-stack-test-"))
     argv = [STACK, "up", "--dir", str(directory), "--workers", str(workers), "--nodes", str(nodes)] + \
-        (["--boot"] if boot else []) + (["--http-boot"] if http_boot else [])
+        (["--boot"] if boot else []) + (["--http-boot"] if http_boot else []) + \
+        (["--hosts", str(hosts)] if hosts > 1 else [])
     up = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
     try:
         if up.returncode != 0:

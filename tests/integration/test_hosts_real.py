@@ -1,0 +1,262 @@
+"""Several hosts on REAL daemons: placement by the hash ring, take-over of a killed host, fencing.
+
+Two (and three) Einstein supervisors on this machine, each with its own tgtd (own portal address),
+one Ceph, one SQLite database file, one TFTP directory and the HIL simulator.  Nodes are
+provisioned through ONE host's RPC name server: the calls are routed to each node's gateway.
+Host 2 is then SIGKILLed together with its tgtd: after ``dead_after_seconds`` host 1 takes over:
+host 2's nodes are exported by host 1 (read back with libiscsi: each node's own data), their boot
+files name host 1's portal, and nothing is left unfinished.  Host 2 restarted is fenced: it drops
+the targets it lost and does not export them again.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from ims.database import make_engine, make_session_factory
+from ims.database.models import Host, Image, Lock, Operation, Provision, Task
+from ims.einstein.hosts import HashRing
+from tests.support import iscsi_rw
+from tests.support.ceph import ceph_cluster  # noqa: F401 - fixture
+from tests.support.hil import HILSimulatorError, start_hil_simulator
+from tests.support.multihost import NET, NIC, PROJECT, UID, Cluster, inventory
+
+USER = {"username": "haas", "password": "secret"}
+ADMIN = {"username": "haasadmin", "password": "admin1234"}
+GOLDEN_NAME = "mh-golden"
+NODES = [f"mhnode{i}" for i in range(8)]
+EXTRA = [f"mhextra{i}" for i in range(6)]  # provisions in flight when a host is killed
+INITIATOR = "iqn.2017-10.org.moc.bmi.node:"
+SIZE = 8 << 20
+
+
+def wait_for(what: str, check: Any, timeout: float = 90.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.25)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture()
+def cluster(tmp_path: Path, ceph_cluster) -> Iterator[Cluster]:  # noqa: F811 - the fixture
+    try:
+        hil = start_hil_simulator(inventory(NODES + EXTRA), tmp_path / "hil", action_delay=0.0)
+    except HILSimulatorError as exc:
+        pytest.fail(f"cannot start the HIL simulator: {exc}", pytrace=False)
+    storage = ceph_cluster.storage()
+    c = Cluster(tmp_path, 2, ceph_cluster, hil.url, service_user=("haasadmin", "admin1234"))
+    try:
+        if not storage.image_exists(GOLDEN_NAME):
+            storage.create_image(GOLDEN_NAME, SIZE)
+            storage.write(GOLDEN_NAME, 0, b"G" * 4096)
+        c.start_all()
+        yield c
+    finally:
+        c.stop_all()
+        hil.stop()
+        purge(storage)
+        storage.close()
+
+
+def purge(storage: Any) -> None:
+    """Remove the test's images; a SIGKILLed tgtd's watch on a clone lingers up to 30 s (Ceph's timeout)."""
+    from ims.common.errors import BMIError
+    from tests.support.ceph import purge_images
+
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            purge_images(storage, UID + "img")
+            return
+        except BMIError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+
+
+def unfinished(sessions: Any) -> list[tuple[int, str, str]]:
+    with sessions() as s:
+        return [(o.id, o.kind, o.state) for o in s.scalars(select(Operation).where(
+            Operation.state.in_(("running", "failed"))))]
+
+
+def retry_503(call: Any, timeout: float = 90.0) -> Any:
+    from ims.common.errors import NodeNotProvisioned, ServiceUnavailable
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return call()
+        except NodeNotProvisioned:
+            return None  # an earlier attempt answered 503 but was finished by recovery
+        except ServiceUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+
+
+def unsettled(sessions: Any) -> list[int]:
+    with sessions() as s:
+        return list(s.scalars(select(Task.id).where(Task.state.in_(("queued", "running")))))
+
+
+def db(c: Cluster) -> Any:
+    return make_session_factory(make_engine(f"sqlite:///{c.db_path}"))
+
+
+def node_data(node: str) -> bytes:
+    return (node.encode() + b"!").ljust(512, b"#") * 8
+
+
+def gateways(sessions: Any) -> dict[str, tuple[str, str]]:
+    with sessions() as s:
+        return {p.node: (p.gateway, f"{UID}img{p.image_id}") for p in s.scalars(select(Provision))}
+
+
+def test_nodes_spread_over_hosts_survive_a_killed_host_and_the_returning_host_is_fenced(cluster: Cluster) -> None:
+    c = cluster
+    client = c.client(0)
+    client.create_project(ADMIN, PROJECT, NET)
+    client.import_image(USER, PROJECT, GOLDEN_NAME)
+    for node in NODES:
+        client.provision(USER, PROJECT, node, GOLDEN_NAME, NET, NIC)
+    sessions = db(c)
+    placed = gateways(sessions)
+    expected = HashRing(["host1", "host2"])
+    assert {n: g for n, (g, _c) in placed.items()} == {n: expected.get(n) for n in NODES}
+    on2 = sorted(n for n, (g, _c) in placed.items() if g == "host2")
+    on1 = sorted(n for n, (g, _c) in placed.items() if g == "host1")
+    assert on1 and on2, placed  # the ring spreads them
+    iqn = {n: f"iqn.2017-10.org.moc.bmi:{clone}" for n, (_g, clone) in placed.items()}
+    assert c.live_iqns(0) == sorted(iqn[n] for n in on1)
+    assert c.live_iqns(1) == sorted(iqn[n] for n in on2)
+    for node in NODES:  # each node's own data on its disk, through its own gateway
+        host = c.hosts[0 if node in on1 else 1]
+        assert c.host_of_portal((c.base / "tftp" / f"{node}.ipxe").read_text()) == host.index
+        iscsi_rw.write_lun(host.tgtd.portal, iqn[node], 1, 0, node_data(node), initiator=INITIATOR + node)
+
+    # Asynchronous provisions in flight (the batch is split per host): host 2 dies under its part.
+    client.submit_batch(USER, "provision", [{"project": PROJECT, "node": n, "img": GOLDEN_NAME, "network": NET,
+                                             "nic": NIC} for n in EXTRA])
+    killed_at = time.monotonic()
+    c.kill(1)
+
+    def taken_over() -> bool:
+        now = gateways(sessions)
+        return all(g == "host1" for g, _c in now.values()) and set(iqn.values()) <= set(c.live_iqns(0))
+
+    wait_for("host 1 to take over host 2's nodes", taken_over)
+    took = time.monotonic() - killed_at
+    assert took >= c.dead_after - c.heartbeat  # not before host 2 missed its heartbeats for dead_after
+    # A half-made provision of host 2 is rolled back once Ceph drops the dead tgtd's watch (<= 30 s).
+    wait_for("host 2's operations to be finished", lambda: unfinished(sessions) == [], timeout=150)
+    wait_for("host 2's asynchronous operations to be settled", lambda: unsettled(sessions) == [], timeout=60)
+    wait_for("every provisioned node to be exported by host 1",
+             lambda: sorted(f"iqn.2017-10.org.moc.bmi:{cl}" for _g, cl in gateways(sessions).values())
+             == c.live_iqns(0))
+    extra = {n: v for n, v in gateways(sessions).items() if n in EXTRA}  # all or nothing: made, or not at all
+    for node, (_g, clone) in extra.items():
+        iqn[node] = f"iqn.2017-10.org.moc.bmi:{clone}"
+        assert c.host_of_portal((c.base / "tftp" / f"{node}.ipxe").read_text()) == 0, node
+    for node in set(EXTRA) - set(extra):
+        assert not (c.base / "tftp" / f"{node}.ipxe").exists(), node
+    with sessions() as s:
+        host2 = s.get(Host, "host2")
+        assert host2.state == "dead" and host2.taken_over_by == "host1"
+        epoch_after_takeover = host2.epoch
+        kinds = sorted(s.scalars(select(Operation.kind).where(Operation.state == "done")))
+        assert kinds.count("takeover") >= len(on2)  # one per node host 2 had exported
+        assert s.scalars(select(Lock)).all() == []
+        assert s.scalars(select(Task).where(Task.state.in_(("queued", "running")))).all() == []
+        assert sorted(s.scalars(select(Image.name).where(Image.kind == "node"))) == sorted([*NODES, *extra])
+    for node in NODES:
+        assert c.host_of_portal((c.base / "tftp" / f"{node}.ipxe").read_text()) == 0, node
+        got = iscsi_rw.read_lun(c.hosts[0].tgtd.portal, iqn[node], 1, 0, 8, initiator=INITIATOR + node)
+        assert got == node_data(node), node
+
+    # Host 2 comes back with its conf dir (which still lists the lost targets): it is fenced.
+    c.restart(1)
+    wait_for("host 2 to join again", lambda: _host(sessions, "host2").state == "up")
+    time.sleep(3 * c.heartbeat)
+    assert _host(sessions, "host2").epoch > epoch_after_takeover
+    assert c.live_iqns(1) == []  # it did not re-create what it lost
+    assert sorted(p.name for p in c.hosts[1].conf_dir.glob("*.conf")) == []
+    assert all(g == "host1" for g, _c in gateways(sessions).values())
+    assert c.live_iqns(0) == sorted(iqn.values())
+
+    # Both serve again: a node deprovisioned through host 2 is removed from host 1's gateway,
+    # and provisioned again it lands where the ring of two hosts says.
+    again = on2[0]
+    # The killed tgtd's watch on the clone lingers until Ceph times it out (30 s): until then the
+    # clone cannot be removed and deprovision answers 503 ("try again later"), as it says.
+    retry_503(lambda: c.client(1).deprovision(USER, PROJECT, again, NET, NIC))
+    assert iqn[again] not in c.live_iqns(0)
+    retry_503(lambda: c.client(1).provision(USER, PROJECT, again, GOLDEN_NAME, NET, NIC))
+    assert gateways(sessions)[again][0] == "host2"
+    new_iqn = f"iqn.2017-10.org.moc.bmi:{gateways(sessions)[again][1]}"
+    assert c.live_iqns(1) == [new_iqn]
+    assert c.host_of_portal((c.base / "tftp" / f"{again}.ipxe").read_text()) == 1
+    for node in [*NODES, *extra]:
+        retry_503(lambda node=node: c.client(0).deprovision(USER, PROJECT, node, NET, NIC))
+    assert c.live_iqns(0) == [] and c.live_iqns(1) == []
+    with sessions() as s:
+        assert s.scalars(select(Provision)).all() == []
+
+
+def _host(sessions: Any, name: str) -> Host:
+    with sessions() as s:
+        row = s.get(Host, name)
+        assert row is not None
+        return row
+
+
+def test_a_stalled_host_is_taken_over_and_when_it_wakes_up_it_is_fenced(cluster: Cluster) -> None:
+    """Host 2 hangs (SIGSTOP) while its tgtd keeps exporting: host 1 takes its nodes over; when host 2
+    wakes up its heartbeat is refused (epoch moved on): it stops its workers, removes the targets it
+    lost from its still-running tgtd, and joins again without taking anything back."""
+    c = cluster
+    client = c.client(0)
+    client.create_project(ADMIN, PROJECT, NET)
+    client.import_image(USER, PROJECT, GOLDEN_NAME)
+    ring = HashRing(["host1", "host2"])
+    chosen = sorted({*NODES[:2], *[n for n in NODES if ring.get(n) == "host2"][:2]})
+    for node in chosen:
+        client.provision(USER, PROJECT, node, GOLDEN_NAME, NET, NIC)
+    sessions = db(c)
+    placed = gateways(sessions)
+    on2 = sorted(n for n, (g, _c) in placed.items() if g == "host2")
+    assert on2, placed
+    iqn = {n: f"iqn.2017-10.org.moc.bmi:{clone}" for n, (_g, clone) in placed.items()}
+    node = on2[0]
+    iscsi_rw.write_lun(c.hosts[1].tgtd.portal, iqn[node], 1, 0, node_data(node), initiator=INITIATOR + node)
+    epoch = _host(sessions, "host2").epoch
+    c.stall(1)
+    try:
+        wait_for("host 1 to take over the stalled host 2",
+                 lambda: all(g == "host1" for g, _c in gateways(sessions).values())
+                 and c.live_iqns(0) == sorted(iqn.values()))
+        assert c.live_iqns(1) == sorted(iqn[n] for n in on2)  # its tgtd still runs: this is what fencing fixes
+    finally:
+        c.resume(1)
+    wait_for("host 2 to drop the targets it lost", lambda: c.live_iqns(1) == [])
+    wait_for("host 2 to join again", lambda: _host(sessions, "host2").state == "up")
+    assert _host(sessions, "host2").epoch >= epoch + 2  # taken over, then joined again
+    c.wait_serving(c.hosts[1])  # its workers were restarted
+    assert "killed fenced worker process(es)" in (c.hosts[1].dir / "logs" / "ims.log").read_text()
+    time.sleep(3 * c.heartbeat)
+    assert c.live_iqns(1) == [] and c.live_iqns(0) == sorted(iqn.values())
+    assert all(g == "host1" for g, _c in gateways(sessions).values())
+    got = iscsi_rw.read_lun(c.hosts[0].tgtd.portal, iqn[node], 1, 0, 8, initiator=INITIATOR + node)
+    assert got == node_data(node)
+    wait_for("no unfinished operation", lambda: unfinished(sessions) == [])
+    for n in chosen:
+        retry_503(lambda n=n: c.client(1).deprovision(USER, PROJECT, n, NET, NIC))
+    assert c.live_iqns(0) == [] and c.live_iqns(1) == []
