@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import create_engine, event, inspect, select, text, update
+from sqlalchemy import create_engine, event, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -225,14 +225,6 @@ def _reader_engine(engine: Any) -> Any:
     return reader
 
 
-def ensure_schema(engine: Any) -> None:
-    """Databases made before several hosts: add ``provision.gateway`` (portable ALTER TABLE)."""
-    cols = {c["name"] for c in inspect(engine).get_columns("provision")}
-    if "gateway" not in cols:
-        with engine.begin() as conn:
-            conn.execute(text("ALTER TABLE provision ADD COLUMN gateway VARCHAR(64)"))
-
-
 def _stamp_gateway(_mapper: Any, _conn: Any, target: Provision) -> None:
     hosts = _CURRENT.get("hosts")
     if target.gateway is None and hosts is not None:
@@ -241,7 +233,6 @@ def _stamp_gateway(_mapper: Any, _conn: Any, target: Provision) -> None:
 
 def install(cfg: Any, sessions: sessionmaker[Session], engine: Any) -> Hosts:
     """This process is host ``[host] name``: owner strings, owner liveness and gateway stamping."""
-    ensure_schema(engine)
     hosts = Hosts(cfg, sessions, engine)
     first = "hosts" not in _CURRENT
     _CURRENT["hosts"] = hosts
