@@ -60,6 +60,7 @@ from ims.einstein.iscsi.tgt_conf import (
     LiveTarget,
     TargetSpec,
     check_backing,
+    check_chap,
     check_initiators,
     parse_conf,
     parse_show,
@@ -83,6 +84,7 @@ GONE_SECONDS = 2.0
 
 _EXISTS = "already exists"
 _NO_TARGET = "can't find the target"
+_NO_ACCOUNT = "can't find the account"
 
 
 class TgtTarget(IscsiTarget):
@@ -119,8 +121,12 @@ class TgtTarget(IscsiTarget):
         return os.path.join(self.conf_dir, validate_name(target, "target") + ".conf")
 
     def add_target(self, target: str, backing: Backing, initiators: list[str] | None = None,
-                   initiator_names: list[str] | None = None) -> None:
-        """Export ``backing`` as ``iqn(target)``; touches only this target.
+                   initiator_names: list[str] | None = None, chap: tuple[str, str] | None = None) -> None:
+        """Export ``backing`` as ``iqn(target)``; touches only this target (and its own CHAP account).
+
+        ``chap`` is ``(user, secret)``: the account is created and bound as the target's
+        ``incominguser`` (and written to the 0600 conf file), so only an initiator that knows
+        the secret logs in.  The user name must be this target's own (one account per target).
 
         :raises TargetExists: the name has a conf file or a live tgt target (left untouched).
         :raises IscsiError: tgtd failed or is down (a half-made target is deleted first).
@@ -128,7 +134,9 @@ class TgtTarget(IscsiTarget):
         """
         addresses, names = check_initiators(initiators, initiator_names)
         spec = TargetSpec(name=target, iqn=self.iqn(target), backing=check_backing(backing), lun=self.lun,
-                          initiators=addresses, initiator_names=names)
+                          initiators=addresses, initiator_names=names, chap=check_chap(chap))
+        if spec.chap is not None and spec.chap[0] != target:
+            raise InvalidInput(f"the CHAP user of target {target} must be named after it")
         path = self.conf_path(target)
         if os.path.exists(path):
             raise TargetExists(f"iSCSI target {target} already exists")
@@ -139,7 +147,8 @@ class TgtTarget(IscsiTarget):
         except BaseException:
             self._delete_by_iqn(spec.iqn)
             raise
-        LOG.info("iSCSI target %s added (tid %s, %s %s)", spec.iqn, spec.tid, backing.bstype, backing.path)
+        LOG.info("iSCSI target %s added (tid %s, %s %s%s)", spec.iqn, spec.tid, backing.bstype, backing.path,
+                 f", CHAP user {spec.chap[0]}" if spec.chap else "")
 
     def remove_target(self, target: str) -> None:
         """Delete the target carrying ``iqn(target)`` (even with live sessions) and its conf file.
@@ -155,6 +164,10 @@ class TgtTarget(IscsiTarget):
         if spec is None and gone is not None and time.monotonic() - gone < GONE_SECONDS:
             raise TargetNotFound(f"iSCSI target {target} does not exist")
         tid = self._delete_by_iqn(iqn)
+        if spec is None or spec.chap is not None:
+            # tgt keeps accounts when their target goes: delete this target's own account (named
+            # after the target, so without a conf file its name is still known).
+            self._delete_account(spec.chap[0] if spec is not None and spec.chap else target)
         if tid is None and spec is None:
             raise TargetNotFound(f"iSCSI target {target} does not exist")
         self._unlink_conf(path)
@@ -174,6 +187,11 @@ class TgtTarget(IscsiTarget):
         if live.tid != spec.tid:
             self._rewrite_tid(target, live.tid)
         return True
+
+    def chap_user(self, target: str) -> str | None:
+        """The CHAP user the target's conf file records (None: no CHAP); never the secret."""
+        spec = self._read_spec_quietly(validate_name(target, "target"))
+        return spec.chap[0] if spec is not None and spec.chap is not None else None
 
     def live_target(self, target: str) -> LiveTarget | None:
         """What tgtd has right now under ``iqn(target)`` (tid, backing stores, ACL), or None."""
@@ -266,7 +284,7 @@ class TgtTarget(IscsiTarget):
                 raise IscsiError(
                     f"tgtd is not running or not reachable (control port {self.control_port}): start tgtd "
                     f"(e.g. 'systemctl start tgt' or scripts/tgtd-dev) and retry") from exc
-            if ok_missing and _NO_TARGET in err:
+            if ok_missing and (_NO_TARGET in err or _NO_ACCOUNT in err):
                 return None
             if ok_exists and _EXISTS in err:
                 return None
@@ -284,11 +302,17 @@ class TgtTarget(IscsiTarget):
         try:
             self._configure(spec)
             live = self._show_all().get(spec.iqn)
-            if live is None or live.tid != spec.tid or live.backing_stores.get(spec.lun) != spec.backing.path:
+            if live is None or live.tid != spec.tid or live.backing_stores.get(spec.lun) != spec.backing.path \
+                    or (spec.chap is not None and spec.chap[0] not in live.accounts):
                 raise IscsiError(f"iSCSI target {spec.iqn} changed while it was being added "
                                  "(tgtd restarted?); retry")
         except BaseException:
             self._delete_by_iqn(spec.iqn, quiet=True)
+            if spec.chap is not None:
+                try:
+                    self._delete_account(spec.chap[0])
+                except IscsiError as exc:
+                    LOG.warning("could not delete the CHAP account of half-made target %s: %s", spec.iqn, exc)
             raise
 
     def _new_target(self, iqn: str, name: str, first: int | None = None) -> int:
@@ -333,6 +357,26 @@ class TgtTarget(IscsiTarget):
             self._run("--op", "bind", "--mode", "target", "--tid", tid, "-I", address)
         for name in spec.initiator_names:
             self._run("--op", "bind", "--mode", "target", "--tid", tid, "-Q", name)
+        if spec.chap is not None:
+            self._bind_account(tid, *spec.chap)
+
+    def _bind_account(self, tid: str, user: str, secret: str) -> None:
+        """Create the target's CHAP account and bind it as ``incominguser`` of ``tid``.
+
+        The account is named after this target alone, so one that already exists is ours: a
+        leftover of a half-made or restored target, or made by tgt-admin from the conf file.
+        Its secret cannot be read back, so it is replaced.  (tgtadm takes the secret on its
+        argv only; ims.common.process masks it in logs.)
+        """
+        if self._run("--op", "new", "--mode", "account", "--user", user, "--password", secret,
+                     ok_exists=True) is None:
+            self._delete_account(user)
+            self._run("--op", "new", "--mode", "account", "--user", user, "--password", secret)
+        self._run("--op", "bind", "--mode", "account", "--tid", tid, "--user", user)
+
+    def _delete_account(self, user: str) -> None:
+        """Delete a CHAP account (tgtd unbinds it from every target first); absent is fine."""
+        self._run("--op", "delete", "--mode", "account", "--user", user, ok_missing=True)
 
     def _delete_by_iqn(self, iqn: str, quiet: bool = False) -> int | None:
         """Delete the live target carrying ``iqn``; returns the tid deleted, None if none was live.

@@ -24,7 +24,7 @@ from ims.einstein.boot import MAC_SCRIPT_DIR
 from ims.einstein.journal import RecoveryContext
 from ims.einstein.ops.core import Auth, Core
 from ims.einstein.ops.provisioning import boot_params
-from ims.einstein.ops.steps import Steps, ensure_target, remove_snapshot
+from ims.einstein.ops.steps import Steps, ensure_target, remove_snapshot, write_boot
 
 LOG = logging.getLogger(__name__)
 
@@ -273,8 +273,7 @@ class Reconcile:
                     # nothing to boot: a file pointing at a missing clone only misleads the node
                     return bool(core.boot.remove(p.node, p.mac))
                 owner = p.node if p.kind == "node" else p.disk
-                params = boot_params(core, p.node, p.mac, p.label, p.clone, owner)
-                core.boot.write(params["node"], params["mac"], params["label"], params["iqn"], params["initiator"])
+                write_boot(core, boot_params(core, p.node, p.mac, p.label, p.clone, owner))
                 return True
 
             self._guarded(report, f"rewrite boot files of {node}", [f"node:{node}", *locks], [node, *tokens],
