@@ -34,6 +34,14 @@ class IscsiTarget(abc.ABC):
         """The incoming CHAP user the target was made with (None: none, or not known)."""
         return None
 
+    def chap_drift(self, target: str, chap: tuple[str, str] | None) -> str | None:
+        """Why the live target's CHAP account differs from ``chap`` (None: as expected, or not known)."""
+        return None
+
+    def repair_chap(self, target: str, chap: tuple[str, str]) -> None:
+        """Re-create and bind ``target``'s CHAP account (and record it) without touching its sessions."""
+        raise NotImplementedError
+
     @abc.abstractmethod
     def remove_target(self, target: str) -> None:
         """Remove the target carrying ``iqn(target)``, its CHAP account and conf file; never another target.

@@ -193,6 +193,55 @@ class TgtTarget(IscsiTarget):
         spec = self._read_spec_quietly(validate_name(target, "target"))
         return spec.chap[0] if spec is not None and spec.chap is not None else None
 
+    def chap_drift(self, target: str, chap: tuple[str, str] | None) -> str | None:
+        """Compare the target's conf file and live account binding with ``chap`` (one show).
+
+        tgt never shows a secret, so a live account with another secret is only seen through
+        the conf file (what a restart would load).  Never returns the secret itself.
+        """
+        spec = self._read_spec_quietly(validate_name(target, "target"))
+        live = self._show_all().get(self.iqn(target))
+        if spec is None or live is None:
+            return None  # a missing target is reported (and re-added) elsewhere
+        if chap is None:
+            return f"CHAP user(s) {', '.join(live.accounts)} bound, none expected" if live.accounts else None
+        if spec.chap is None:
+            return "its conf file has no incominguser"
+        if spec.chap != chap:
+            return "its conf file has another CHAP account or secret"
+        if live.accounts != [chap[0]]:
+            bound = ", ".join(live.accounts) or "no account"
+            return f"tgtd has {bound} bound instead of CHAP user {chap[0]}"
+        return None
+
+    def repair_chap(self, target: str, chap: tuple[str, str]) -> None:
+        """Record ``chap`` in the conf file and (re-)bind it on the live target, by IQN.
+
+        Sessions already logged in stay: CHAP is checked at login only.
+        :raises TargetNotFound: no conf file or no live target.
+        """
+        account = check_chap(chap)
+        assert account is not None
+        if account[0] != target:
+            raise InvalidInput(f"the CHAP user of target {target} must be named after it")
+        path = self.conf_path(target)
+        spec = self._read_spec(target)
+        live = self._show_all().get(self.iqn(target))
+        if spec is None or live is None:
+            raise TargetNotFound(f"iSCSI target {target} does not exist")
+        if spec.chap != account:
+            spec.chap, spec.tid = account, live.tid
+            atomic_write(path, render_conf(spec, self._template), 0o600)
+        for user in live.accounts:
+            if user != account[0]:
+                self._run("--op", "unbind", "--mode", "account", "--tid", str(live.tid), "--user", user,
+                          ok_missing=True)
+        self._bind_account(str(live.tid), *account)
+        after = self._show_all().get(spec.iqn)
+        if after is None or after.accounts != [account[0]]:
+            raise IscsiError(f"iSCSI target {spec.iqn} changed while its CHAP account was repaired; retry")
+        LOG.info("iSCSI target %s: CHAP user %s re-bound", spec.iqn, account[0])
+
     def live_target(self, target: str) -> LiveTarget | None:
         """What tgtd has right now under ``iqn(target)`` (tid, backing stores, ACL), or None."""
         return self._show_all().get(self.iqn(target))
