@@ -199,13 +199,15 @@ def test_provision_chap_end_to_end(env: RealEnv, caplog: pytest.LogCaptureFixtur
     # drift: the node's account deleted behind BMI's back is reported, and --repair re-binds it
     subprocess.run(["tgtadm", "-C", str(env.tgtd.control_port), "--op", "delete", "--mode", "account",
                     "--user", c1], check=True, capture_output=True)
-    assert "Authentication failure" in refused(portal, drv.iqn(c1), who1, (c1, s1))
+    # tgtd then lets ANY login in without CHAP: the drift that matters
+    assert iscsi_rw.read_lun(portal, drv.iqn(c1), 1, 0, 8, initiator=who1, chap=None) == GOLDEN[:4096]
     report = ops.reconcile(ADMIN)
     assert report["targets_without_chap"] == [c1] and any(c1 in n for n in report["notes"])
     report = ops.reconcile(ADMIN, repair=True)
     assert f"re-bind the CHAP account of target {c1}" in report["actions"]
     assert ops.reconcile(ADMIN)["targets_without_chap"] == []
     assert iscsi_rw.read_lun(portal, drv.iqn(c1), 1, 0, 8, initiator=who1, chap=(c1, s1)) == GOLDEN[:4096]
+    assert "Authentication failure" in refused(portal, drv.iqn(c1), who1, None)
 
     # deprovision removes the node's account, never the neighbour's
     ops.deprovision(USER, "bmi_infra", NODE, NET, NIC)
