@@ -460,6 +460,13 @@ class Chaos:
     def initiator(self, node: str) -> str:
         return self.cfg.iscsi.initiator_iqn_prefix + node
 
+    def chap(self, clone: str) -> tuple[str, str] | None:
+        """The target's CHAP account as its node's iPXE script has it (from the 0600 conf file)."""
+        try:
+            return iscsi_rw.conf_chap(os.path.join(self.cfg.iscsi.conf_dir, clone + ".conf"))
+        except OSError:
+            return None
+
     def clone_of(self, node: str) -> tuple[bool, str | None]:
         """(answered, Ceph name of the node's clone or None) as the tenant sees it in `db ls`."""
         status, data, _ = self.http("GET", f"/v1/db/images?project={PROJECT}&name={node}", timeout=30)
@@ -487,7 +494,7 @@ class Chaos:
                 data = f"CHAOS {node} {seq}".encode().ljust(iscsi_rw.BLOCK_SIZE, b"\0")
                 try:
                     iscsi_rw.write_lun(self.portal(), self.iqn(clone), self.cfg.iscsi.lun, 0, data,
-                                       initiator=self.initiator(node))
+                                       initiator=self.initiator(node), chap=self.chap(clone))
                     with self.lock:
                         self.markers[clone] = (node, data)
                     return
@@ -873,7 +880,7 @@ class Chaos:
                 v.append(f"(a) target-state: {node}'s target (tid {t.tid}) is {t.state}")
             try:
                 sector = iscsi_rw.read_lun(self.portal(), iqn, self.cfg.iscsi.lun, 0, 1,
-                                           initiator=self.initiator(node))
+                                           initiator=self.initiator(node), chap=self.chap(clone))
             except iscsi_rw.IscsiIOError as exc:
                 v.append(f"(a) unreadable: {node}'s target does not read as the node: {exc}")
                 continue
