@@ -54,6 +54,7 @@ from ims.common.names import IQN_PREFIX_RE, validate_name
 from ims.common.process import execute
 from ims.einstein.boot import DEFAULT_TEMPLATES_DIR
 from ims.einstein.iscsi.base import IscsiTarget
+from ims.einstein.iscsi.tgt_chap import TgtChap
 from ims.einstein.iscsi.tgt_conf import (
     LUN_LBPPBE,
     NO_ADDRESS,
@@ -87,7 +88,7 @@ _NO_TARGET = "can't find the target"
 _NO_ACCOUNT = "can't find the account"
 
 
-class TgtTarget(IscsiTarget):
+class TgtTarget(TgtChap, IscsiTarget):
     """tgt driver: one target per image, exported as LUN ``lun``.
 
     :param conf_dir: where the per-target conf files (and the tid counter) live.
@@ -187,60 +188,6 @@ class TgtTarget(IscsiTarget):
         if live.tid != spec.tid:
             self._rewrite_tid(target, live.tid)
         return True
-
-    def chap_user(self, target: str) -> str | None:
-        """The CHAP user the target's conf file records (None: no CHAP); never the secret."""
-        spec = self._read_spec_quietly(validate_name(target, "target"))
-        return spec.chap[0] if spec is not None and spec.chap is not None else None
-
-    def chap_drift(self, target: str, chap: tuple[str, str] | None) -> str | None:
-        """Compare the target's conf file and live account binding with ``chap`` (one show).
-
-        tgt never shows a secret, so a live account with another secret is only seen through
-        the conf file (what a restart would load).  Never returns the secret itself.
-        """
-        spec = self._read_spec_quietly(validate_name(target, "target"))
-        live = self._show_all().get(self.iqn(target))
-        if spec is None or live is None:
-            return None  # a missing target is reported (and re-added) elsewhere
-        if chap is None:
-            return f"CHAP user(s) {', '.join(live.accounts)} bound, none expected" if live.accounts else None
-        if spec.chap is None:
-            return "its conf file has no incominguser"
-        if spec.chap != chap:
-            return "its conf file has another CHAP account or secret"
-        if live.accounts != [chap[0]]:
-            bound = ", ".join(live.accounts) or "no account"
-            return f"tgtd has {bound} bound instead of CHAP user {chap[0]}"
-        return None
-
-    def repair_chap(self, target: str, chap: tuple[str, str]) -> None:
-        """Record ``chap`` in the conf file and (re-)bind it on the live target, by IQN.
-
-        Sessions already logged in stay: CHAP is checked at login only.
-        :raises TargetNotFound: no conf file or no live target.
-        """
-        account = check_chap(chap)
-        assert account is not None
-        if account[0] != target:
-            raise InvalidInput(f"the CHAP user of target {target} must be named after it")
-        path = self.conf_path(target)
-        spec = self._read_spec(target)
-        live = self._show_all().get(self.iqn(target))
-        if spec is None or live is None:
-            raise TargetNotFound(f"iSCSI target {target} does not exist")
-        if spec.chap != account:
-            spec.chap, spec.tid = account, live.tid
-            atomic_write(path, render_conf(spec, self._template), 0o600)
-        for user in live.accounts:
-            if user != account[0]:
-                self._run("--op", "unbind", "--mode", "account", "--tid", str(live.tid), "--user", user,
-                          ok_missing=True)
-        self._bind_account(str(live.tid), *account)
-        after = self._show_all().get(spec.iqn)
-        if after is None or after.accounts != [account[0]]:
-            raise IscsiError(f"iSCSI target {spec.iqn} changed while its CHAP account was repaired; retry")
-        LOG.info("iSCSI target %s: CHAP user %s re-bound", spec.iqn, account[0])
 
     def live_target(self, target: str) -> LiveTarget | None:
         """What tgtd has right now under ``iqn(target)`` (tid, backing stores, ACL), or None."""
@@ -408,24 +355,6 @@ class TgtTarget(IscsiTarget):
             self._run("--op", "bind", "--mode", "target", "--tid", tid, "-Q", name)
         if spec.chap is not None:
             self._bind_account(tid, *spec.chap)
-
-    def _bind_account(self, tid: str, user: str, secret: str) -> None:
-        """Create the target's CHAP account and bind it as ``incominguser`` of ``tid``.
-
-        The account is named after this target alone, so one that already exists is ours: a
-        leftover of a half-made or restored target, or made by tgt-admin from the conf file.
-        Its secret cannot be read back, so it is replaced.  (tgtadm takes the secret on its
-        argv only; ims.common.process masks it in logs.)
-        """
-        if self._run("--op", "new", "--mode", "account", "--user", user, "--password", secret,
-                     ok_exists=True) is None:
-            self._delete_account(user)
-            self._run("--op", "new", "--mode", "account", "--user", user, "--password", secret)
-        self._run("--op", "bind", "--mode", "account", "--tid", tid, "--user", user)
-
-    def _delete_account(self, user: str) -> None:
-        """Delete a CHAP account (tgtd unbinds it from every target first); absent is fine."""
-        self._run("--op", "delete", "--mode", "account", "--user", user, ok_missing=True)
 
     def _delete_by_iqn(self, iqn: str, quiet: bool = False) -> int | None:
         """Delete the live target carrying ``iqn``; returns the tid deleted, None if none was live.
