@@ -172,3 +172,31 @@ def test_chap_off_makes_no_secret(tmp_path) -> None:
         assert "password" not in (env.tftp / "bmi_node.ipxe").read_text()
     finally:
         env.ops.close()
+
+
+def test_split_api_disk_and_http_boot_carry_the_disks_secret(tmp_path, caplog) -> None:
+    from ims.picasso.boot import create_boot_app
+
+    env = Env(tmp_path)
+    try:
+        env.cfg.tftp.values["boot_mode"] = "http"
+        env.cfg.boot_http.values["ip"] = "10.77.0.1"
+        ops = env.ops
+        ops.import_image(USER, "bmi_infra", "bmi-test-image")
+        ops.create_disk(USER, "bmi_infra", "disk1", "bmi-test-image")
+        with ops.journal.session() as s:
+            secret = s.scalars(select(Image.chap_secret).where(Image.name == "disk1")).one()
+        assert secret and env.iscsi.targets[ceph(2)]["chap"] == (ceph(2), secret)
+        ops.provision_disk(USER, "bmi_infra", "node2", "disk1", "bmi_port")
+        client = create_boot_app(ops).test_client()
+        r = client.get("/boot/52:54:00:aa:bb:02")
+        assert r.status_code == 200 and f"set username {ceph(2)}\n" in r.text and f"set password {secret}\n" in r.text
+        unknown = client.get("/boot/52:54:00:aa:bb:77")
+        assert unknown.status_code == 404 and "password" not in unknown.text
+        ops.deprovision_disk(USER, "bmi_infra", "node2", "bmi_port")
+        assert client.get("/boot/52:54:00:aa:bb:02").status_code == 404
+        ops.delete_disk(USER, "bmi_infra", "disk1")
+        assert ceph(2) not in env.iscsi.targets
+        assert secret not in caplog.text
+    finally:
+        env.ops.close()
