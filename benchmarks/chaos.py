@@ -791,6 +791,12 @@ class Chaos:
         out, _ = execute("tgtadm", "-C", str(self.cfg.iscsi.control_port), "--lld", "iscsi", "--op", "show",
                          "--mode", "target", timeout=60)
         targets = parse_targets(out)
+        # CHAP accounts (one per target, named after its clone) must go with their targets
+        out, _ = execute("tgtadm", "-C", str(self.cfg.iscsi.control_port), "--lld", "iscsi", "--op", "show",
+                         "--mode", "account", timeout=60)
+        for account in sorted(a.strip() for a in out.splitlines()[1:] if a.strip()):
+            if account.startswith(prefix) and account not in clones:
+                v.append(f"(b) account-without-owner: tgt CHAP account {account} belongs to no provisioned clone")
         iprefix = self.cfg.iscsi.iqn_prefix
         for t in targets:
             name = t.iqn[len(iprefix):] if t.iqn.startswith(iprefix) else None
@@ -884,6 +890,12 @@ class Chaos:
             except iscsi_rw.IscsiIOError as exc:
                 v.append(f"(a) unreadable: {node}'s target does not read as the node: {exc}")
                 continue
+            if self.chap(clone) is not None:
+                try:   # a target with no account bound lets anyone in: the secret must be needed
+                    iscsi_rw.read_lun(self.portal(), iqn, self.cfg.iscsi.lun, 0, 1, initiator=self.initiator(node))
+                    v.append(f"(a) chap: {node}'s target (tid {t.tid}) lets its node in without the CHAP secret")
+                except iscsi_rw.IscsiIOError:
+                    pass
             if clone in self.markers:
                 want_node, data = self.markers[clone]
                 if sector != data:
