@@ -121,6 +121,20 @@ def test_driver_chap_login_restart_restore_and_removal(tmp_path: Path) -> None:
                        chap=("a-node", secrets["a-node"]))
         check_logins()
 
+        # drift seen by reconcile: a conf file with another secret, an account unbound; repair fixes both
+        assert drv.chap_drift("a-node", ("a-node", secrets["a-node"])) is None
+        conf_a = Path(drv.conf_path("a-node"))
+        conf_a.write_text(conf_a.read_text().replace(secrets["a-node"], "OtherOtherOther1"))
+        assert "another CHAP account or secret" in (drv.chap_drift("a-node", ("a-node", secrets["a-node"])) or "")
+        subprocess.run(["tgtadm", "-C", str(instance.control_port), "--op", "unbind", "--mode", "account",
+                        "--tid", str(drv.live_target("a-node").tid), "--user", "a-node"],  # type: ignore[union-attr]
+                       check=True, capture_output=True)
+        drv.repair_chap("a-node", ("a-node", secrets["a-node"]))
+        assert drv.chap_drift("a-node", ("a-node", secrets["a-node"])) is None
+        assert iscsi_rw.conf_chap(conf_a) == ("a-node", secrets["a-node"])
+        assert stat.S_IMODE(conf_a.stat().st_mode) == 0o600
+        check_logins()
+
         # bad accounts are refused before anything is made
         with pytest.raises(InvalidInput):
             drv.add_target("c-node", Backing("rdwr", str(tmp_path / "a-node.img")), ["ALL"], chap=("b-node", "A" * 16))

@@ -409,8 +409,8 @@ class TgtTarget(TgtChap, IscsiTarget):
             LOG.warning("skipping tgt conf file for %s: %s", name, exc)
             return None
 
-    def _rewrite_tid(self, target: str, tid: int | None) -> bool:
-        """Record ``tid`` in the target's conf file; False if the file is gone.
+    def _rewrite_tid(self, target: str, tid: int | None, chap: tuple[str, str] | None = None) -> bool:
+        """Record ``tid`` (and ``chap`` when given) in the target's conf file; False if the file is gone.
 
         Under an flock on the file, and only if the path still names the locked file, so
         a concurrent :meth:`remove_target` (which unlinks under the same lock) is never
@@ -430,8 +430,11 @@ class TgtTarget(TgtChap, IscsiTarget):
                 return False
             with os.fdopen(os.dup(fd), encoding="utf-8") as handle:
                 spec = parse_conf(handle.read(), target)
-            if spec.tid != tid:
+            if spec.tid != tid or (chap is not None and spec.chap != chap):
                 spec.tid = tid
+                if chap is not None:
+                    spec.chap = chap
+                    LOG.info("iSCSI target %s: incominguser rewritten (CHAP user %s)", spec.iqn, chap[0])
                 atomic_write(path, render_conf(spec, self._template), 0o600)
                 LOG.info("iSCSI target %s: tid line rewritten to %s", spec.iqn, tid)
             return True

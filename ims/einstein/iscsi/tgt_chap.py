@@ -11,26 +11,24 @@ import logging
 from typing import TYPE_CHECKING
 
 from ims.common.errors import InvalidInput, IscsiError, TargetNotFound
-from ims.common.fileutil import atomic_write
 from ims.common.names import validate_name
 from ims.einstein.iscsi.chap import check_chap
-from ims.einstein.iscsi.tgt_conf import LiveTarget, TargetSpec, render_conf
+from ims.einstein.iscsi.tgt_conf import LiveTarget, TargetSpec
 
 LOG = logging.getLogger(__name__)
 
 
 class TgtChap:
-    """Needs the driver's ``_run``, ``_show_all``, ``_read_spec(_quietly)``, ``iqn``, ``conf_path``, ``_template``."""
+    """Needs the driver's ``_run``, ``_show_all``, ``_read_spec(_quietly)``, ``_rewrite_tid`` and ``iqn``."""
 
     if TYPE_CHECKING:
-        _template: str
-
         def iqn(self, target: str) -> str: ...
         def conf_path(self, target: str) -> str: ...
         def _run(self, *args: str, ok_missing: bool = False, ok_exists: bool = False) -> str | None: ...
         def _show_all(self) -> dict[str, LiveTarget]: ...
         def _read_spec(self, target: str) -> TargetSpec | None: ...
         def _read_spec_quietly(self, name: str) -> TargetSpec | None: ...
+        def _rewrite_tid(self, target: str, tid: int | None, chap: tuple[str, str] | None = None) -> bool: ...
 
     def chap_user(self, target: str) -> str | None:
         """The CHAP user the target's conf file records (None: no CHAP); never the secret."""
@@ -68,14 +66,11 @@ class TgtChap:
         assert account is not None
         if account[0] != target:
             raise InvalidInput(f"the CHAP user of target {target} must be named after it")
-        path = self.conf_path(target)
         spec = self._read_spec(target)
         live = self._show_all().get(self.iqn(target))
-        if spec is None or live is None:
+        # under the conf file's flock, like every rewrite (a concurrent remove is never undone)
+        if spec is None or live is None or not self._rewrite_tid(target, live.tid, chap=account):
             raise TargetNotFound(f"iSCSI target {target} does not exist")
-        if spec.chap != account:
-            spec.chap, spec.tid = account, live.tid
-            atomic_write(path, render_conf(spec, self._template), 0o600)
         for user in live.accounts:
             if user != account[0]:
                 self._run("--op", "unbind", "--mode", "account", "--tid", str(live.tid), "--user", user,
