@@ -200,3 +200,26 @@ def test_split_api_disk_and_http_boot_carry_the_disks_secret(tmp_path, caplog) -
         assert secret not in caplog.text
     finally:
         env.ops.close()
+
+
+def test_a_database_of_an_earlier_release_gets_the_column(tmp_path) -> None:
+    import sqlite3
+
+    env = Env(tmp_path)
+    env.ops.close()
+    with sqlite3.connect(tmp_path / "bmi.db") as db:
+        db.execute("ALTER TABLE image DROP COLUMN chap_secret")
+        assert "chap_secret" not in [r[1] for r in db.execute("PRAGMA table_info(image)")]
+    again = Env(tmp_path / "again")   # drivers for a worker of this release opening that database
+    try:
+        from ims.einstein.operations import Operations
+
+        ops = Operations(again.cfg, again.storage, again.iscsi, again.ops.boot, again.hil.client,
+                         db_url=f"sqlite:///{tmp_path}/bmi.db")
+        try:
+            with sqlite3.connect(tmp_path / "bmi.db") as db:
+                assert "chap_secret" in [r[1] for r in db.execute("PRAGMA table_info(image)")]
+        finally:
+            ops.close()
+    finally:
+        again.ops.close()
