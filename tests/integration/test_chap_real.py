@@ -240,3 +240,53 @@ def test_provision_chap_end_to_end(env: RealEnv, caplog: pytest.LogCaptureFixtur
         assert secret not in logged and secret not in journal and secret not in tasks
         assert secret not in listing and secret not in log_files
         assert secret not in caplog.text
+
+
+class Boom(Exception):
+    pass
+
+
+def test_a_failed_provision_leaves_no_account_and_a_failed_dpro_keeps_it(env: RealEnv) -> None:
+    """Fault injection at every step of pro after the target exists: the roll-back removes the
+    target's account with it; a dpro rolled back before its commit point re-adds the target with
+    the SAME secret (the node's boot script still works)."""
+    ops, drv = env.ops, env.ops.iscsi
+    assert isinstance(drv, TgtTarget)
+    ops.import_image(USER, "bmi_infra", "bmi-test-image")
+    steps: list[tuple[str, str]] = []
+    ops.journal.fault_hook = lambda name, phase: steps.append((name, phase))
+    ops.provision(USER, "bmi_infra", NODE, "bmi-test-image", NET, NIC)
+    ops.journal.fault_hook = None
+    ops.deprovision(USER, "bmi_infra", NODE, NET, NIC)
+    assert accounts(env.tgtd) == []
+    after_target = steps[steps.index(("iscsi.add_target", "after")):]
+    for name, phase in [s for s in after_target if s[0] != "commit"][:3]:
+        def hook(n: str, p: str, at: tuple[str, str] = (name, phase)) -> None:
+            if (n, p) == at:
+                raise Boom(f"injected at {n}/{p}")
+
+        ops.journal.fault_hook = hook
+        with pytest.raises(Boom):
+            ops.provision(USER, "bmi_infra", NODE, "bmi-test-image", NET, NIC)
+        ops.journal.fault_hook = None
+        assert accounts(env.tgtd) == [] and env.tgt_targets() == [], f"fault at {name}/{phase}"
+
+    ops.provision(USER, "bmi_infra", NODE, "bmi-test-image", NET, NIC)
+    clone, secret = row_of(env, NODE)
+    assert secret is not None
+
+    def fail_dpro(n: str, p: str) -> None:
+        if (n, p) == ("iscsi.remove_target", "after"):
+            raise Boom("injected")
+
+    ops.journal.fault_hook = fail_dpro
+    with pytest.raises(Boom):
+        ops.deprovision(USER, "bmi_infra", NODE, NET, NIC)
+    ops.journal.fault_hook = None
+    assert accounts(env.tgtd) == [clone] and row_of(env, NODE) == (clone, secret)
+    assert iscsi_rw.conf_chap(drv.conf_path(clone)) == (clone, secret)
+    assert iscsi_rw.read_lun(env.tgtd.portal, drv.iqn(clone), 1, 0, 8, initiator=NODE_PREFIX + NODE,
+                             chap=(clone, secret)) == GOLDEN[:4096]
+    assert "Authentication failure" in refused(env.tgtd.portal, drv.iqn(clone), NODE_PREFIX + NODE, None)
+    ops.deprovision(USER, "bmi_infra", NODE, NET, NIC)
+    assert accounts(env.tgtd) == []
