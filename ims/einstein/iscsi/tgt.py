@@ -255,6 +255,8 @@ class TgtTarget(TgtChap, IscsiTarget):
             if not self._rewrite_tid(name, spec.tid):
                 # The conf file went away meanwhile (remove_target): do not resurrect the target.
                 self._delete_by_iqn(spec.iqn)
+                if spec.chap is not None:
+                    self._delete_account(spec.chap[0])
                 continue
             assert spec.tid is not None
             live[spec.iqn] = LiveTarget(tid=spec.tid, iqn=spec.iqn)
