@@ -466,6 +466,13 @@ class Chaos:
     def initiator(self, node: str) -> str:
         return self.cfg.iscsi.initiator_iqn_prefix + node
 
+    def chap(self, clone: str) -> tuple[str, str] | None:
+        """The target's CHAP account as its node's iPXE script has it (from the 0600 conf file)."""
+        try:
+            return iscsi_rw.conf_chap(os.path.join(self.cfg.iscsi.conf_dir, clone + ".conf"))
+        except OSError:
+            return None
+
     def clone_of(self, node: str) -> tuple[bool, str | None]:
         """(answered, Ceph name of the node's clone or None) as the tenant sees it in `db ls`."""
         status, data, _ = self.http("GET", f"/v1/db/images?project={PROJECT}&name={node}", timeout=30)
@@ -493,7 +500,7 @@ class Chaos:
                 data = f"CHAOS {node} {seq}".encode().ljust(iscsi_rw.BLOCK_SIZE, b"\0")
                 try:
                     iscsi_rw.write_lun(self.portal(), self.iqn(clone), self.cfg.iscsi.lun, 0, data,
-                                       initiator=self.initiator(node))
+                                       initiator=self.initiator(node), chap=self.chap(clone))
                     with self.lock:
                         self.markers[clone] = (node, data)
                     return
@@ -790,6 +797,12 @@ class Chaos:
         out, _ = execute("tgtadm", "-C", str(self.cfg.iscsi.control_port), "--lld", "iscsi", "--op", "show",
                          "--mode", "target", timeout=60)
         targets = parse_targets(out)
+        # CHAP accounts (one per target, named after its clone) must go with their targets
+        out, _ = execute("tgtadm", "-C", str(self.cfg.iscsi.control_port), "--lld", "iscsi", "--op", "show",
+                         "--mode", "account", timeout=60)
+        for account in sorted(a.strip() for a in out.splitlines()[1:] if a.strip()):
+            if account.startswith(prefix) and account not in clones:
+                v.append(f"(b) account-without-owner: tgt CHAP account {account} belongs to no provisioned clone")
         iprefix = self.cfg.iscsi.iqn_prefix
         for t in targets:
             name = t.iqn[len(iprefix):] if t.iqn.startswith(iprefix) else None
@@ -879,10 +892,16 @@ class Chaos:
                 v.append(f"(a) target-state: {node}'s target (tid {t.tid}) is {t.state}")
             try:
                 sector = iscsi_rw.read_lun(self.portal(), iqn, self.cfg.iscsi.lun, 0, 1,
-                                           initiator=self.initiator(node))
+                                           initiator=self.initiator(node), chap=self.chap(clone))
             except iscsi_rw.IscsiIOError as exc:
                 v.append(f"(a) unreadable: {node}'s target does not read as the node: {exc}")
                 continue
+            if self.chap(clone) is not None:
+                try:   # a target with no account bound lets anyone in: the secret must be needed
+                    iscsi_rw.read_lun(self.portal(), iqn, self.cfg.iscsi.lun, 0, 1, initiator=self.initiator(node))
+                    v.append(f"(a) chap: {node}'s target (tid {t.tid}) lets its node in without the CHAP secret")
+                except iscsi_rw.IscsiIOError:
+                    pass
             if clone in self.markers:
                 want_node, data = self.markers[clone]
                 if sector != data:

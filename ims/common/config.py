@@ -59,6 +59,9 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         # "node": bind each target to its node's own initiator name (set in the node's
         # iPXE script); "ALL": any initiator; else a comma list of addresses/CIDRs.
         "initiator_address": (str, "node"),
+        # CHAP: each node's target gets a random secret (tgt incominguser) that only the node's
+        # boot script carries; a login without it is refused.  Applies to targets made while on.
+        "chap": (bool, True),
         "conf_dir": ("path", "/etc/tgt/conf.d"),
         "control_port": (int, 0),
         "tgtadm": (str, "tgtadm"),

@@ -53,6 +53,10 @@ class Image(Base):
     # "golden" (import/copy), "node" (guide's provision clone), "disk" (split API clone), "snapshot"
     # The server default keeps rows valid that the original BMI's own tools insert (they know no kind).
     kind: Mapped[str] = mapped_column(String(16), nullable=False, default="golden", server_default="golden")
+    # The CHAP secret of the iSCSI target a node boots this clone from ("node"/"disk" rows made
+    # while [iscsi] chap is on; NULL = no CHAP).  Never logged, journaled or returned by the API
+    # (only a node's boot script carries it): see ims/einstein/iscsi/chap.py.
+    chap_secret: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
     project: Mapped[Project] = relationship(back_populates="images")
     parent: Mapped[Image | None] = relationship(remote_side="Image.id", back_populates="children")

@@ -21,6 +21,11 @@ second, ``[tftp] pxelinux_timeout``) asks for the original menu wait, and the iP
 only when the interface has no address yet (``isset ${net0/ip}``): ipxe.lkrn loaded by PXELINUX
 starts unconfigured, but the ROM's or the UEFI loader's iPXE, which fetched the script over HTTP,
 configured it already, and a second ``ifconf`` costs seconds (ProxyDHCP and IPv6 waits).
+
+CHAP: a target made with a secret (``[iscsi] chap``) gets ``set username`` / ``set password``
+lines before ``sanboot``, iPXE's settings for the iSCSI login (one-way CHAP).  So the script
+carries a secret: it is served only on the provisioning network (TFTP root, GET /boot/<mac>),
+and its text is never logged.
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ from pathlib import Path
 from ims.common.errors import InvalidInput
 from ims.common.fileutil import atomic_write, unlink_quietly
 from ims.common.names import normalize_mac, pxe_mac_filename, validate_name
+from ims.einstein.iscsi.chap import check_chap
 
 LOG = logging.getLogger(__name__)
 
@@ -98,15 +104,21 @@ class BootFiles:
         return [self.ipxe_file(node), self.mac_ipxe_file(mac), self.pxelinux_file(mac)]
 
     # --- rendering --------------------------------------------------------------
-    def render_ipxe(self, target_iqn: str, initiator_iqn: str | None = None) -> str:
+    def render_ipxe(self, target_iqn: str, initiator_iqn: str | None = None,
+                    chap: tuple[str, str] | None = None) -> str:
+        """The node's iPXE script; ``chap`` ``(user, secret)`` makes it log in with CHAP."""
         _check_iqn(target_iqn, "target")
+        account = check_chap(chap)  # allow-listed: a newline or "$" would inject iPXE commands
+        chap_lines = ""
+        if account is not None:
+            chap_lines = f"      set username {account[0]}\n      set password {account[1]}\n"
         initiator_line = ""
         if initiator_iqn is not None:
             _check_iqn(initiator_iqn, "initiator")
             # Logged in under this name, the node can be the only initiator tgt lets in.
             initiator_line = f"      set initiator-iqn {initiator_iqn}\n"
         return self._ipxe_template.substitute(
-            interface=self.interface, initiator_line=initiator_line, iscsi_ip=self.iscsi_ip,
+            interface=self.interface, initiator_line=initiator_line, chap_lines=chap_lines, iscsi_ip=self.iscsi_ip,
             iscsi_port=self.iscsi_port, lun=self.lun, target_name=target_iqn)
 
     def render_pxelinux(self, node: str, label: str) -> str:
@@ -123,7 +135,8 @@ class BootFiles:
                                              default_label=default_label, timeout_lines=timeout_lines)
 
     # --- files ------------------------------------------------------------------
-    def write(self, node: str, mac: str, label: str, target_iqn: str, initiator_iqn: str | None = None) -> list[str]:
+    def write(self, node: str, mac: str, label: str, target_iqn: str, initiator_iqn: str | None = None,
+              chap: tuple[str, str] | None = None) -> list[str]:
         """Write (or replace) the boot files; returns their paths (see :meth:`paths`).
 
         Everything is validated and rendered before the first file is touched, so bad
@@ -134,7 +147,7 @@ class BootFiles:
         """
         normalize_mac(mac)
         ipxe_file, mac_ipxe_file, pxe_file = self.paths(node, mac)
-        ipxe_text = self.render_ipxe(target_iqn, initiator_iqn)
+        ipxe_text = self.render_ipxe(target_iqn, initiator_iqn, chap)
         pxe_text = self.render_pxelinux(node, label)
         atomic_write(ipxe_file, ipxe_text, 0o644)
         os.makedirs(os.path.dirname(mac_ipxe_file), mode=0o755, exist_ok=True)

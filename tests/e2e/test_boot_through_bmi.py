@@ -102,6 +102,9 @@ def test_nodes_boot_their_clones_and_snapshots_carry_writes(boot_stack: Stack) -
     assert per_node_files(tftp) == ([] if s.mode == "http" else [
         "bmi_node.ipxe", "by-mac/52-54-00-00-00-01.ipxe", "pxelinux.cfg/01-52-54-00-00-00-01"])
     node1_target = next(t for t in s.targets() if t.endswith(rows["bmi_node"][3]))
+    # CHAP is on by default: the target wants the node's own secret, which only its boot script carries,
+    # so this boot (iPXE's sanboot, then the image's iscsistart -b from the iBFT) logs in with CHAP
+    assert rows["bmi_node"][3] in s.tgtadm("--op", "show", "--mode", "account").split()
     console = boot(s, "bmi_node")
     assert marker_line(console, "BMI-BOOT-OK") == \
         f"BMI-BOOT-OK target={node1_target} initiator=iqn.2017-10.org.moc.bmi.node:bmi_node"
@@ -127,6 +130,7 @@ def test_nodes_boot_their_clones_and_snapshots_carry_writes(boot_stack: Stack) -
     s.bmi("snap", "rm", "bmi_infra", "node1-snap")
     s.bmi("rm", "bmi_infra", "bmi-boot-image")
     assert s.targets() == []
+    assert s.tgtadm("--op", "show", "--mode", "account").split() in ([], ["Account", "list:"])
     assert s.rbd("ls").split() == ["bmi-boot-image"]
     assert per_node_files(tftp) == []
     s.rbd("rm", "--no-progress", "bmi-boot-image")
@@ -145,6 +149,9 @@ def test_uefi_nodes_boot_their_clones_and_snapshots_carry_writes(uefi_stack: Sta
     assert per_node_files(tftp) == ([] if s.mode == "http" else [
         "bmi_node.ipxe", "by-mac/52-54-00-00-00-01.ipxe", "pxelinux.cfg/01-52-54-00-00-00-01"])
     node1_target = next(t for t in s.targets() if t.endswith(rows["bmi_node"][3]))
+    # CHAP is on by default: the target wants the node's own secret, which only its boot script carries,
+    # so this boot (iPXE's sanboot, then the image's iscsistart -b from the iBFT) logs in with CHAP
+    assert rows["bmi_node"][3] in s.tgtadm("--op", "show", "--mode", "account").split()
     console = boot(s, "bmi_node")
     assert marker_line(console, "BMI-BOOT-OK") == \
         f"BMI-BOOT-OK target={node1_target} initiator=iqn.2017-10.org.moc.bmi.node:bmi_node"

@@ -132,7 +132,8 @@ def test_submit_a_provision_and_wait(ops: Operations, tgtd: Any) -> None:
     iqn = ops.iscsi.iqn(clone)
     # the target is live: the node's initiator sees it and reads the golden bytes through it
     assert iqn in iscsi_rw.iscsi_ls(tgtd.portal, initiator=initiator(node))
-    assert iscsi_rw.read_lun(tgtd.portal, iqn, 1, 0, 1, initiator=initiator(node))[:12] == b"async-golden"
+    chap = iscsi_rw.conf_chap(ops.iscsi.conf_path(clone))   # [iscsi] chap is on by default
+    assert iscsi_rw.read_lun(tgtd.portal, iqn, 1, 0, 1, initiator=initiator(node), chap=chap)[:12] == b"async-golden"
     gone = wait(ops, ops.submit(USER, "deprovision", {"project": PROJECT, "node": node, "network": NET, "nic": NIC}))
     assert gone["state"] == "done", gone
     assert iqn not in iscsi_rw.iscsi_ls(tgtd.portal, initiator=initiator(node))
@@ -163,8 +164,10 @@ def test_batch_of_ten_under_a_gateway_bound_of_two(ops: Operations, tgtd: Any) -
     provisioned = sorted(n for n, _img in ops.list_provisioned(USER, PROJECT))
     assert provisioned == sorted(nodes)
     for node in (nodes[0], nodes[-1]):
-        iqn = ops.iscsi.iqn(ops.db_list(USER, name=node)[0][3])
-        assert iscsi_rw.read_lun(tgtd.portal, iqn, 1, 0, 1, initiator=initiator(node))[:12] == b"async-golden"
+        clone = ops.db_list(USER, name=node)[0][3]
+        iqn, chap = ops.iscsi.iqn(clone), iscsi_rw.conf_chap(ops.iscsi.conf_path(clone))
+        assert iscsi_rw.read_lun(tgtd.portal, iqn, 1, 0, 1, initiator=initiator(node), chap=chap)[:12] \
+            == b"async-golden"
     gone = ops.submit_batch(USER, "deprovision", [{"project": PROJECT, "node": n, "network": NET, "nic": NIC}
                                                   for n in nodes])
     assert [wait(ops, r)["state"] for r in gone] == ["done"] * 10

@@ -137,8 +137,9 @@ def test_import_provision_and_snapshot_while_flattening(env):
     assert job(env, gold) is not None, "the flatten ended before the provision: nothing was tested"
     node = ceph_of(env, NODE)
     iqn = ops.iscsi.iqn(node)
-    assert iscsi_rw.read_lun(env.tgtd.portal, iqn, 1, 0, 8, initiator=NODE_INITIATOR) == expected(0, 4096)
-    iscsi_rw.write_lun(env.tgtd.portal, iqn, 1, 0, b"N" * 512, initiator=NODE_INITIATOR)
+    chap = iscsi_rw.conf_chap(ops.iscsi.conf_path(node))   # [iscsi] chap is on by default
+    assert iscsi_rw.read_lun(env.tgtd.portal, iqn, 1, 0, 8, initiator=NODE_INITIATOR, chap=chap) == expected(0, 4096)
+    iscsi_rw.write_lun(env.tgtd.portal, iqn, 1, 0, b"N" * 512, initiator=NODE_INITIATOR, chap=chap)
 
     # snapshotting the node (twice: again while the first snapshot's flatten runs)
     ops.create_snapshot(USER, "bmi_infra", NODE, "s1")

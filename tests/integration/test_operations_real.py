@@ -168,11 +168,15 @@ def test_guide_workflow_on_real_parts(env):
     portal = env.tgtd.portal
     # the node's LUN, read through a real iSCSI initiator, is the golden image
     assert iqn in iscsi_rw.iscsi_ls(portal, initiator=NODE_INITIATOR)
-    assert iscsi_rw.readcapacity16(env.tgtd.url(iqn), initiator=NODE_INITIATOR) == SIZE
-    assert iscsi_rw.read_lun(portal, iqn, 1, 0, 2048, initiator=NODE_INITIATOR) == GOLDEN
-    # another initiator may not log in to it
+    chap = iscsi_rw.conf_chap(ops.iscsi.conf_path(clone))   # [iscsi] chap is on by default
+    assert chap is not None and f"set password {chap[1]}" in (env.tmp / "tftp" / f"{NODE}.ipxe").read_text()
+    assert iscsi_rw.readcapacity16(env.tgtd.url(iqn), initiator=NODE_INITIATOR, chap=chap) == SIZE
+    assert iscsi_rw.read_lun(portal, iqn, 1, 0, 2048, initiator=NODE_INITIATOR, chap=chap) == GOLDEN
+    # another initiator may not log in to it (not even with the secret), nor the node without it
     with pytest.raises(iscsi_rw.IscsiIOError):
-        iscsi_rw.read_lun(portal, iqn, 1, 0, 8, initiator="iqn.2017-10.org.moc.bmi.node:intruder")
+        iscsi_rw.read_lun(portal, iqn, 1, 0, 8, initiator="iqn.2017-10.org.moc.bmi.node:intruder", chap=chap)
+    with pytest.raises(iscsi_rw.IscsiIOError):
+        iscsi_rw.read_lun(portal, iqn, 1, 0, 8, initiator=NODE_INITIATOR)
     ipxe = (env.tmp / "tftp" / f"{NODE}.ipxe").read_text()
     assert f"sanboot --keep iscsi:{env.tgtd.portal_ip}:tcp:{env.tgtd.portal_port}:1:{iqn}" in ipxe
     assert f"set initiator-iqn {NODE_INITIATOR}" in ipxe
@@ -180,7 +184,7 @@ def test_guide_workflow_on_real_parts(env):
     assert env.hil.nic_networks(NODE, NIC) == {"vlan/native": NET}
 
     # a node's write lands in its clone only
-    iscsi_rw.write_lun(portal, iqn, 1, 0, b"N" * 512, initiator=NODE_INITIATOR)
+    iscsi_rw.write_lun(portal, iqn, 1, 0, b"N" * 512, initiator=NODE_INITIATOR, chap=chap)
     assert ops.storage.read(clone, 0, 512) == b"N" * 512
     assert ops.storage.read(golden_copy, 0, 512) == GOLDEN[:512]
 

@@ -95,5 +95,7 @@ def test_new_provision_recovers_the_killed_one_under_the_lock_and_restart_keeps_
     assert "INITRD bmi_node.ipxe" in pxe_file.read_text()
     assert env.tgt_targets() == [iqn]
     assert clone in env.ops.storage.list_images()
-    assert iscsi_rw.read_lun(env.tgtd.portal, iqn, 1, 0, 2048, initiator=NODE_INITIATOR) == GOLDEN
+    chap = iscsi_rw.conf_chap(env.ops.iscsi.conf_path(clone))   # [iscsi] chap is on by default
+    assert chap is not None and f"set password {chap[1]}" in boot_file.read_text()
+    assert iscsi_rw.read_lun(env.tgtd.portal, iqn, 1, 0, 2048, initiator=NODE_INITIATOR, chap=chap) == GOLDEN
     assert env.hil.nic_networks(NODE, NIC) == {"vlan/native": NET}

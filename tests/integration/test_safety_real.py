@@ -45,7 +45,8 @@ def tid_of(env: RealEnv, iqn: str) -> str:
 
 def node_reads_golden(env: RealEnv, clone: str) -> bool:
     iqn = env.ops.iscsi.iqn(clone)
-    data = iscsi_rw.read_lun(env.tgtd.portal, iqn, 1, 0, 4, initiator=NODE_INITIATOR)
+    chap = iscsi_rw.conf_chap(env.ops.iscsi.conf_path(clone))   # [iscsi] chap is on by default
+    data = iscsi_rw.read_lun(env.tgtd.portal, iqn, 1, 0, 4, initiator=NODE_INITIATOR, chap=chap)
     golden = env.ops.storage.read("bmi-test-image", 0, GOLDEN_BYTES)
     return data == golden
 

@@ -58,7 +58,8 @@ def test_debian_restart_then_dpro_keeps_the_neighbours_target(env):
     assert c1 != c2
     # cisco-02 writes into its own disk: its marker tells its clone from any other
     marker = os.urandom(4096)
-    iscsi_rw.write_lun(env.tgtd.portal, drv.iqn(c2), 1, 0, marker, initiator=INITIATOR + "cisco-02")
+    chap2 = iscsi_rw.conf_chap(drv.conf_path(c2))   # [iscsi] chap is on by default
+    iscsi_rw.write_lun(env.tgtd.portal, drv.iqn(c2), 1, 0, marker, initiator=INITIATOR + "cisco-02", chap=chap2)
     assert ops.storage.read(c2, 0, 4096) == marker and ops.storage.read(c1, 0, 4096) == GOLDEN[:4096]
 
     ops.deprovision(USER, "bmi_infra", NODE, NET, NIC)
@@ -77,7 +78,8 @@ def test_debian_restart_then_dpro_keeps_the_neighbours_target(env):
     assert neighbour is not None
     assert neighbour.backing_stores == {1: ops.storage.backing(c2).path}
     assert neighbour.acl == ["0.0.0.0/32", INITIATOR + "cisco-02"]
-    first_mib = iscsi_rw.read_lun(env.tgtd.portal, drv.iqn(c2), 1, 0, MiB // 512, initiator=INITIATOR + "cisco-02")
+    first_mib = iscsi_rw.read_lun(env.tgtd.portal, drv.iqn(c2), 1, 0, MiB // 512, initiator=INITIATOR + "cisco-02",
+                                  chap=chap2)
     assert first_mib == marker + GOLDEN[4096:MiB]
     assert drv.target_exists(c2) and ops.db_list(USER, name="cisco-02")
     # cisco-01: target, conf file, clone and row are gone

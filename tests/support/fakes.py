@@ -145,14 +145,15 @@ class FakeIscsi(IscsiTarget):
         return self.prefix + target
 
     def add_target(self, target: str, backing: Backing, initiators: list[str] | None = None,
-                   initiator_names: list[str] | None = None) -> None:
+                   initiator_names: list[str] | None = None, chap: tuple[str, str] | None = None) -> None:
         if self.broken:
             raise IscsiError("tgtd is down")
         if target in self.targets:
             raise TargetExists(f"target {target} already exists")
         if not initiators and not initiator_names:
             raise ValueError("an initiator restriction is required")
-        self.targets[target] = {"backing": backing, "initiators": initiators, "names": initiator_names}
+        self.targets[target] = {"backing": backing, "initiators": initiators, "names": initiator_names,
+                                "chap": chap}
 
     def remove_target(self, target: str) -> None:
         if self.broken:

@@ -7,12 +7,17 @@ depends on libiscsi's struct layouts.
 
     data = read_lun("iscsi://127.0.0.1:3262/iqn.x:node1/1", None, None, 0, 256)
     write_lun("127.0.0.1:3262", "iqn.x:node1", 1, 2048, data, initiator="iqn.y:me")
+    read_lun(portal, iqn, 1, 0, 8, initiator=..., chap=("4242img7", "s3cr3t..."))   # CHAP login
+
+``chap`` is the target's incoming ``(user, secret)``; :func:`conf_chap` reads it from a BMI
+tgt conf file (what a node gets in its iPXE script).
 """
 from __future__ import annotations
 
 import ctypes
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from ims.common.process import execute
 
@@ -45,6 +50,8 @@ def _libiscsi() -> ctypes.CDLL:
         vp, cp, i, u32, u64 = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_uint64
         lib.iscsi_create_context.argtypes, lib.iscsi_create_context.restype = [cp], vp
         lib.iscsi_set_targetname.argtypes, lib.iscsi_set_targetname.restype = [vp, cp], i
+        lib.iscsi_set_initiator_username_pwd.argtypes = [vp, cp, cp]
+        lib.iscsi_set_initiator_username_pwd.restype = i
         lib.iscsi_set_session_type.argtypes, lib.iscsi_set_session_type.restype = [vp, i], i
         lib.iscsi_full_connect_sync.argtypes, lib.iscsi_full_connect_sync.restype = [vp, cp, i], i
         lib.iscsi_set_timeout.argtypes, lib.iscsi_set_timeout.restype = [vp, i], i
@@ -85,7 +92,8 @@ def parse_address(url_or_portal: str, iqn: str | None = None, lun: int | None = 
 class _Session:
     """One logged-in normal session to one LUN; always logs out and frees the context."""
 
-    def __init__(self, addr: LunAddress, initiator: str, timeout: float = 20.0) -> None:
+    def __init__(self, addr: LunAddress, initiator: str, timeout: float = 20.0,
+                 chap: tuple[str, str] | None = None) -> None:
         self.lib = _libiscsi()
         self.addr = addr
         self.ctx = self.lib.iscsi_create_context(initiator.encode())
@@ -98,8 +106,12 @@ class _Session:
             self.lib.iscsi_set_timeout(self.ctx, int(timeout))
             self.lib.iscsi_set_targetname(self.ctx, addr.iqn.encode())
             self.lib.iscsi_set_session_type(self.ctx, SESSION_NORMAL)
+            if chap is not None and self.lib.iscsi_set_initiator_username_pwd(
+                    self.ctx, chap[0].encode(), chap[1].encode()) != 0:
+                raise IscsiIOError(f"cannot set the CHAP account: {self.error()}")
             if self.lib.iscsi_full_connect_sync(self.ctx, addr.portal.encode(), addr.lun) != 0:
-                raise IscsiIOError(f"login to {addr.url} as {initiator} failed: {self.error()}")
+                who = f"{initiator} (CHAP user {chap[0]})" if chap else initiator  # never the secret
+                raise IscsiIOError(f"login to {addr.url} as {who} failed: {self.error()}")
         except BaseException:
             self.lib.iscsi_destroy_context(self.ctx)
             raise
@@ -138,9 +150,10 @@ class _Session:
 
 
 def read_lun(url_or_portal: str, iqn: str | None, lun: int | None, offset_blocks: int, nblocks: int,
-             initiator: str = DEFAULT_INITIATOR, block_size: int = BLOCK_SIZE) -> bytes:
+             initiator: str = DEFAULT_INITIATOR, block_size: int = BLOCK_SIZE,
+             chap: tuple[str, str] | None = None) -> bytes:
     """Read ``nblocks`` blocks starting at block ``offset_blocks``. :raises IscsiIOError:"""
-    session = _Session(parse_address(url_or_portal, iqn, lun), initiator)
+    session = _Session(parse_address(url_or_portal, iqn, lun), initiator, chap=chap)
     try:
         return session.read(offset_blocks, nblocks, block_size)
     finally:
@@ -148,15 +161,29 @@ def read_lun(url_or_portal: str, iqn: str | None, lun: int | None, offset_blocks
 
 
 def write_lun(url_or_portal: str, iqn: str | None, lun: int | None, offset_blocks: int, data: bytes,
-              initiator: str = DEFAULT_INITIATOR, block_size: int = BLOCK_SIZE) -> None:
+              initiator: str = DEFAULT_INITIATOR, block_size: int = BLOCK_SIZE,
+              chap: tuple[str, str] | None = None) -> None:
     """Write ``data`` (a whole number of blocks) at block ``offset_blocks``. :raises IscsiIOError:"""
     if not data or len(data) % block_size:
         raise ValueError(f"data must be a non-empty multiple of {block_size} bytes")
-    session = _Session(parse_address(url_or_portal, iqn, lun), initiator)
+    session = _Session(parse_address(url_or_portal, iqn, lun), initiator, chap=chap)
     try:
         session.write(offset_blocks, data, block_size)
     finally:
         session.close()
+
+
+def conf_chap(conf_path: str | Path) -> tuple[str, str] | None:
+    """The ``incominguser`` ``(user, secret)`` of a BMI tgt conf file (None: the target has no CHAP)."""
+    match = re.search(r"^\s*incominguser\s+(\S+)\s+(\S+)\s*$", Path(conf_path).read_text(), re.M)
+    return (match.group(1), match.group(2)) if match else None
+
+
+def chap_url(url: str, chap: tuple[str, str] | None) -> str:
+    """``iscsi://user%secret@portal/...``: libiscsi's CLI tools take CHAP in the URL."""
+    if chap is None:
+        return url
+    return url.replace("iscsi://", f"iscsi://{chap[0]}%{chap[1]}@", 1)
 
 
 # --- the real CLI tools (libiscsi-bin) -------------------------------------------------
@@ -196,9 +223,10 @@ def iscsi_ls_names(portal: str, initiator: str | None = None, timeout: float = 3
     return [m.group(1) for m in re.finditer(r"^Target:(\S+) Portal:", out, re.M)]
 
 
-def readcapacity16(url: str, initiator: str | None = None, timeout: float = 30.0) -> int:
+def readcapacity16(url: str, initiator: str | None = None, timeout: float = 30.0,
+                   chap: tuple[str, str] | None = None) -> int:
     """Total size in bytes from ``iscsi-readcapacity16``."""
-    out, _ = execute("iscsi-readcapacity16", *_initiator_args(initiator), url, timeout=timeout)
+    out, _ = execute("iscsi-readcapacity16", *_initiator_args(initiator), chap_url(url, chap), timeout=timeout)
     match = re.search(r"Total size:\s*(\d+)", out)
     if not match:
         raise IscsiIOError(f"unexpected iscsi-readcapacity16 output: {out!r}")

@@ -19,18 +19,32 @@ class IscsiTarget(abc.ABC):
 
     @abc.abstractmethod
     def add_target(self, target: str, backing: Backing, initiators: list[str] | None = None,
-                   initiator_names: list[str] | None = None) -> None:
+                   initiator_names: list[str] | None = None, chap: tuple[str, str] | None = None) -> None:
         """Export ``backing`` as ``iqn(target)``, LUN ``lun``, touching only that target.
 
         ``initiators`` are addresses/CIDRs or ``["ALL"]``; ``initiator_names`` are
         initiator IQNs allowed to log in.  At least one of the two must be given.
+        ``chap`` is ``(user, secret)`` with ``user == target``: an incoming CHAP account only
+        this target uses (removed with it); None = no CHAP.
         A conf file is kept so the target comes back after a daemon restart.
         :raises TargetExists: :raises IscsiError:
         """
 
+    def chap_user(self, target: str) -> str | None:
+        """The incoming CHAP user the target was made with (None: none, or not known)."""
+        return None
+
+    def chap_drift(self, target: str, chap: tuple[str, str] | None) -> str | None:
+        """Why the live target's CHAP account differs from ``chap`` (None: as expected, or not known)."""
+        return None
+
+    def repair_chap(self, target: str, chap: tuple[str, str]) -> None:
+        """Re-create and bind ``target``'s CHAP account (and record it) without touching its sessions."""
+        raise NotImplementedError
+
     @abc.abstractmethod
     def remove_target(self, target: str) -> None:
-        """Remove the target carrying ``iqn(target)`` and its conf file; never another target.
+        """Remove the target carrying ``iqn(target)``, its CHAP account and conf file; never another target.
 
         :raises TargetNotFound: :raises IscsiError:"""
 

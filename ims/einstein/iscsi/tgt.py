@@ -54,12 +54,14 @@ from ims.common.names import IQN_PREFIX_RE, validate_name
 from ims.common.process import execute
 from ims.einstein.boot import DEFAULT_TEMPLATES_DIR
 from ims.einstein.iscsi.base import IscsiTarget
+from ims.einstein.iscsi.tgt_chap import TgtChap
 from ims.einstein.iscsi.tgt_conf import (
     LUN_LBPPBE,
     NO_ADDRESS,
     LiveTarget,
     TargetSpec,
     check_backing,
+    check_chap,
     check_initiators,
     parse_conf,
     parse_show,
@@ -89,9 +91,10 @@ SETTLE_ATTEMPTS = 3
 
 _EXISTS = "already exists"
 _NO_TARGET = "can't find the target"
+_NO_ACCOUNT = "can't find the account"
 
 
-class TgtTarget(IscsiTarget):
+class TgtTarget(TgtChap, IscsiTarget):
     """tgt driver: one target per image, exported as LUN ``lun``.
 
     :param conf_dir: where the per-target conf files (and the tid counter) live.
@@ -125,8 +128,12 @@ class TgtTarget(IscsiTarget):
         return os.path.join(self.conf_dir, validate_name(target, "target") + ".conf")
 
     def add_target(self, target: str, backing: Backing, initiators: list[str] | None = None,
-                   initiator_names: list[str] | None = None) -> None:
-        """Export ``backing`` as ``iqn(target)``; touches only this target.
+                   initiator_names: list[str] | None = None, chap: tuple[str, str] | None = None) -> None:
+        """Export ``backing`` as ``iqn(target)``; touches only this target (and its own CHAP account).
+
+        ``chap`` is ``(user, secret)``: the account is created and bound as the target's
+        ``incominguser`` (and written to the 0600 conf file), so only an initiator that knows
+        the secret logs in.  The user name must be this target's own (one account per target).
 
         :raises TargetExists: the name has a conf file or a live tgt target (left untouched).
         :raises IscsiError: tgtd failed or is down (a half-made target is deleted first).
@@ -134,7 +141,9 @@ class TgtTarget(IscsiTarget):
         """
         addresses, names = check_initiators(initiators, initiator_names)
         spec = TargetSpec(name=target, iqn=self.iqn(target), backing=check_backing(backing), lun=self.lun,
-                          initiators=addresses, initiator_names=names)
+                          initiators=addresses, initiator_names=names, chap=check_chap(chap))
+        if spec.chap is not None and spec.chap[0] != target:
+            raise InvalidInput(f"the CHAP user of target {target} must be named after it")
         path = self.conf_path(target)
         if os.path.exists(path):
             raise TargetExists(f"iSCSI target {target} already exists")
@@ -147,8 +156,14 @@ class TgtTarget(IscsiTarget):
         except BaseException:
             self._delete_by_iqn(spec.iqn, quiet=True)
             unlink_quietly(path)
+            if spec.chap is not None:
+                try:
+                    self._delete_account(spec.chap[0])
+                except IscsiError as exc:
+                    LOG.warning("could not delete the CHAP account of target %s: %s", spec.iqn, exc)
             raise
-        LOG.info("iSCSI target %s added (tid %s, %s %s)", spec.iqn, spec.tid, backing.bstype, backing.path)
+        LOG.info("iSCSI target %s added (tid %s, %s %s%s)", spec.iqn, spec.tid, backing.bstype, backing.path,
+                 f", CHAP user {spec.chap[0]}" if spec.chap else "")
 
     def _settle_added(self, spec: TargetSpec, path: str) -> None:
         """Once tgtd is ready, the new target must still be live (see SETTLE_SECONDS); if a
@@ -157,7 +172,8 @@ class TgtTarget(IscsiTarget):
         for _ in range(SETTLE_ATTEMPTS):
             self._wait_ready()
             live = self._show_all().get(spec.iqn)
-            if live is not None and live.backing_stores.get(spec.lun) == spec.backing.path:
+            if live is not None and live.backing_stores.get(spec.lun) == spec.backing.path \
+                    and (spec.chap is None or spec.chap[0] in live.accounts):
                 if live.tid != spec.tid:
                     spec.tid = live.tid
                     atomic_write(path, render_conf(spec, self._template), 0o600)
@@ -184,6 +200,10 @@ class TgtTarget(IscsiTarget):
             raise TargetNotFound(f"iSCSI target {target} does not exist")
         self._wait_ready()
         tid = self._delete_by_iqn(iqn)
+        if spec is None or spec.chap is not None:
+            # tgt keeps accounts when their target goes: delete this target's own account (named
+            # after the target, so without a conf file its name is still known).
+            self._delete_account(spec.chap[0] if spec is not None and spec.chap else target)
         if tid is None and spec is None:
             raise TargetNotFound(f"iSCSI target {target} does not exist")
         self._unlink_conf(path)
@@ -279,6 +299,8 @@ class TgtTarget(IscsiTarget):
             if not self._rewrite_tid(name, spec.tid):
                 # The conf file went away meanwhile (remove_target): do not resurrect the target.
                 self._delete_by_iqn(spec.iqn)
+                if spec.chap is not None:
+                    self._delete_account(spec.chap[0])
                 continue
             assert spec.tid is not None
             live[spec.iqn] = LiveTarget(tid=spec.tid, iqn=spec.iqn)
@@ -304,7 +326,7 @@ class TgtTarget(IscsiTarget):
                 raise IscsiError(
                     f"tgtd is not running or not reachable (control port {self.control_port}): start tgtd "
                     f"(e.g. 'systemctl start tgt' or scripts/tgtd-dev) and retry") from exc
-            if ok_missing and _NO_TARGET in err:
+            if ok_missing and (_NO_TARGET in err or _NO_ACCOUNT in err):
                 return None
             if ok_exists and _EXISTS in err:
                 return None
@@ -336,11 +358,17 @@ class TgtTarget(IscsiTarget):
         try:
             self._configure(spec)
             live = self._show_all().get(spec.iqn)
-            if live is None or live.tid != spec.tid or live.backing_stores.get(spec.lun) != spec.backing.path:
+            if live is None or live.tid != spec.tid or live.backing_stores.get(spec.lun) != spec.backing.path \
+                    or (spec.chap is not None and spec.chap[0] not in live.accounts):
                 raise IscsiError(f"iSCSI target {spec.iqn} changed while it was being added "
                                  "(tgtd restarted?); retry")
         except BaseException:
             self._delete_by_iqn(spec.iqn, quiet=True)
+            if spec.chap is not None:
+                try:
+                    self._delete_account(spec.chap[0])
+                except IscsiError as exc:
+                    LOG.warning("could not delete the CHAP account of half-made target %s: %s", spec.iqn, exc)
             raise
 
     def _new_target(self, iqn: str, name: str, first: int | None = None) -> int:
@@ -385,6 +413,8 @@ class TgtTarget(IscsiTarget):
             self._run("--op", "bind", "--mode", "target", "--tid", tid, "-I", address)
         for name in spec.initiator_names:
             self._run("--op", "bind", "--mode", "target", "--tid", tid, "-Q", name)
+        if spec.chap is not None:
+            self._bind_account(tid, *spec.chap)
 
     def _delete_by_iqn(self, iqn: str, quiet: bool = False) -> int | None:
         """Delete the live target carrying ``iqn``; returns the tid deleted, None if none was live.
@@ -439,8 +469,8 @@ class TgtTarget(IscsiTarget):
             LOG.warning("skipping tgt conf file for %s: %s", name, exc)
             return None
 
-    def _rewrite_tid(self, target: str, tid: int | None) -> bool:
-        """Record ``tid`` in the target's conf file; False if the file is gone.
+    def _rewrite_tid(self, target: str, tid: int | None, chap: tuple[str, str] | None = None) -> bool:
+        """Record ``tid`` (and ``chap`` when given) in the target's conf file; False if the file is gone.
 
         Under an flock on the file, and only if the path still names the locked file, so
         a concurrent :meth:`remove_target` (which unlinks under the same lock) is never
@@ -460,8 +490,11 @@ class TgtTarget(IscsiTarget):
                 return False
             with os.fdopen(os.dup(fd), encoding="utf-8") as handle:
                 spec = parse_conf(handle.read(), target)
-            if spec.tid != tid:
+            if spec.tid != tid or (chap is not None and spec.chap != chap):
                 spec.tid = tid
+                if chap is not None:
+                    spec.chap = chap
+                    LOG.info("iSCSI target %s: incominguser rewritten (CHAP user %s)", spec.iqn, chap[0])
                 atomic_write(path, render_conf(spec, self._template), 0o600)
                 LOG.info("iSCSI target %s: tid line rewritten to %s", spec.iqn, tid)
             return True

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ims.common.errors import InvalidInput
 from ims.einstein.boot import DEFAULT_TEMPLATES_DIR
+from ims.einstein.iscsi.chap import check_chap
 from ims.einstein.storage.base import Backing
 
 _BSTYPE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
@@ -46,6 +47,8 @@ class TargetSpec:
     initiators: list[str] = field(default_factory=list)
     initiator_names: list[str] = field(default_factory=list)
     tid: int | None = None
+    # CHAP (``incominguser``): the account only this target's initiator logs in with; None = no CHAP.
+    chap: tuple[str, str] | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -56,13 +59,16 @@ class LiveTarget:
     iqn: str
     backing_stores: dict[int, str] = field(default_factory=dict)   # LUN -> backing store path (LUN 0 left out)
     acl: list[str] = field(default_factory=list)                   # addresses and initiator names, in order
+    accounts: list[str] = field(default_factory=list)              # incoming CHAP users bound (names only)
 
 
 def parse_show(text: str) -> dict[str, LiveTarget]:
     """Parse a full ``tgtadm --op show --mode target``: ``{iqn: LiveTarget}``.
 
     Only the lines BMI relies on are read: ``Target N: <iqn>`` (column 0), ``LUN: k`` and
-    ``Backing store path: p`` inside it, and the entries under ``ACL information:``.
+    ``Backing store path: p`` inside it, and the entries under ``ACL information:`` and
+    ``Account information:`` (tgt shows user names only, never a secret; outgoing users end
+    in `` (outgoing)`` and are left out).
     """
     targets: dict[str, LiveTarget] = {}
     current: LiveTarget | None = None
@@ -84,6 +90,9 @@ def parse_show(text: str) -> dict[str, LiveTarget]:
             continue
         if section == "ACL information:":
             current.acl.append(stripped)
+        elif section == "Account information:":
+            if not stripped.endswith("(outgoing)"):
+                current.accounts.append(stripped)
         elif section == "LUN information:":
             lun_match = _SHOW_LUN_RE.match(stripped)
             if lun_match:
@@ -146,6 +155,10 @@ def render_conf(spec: TargetSpec, template: str | None = None) -> str:
         lines.append(f"    # {NO_ADDRESS} matches no initiator: only the names below may log in\n")
         lines.append(f"    initiator-address {NO_ADDRESS}\n")
     lines += [f"    initiator-name {n}\n" for n in spec.initiator_names]
+    chap = check_chap(spec.chap)
+    if chap is not None:
+        # tgt-admin creates the account (unless it exists) and binds it, like TgtTarget does.
+        lines.append(f"    incominguser {chap[0]} {chap[1]}\n")
     return string.Template(template).substitute(
         tid=spec.tid if spec.tid is not None else 0, lun=spec.lun, target_iqn=spec.iqn,
         bstype=spec.backing.bstype, backing_store=spec.backing.path, bsopts_line=bsopts_line,
@@ -173,13 +186,21 @@ def parse_conf(text: str, name: str) -> TargetSpec:
     if bsopts is not None:
         bsopts = bsopts.strip("\"'")
     tid_match = _TID_LINE_RE.search(text)
+    chap: tuple[str, str] | None = None
+    users = values.get("incominguser", [])
+    if users:
+        user, _, secret = users[0].partition(" ")
+        chap = (user, secret.strip())
+    if len(users) > 1:
+        raise InvalidInput(f"malformed tgt conf file for target {name}: more than one incominguser")
     spec = TargetSpec(
         name=name, iqn=iqn,
         backing=Backing(bstype=values["bs-type"][0], path=values["backing-store"][0], bsopts=bsopts),
         lun=int(tid_match.group(2)) if tid_match else 1,
         initiators=[a for a in values.get("initiator-address", []) if a != NO_ADDRESS],
         initiator_names=values.get("initiator-name", []),
-        tid=int(tid_match.group(1)) if tid_match and int(tid_match.group(1)) > 0 else None)
+        tid=int(tid_match.group(1)) if tid_match and int(tid_match.group(1)) > 0 else None, chap=chap)
     check_backing(spec.backing)
+    check_chap(spec.chap)
     check_initiators(spec.initiators, spec.initiator_names)
     return spec

@@ -44,10 +44,10 @@ def user_of(auth: Auth) -> tuple[str, str]:
 
 def _add_missing_columns(engine: Any) -> None:
     """``create_all`` makes new tables only: add this release's new nullable columns to old ones."""
-    cols = {c["name"] for c in inspect(engine).get_columns("provision")}
-    if "connected" not in cols:
-        with engine.begin() as conn:
-            conn.execute(text("ALTER TABLE provision ADD COLUMN connected BOOLEAN"))
+    for table, column, sqltype in (("provision", "connected", "BOOLEAN"), ("image", "chap_secret", "VARCHAR(64)")):
+        if column not in {c["name"] for c in inspect(engine).get_columns(table)}:
+            with engine.begin() as conn:
+                conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {sqltype}"))
 
 
 class Core:

@@ -30,7 +30,7 @@ from ims.database.models import Image, Provision
 from ims.einstein.journal import RecoveryContext, Tx
 from ims.einstein.ops.core import Auth, Core
 from ims.einstein.ops.hil_steps import settled
-from ims.einstein.ops.steps import Steps
+from ims.einstein.ops.steps import Steps, chap_of
 
 
 def node_mac(net: Any, project: str, node: str, nic: str) -> str:
@@ -62,7 +62,9 @@ def recovery_ctx(core: Core, net: Any) -> RecoveryContext:
 def boot_params(core: Core, node: str, mac: str, label: str, clone: str, owner: str) -> dict[str, Any]:
     """The parameters of a write/remove-boot-files step."""
     _, _, initiator = core.initiators(owner)
-    return {"node": node, "mac": mac, "label": label, "iqn": core.iscsi.iqn(clone), "initiator": initiator}
+    # "target": the clone, whose row holds the CHAP secret the script gets (never a parameter itself)
+    return {"node": node, "mac": mac, "label": label, "iqn": core.iscsi.iqn(clone), "initiator": initiator,
+            "target": clone}
 
 
 def export_and_boot(core: Core, steps: Steps, tx: Tx, node: str, mac: str, label: str, clone: str, owner: str,
@@ -202,7 +204,7 @@ class Provisioning:
         """The iPXE script of the node with NIC ``mac`` (HTTP boot path); NodeNotProvisioned if none.
 
         Unauthenticated by design, like TFTP: it is served on the provisioning network only and
-        holds what the per-node TFTP file would (portal, target IQN, initiator name).
+        holds what the per-node TFTP file would (portal, target IQN, initiator name, CHAP secret).
         """
         core = self.core
         mac = names.normalize_mac(mac)
@@ -214,4 +216,5 @@ class Provisioning:
             owner = prov.node if row is not None and row.kind == "node" else (row.name if row else prov.node)
             clone = core.ceph_name(prov.image_id)
         _, _, initiator = core.initiators(owner)
-        return core.boot.render_ipxe(core.iscsi.iqn(clone), initiator)
+        # CHAP: the script carries the target's secret (never logged; /boot/ is on the provisioning network)
+        return core.boot.render_ipxe(core.iscsi.iqn(clone), initiator, chap_of(core, clone))

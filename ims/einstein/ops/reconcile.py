@@ -24,7 +24,7 @@ from ims.einstein.boot import MAC_SCRIPT_DIR
 from ims.einstein.journal import RecoveryContext
 from ims.einstein.ops.core import Auth, Core
 from ims.einstein.ops.provisioning import boot_params
-from ims.einstein.ops.steps import Steps, ensure_target, remove_snapshot
+from ims.einstein.ops.steps import Steps, chap_of, ensure_target, remove_snapshot, write_boot
 
 LOG = logging.getLogger(__name__)
 
@@ -107,6 +107,24 @@ class Reconcile:
                     pxe[m.group(1).replace("-", ":")] = node
         return ipxe, pxe, by_mac_files
 
+    def _lacks_chap(self, p: Prov, ipxe: dict[str, str], mac_ipxe: dict[str, tuple[str, str]]) -> bool:
+        """A node's script (or per-MAC copy) without its target's current CHAP lines: it would not log in."""
+        account = chap_of(self.core, p.clone)
+        if account is None:
+            return False
+        lines = f"set username {account[0]}\n      set password {account[1]}\n"
+        return (p.node in ipxe and lines not in ipxe[p.node]) or (p.mac in mac_ipxe and lines not in mac_ipxe[p.mac][1])
+
+    def _chap_drift(self, clones: set[str], notes: list[str]) -> list[str]:
+        """Live node/disk targets whose CHAP account differs from their row's (why goes to ``notes``)."""
+        out = []
+        for clone in sorted(clones):
+            why = self.core.iscsi.chap_drift(clone, chap_of(self.core, clone))
+            if why is not None:
+                out.append(clone)
+                notes.append(f"target {clone}: {why}")
+        return out
+
     def _hil_orphans(self, net: Any, provs: list[Prov], networks: set[str], notes: list[str]) -> list[str]:
         """``node/nic/network`` attachments to a provisioning network that no provision made."""
         core = self.core
@@ -158,7 +176,8 @@ class Reconcile:
         stale = sorted({p.node for p in provs if tftp and (
             (p.node in ipxe and (p.clone not in in_storage or core.iscsi.iqn(p.clone) not in ipxe[p.node]))
             or (p.mac in pxe and pxe[p.mac] != p.node)
-            or (p.mac in mac_ipxe and core.iscsi.iqn(p.clone) not in mac_ipxe[p.mac][1]))})
+            or (p.mac in mac_ipxe and core.iscsi.iqn(p.clone) not in mac_ipxe[p.mac][1])
+            or self._lacks_chap(p, ipxe, mac_ipxe))})
         # (path, node or None for a per-MAC iPXE copy, mac or None for a node's script)
         orphans: list[tuple[str, str | None, str | None]] = (
             [(core.boot.ipxe_file(n), n, None) for n in ipxe if not tftp or n not in by_node]
@@ -170,6 +189,8 @@ class Reconcile:
             "rows_without_image": sorted(set(rows) - in_storage),
             "targets_without_row": sorted(targets - set(rows)),
             "missing_targets": sorted(should_export - targets - (set(rows) - in_storage)),
+            # live targets whose CHAP account is missing or not the row's (names only, never a secret)
+            "targets_without_chap": self._chap_drift(targets & should_export, notes),
             "missing_boot_files": sorted(p.node for p in provs if tftp and not core.boot.exists(p.node, p.mac)),
             # boot files no provision owns (or, in http mode, any per-node file BMI wrote)
             "orphan_boot_files": sorted(path for path, _, _ in orphans),
@@ -250,6 +271,18 @@ class Reconcile:
 
             self._guarded(report, f"re-add target {clone}", locks, tokens, re_add)
 
+        for clone in report["targets_without_chap"]:
+            locks, tokens = self._locks_of(clone, rows, by_node)
+
+            def rebind(c: str = clone) -> bool:
+                account = chap_of(core, c)
+                if account is None or not core.iscsi.target_exists(c) or core.iscsi.chap_drift(c, account) is None:
+                    return False
+                core.iscsi.repair_chap(c, account)
+                return True
+
+            self._guarded(report, f"re-bind the CHAP account of target {clone}", locks, tokens, rebind)
+
         for clone in report["leftover_snapshots"]:
             locks, tokens = self._locks_of(clone, rows, by_node)
 
@@ -273,8 +306,7 @@ class Reconcile:
                     # nothing to boot: a file pointing at a missing clone only misleads the node
                     return bool(core.boot.remove(p.node, p.mac))
                 owner = p.node if p.kind == "node" else p.disk
-                params = boot_params(core, p.node, p.mac, p.label, p.clone, owner)
-                core.boot.write(params["node"], params["mac"], params["label"], params["iqn"], params["initiator"])
+                write_boot(core, boot_params(core, p.node, p.mac, p.label, p.clone, owner))
                 return True
 
             self._guarded(report, f"rewrite boot files of {node}", [f"node:{node}", *locks], [node, *tokens],

@@ -24,6 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from ims.common import names
 from ims.common.errors import (
     ImageExists,
     NotFound,
@@ -34,6 +35,7 @@ from ims.common.errors import (
 )
 from ims.database.models import Image, Operation, Provision
 from ims.einstein import flatten
+from ims.einstein.iscsi import chap
 from ims.einstein.journal import RecoveryContext, Tx
 from ims.einstein.ops.core import Core
 
@@ -215,13 +217,38 @@ class Unprotect(Step):
 
 
 # --- iSCSI -----------------------------------------------------------------------
+def chap_of(core: Core, target: str | None) -> tuple[str, str] | None:
+    """The CHAP ``(user, secret)`` of BMI target ``target`` (a clone's internal name), from its row.
+
+    Read at the moment a target or boot script is made, so the secret is never a journal
+    parameter; None when the row has no secret (made while [iscsi] chap was off) or is gone.
+    """
+    prefix = names.internal_prefix(core.uid)
+    if not target or not target.startswith(prefix) or not target[len(prefix):].isdigit():
+        return None
+    with core.session() as session:
+        row = session.get(Image, int(target[len(prefix):]))
+        secret = row.chap_secret if row is not None else None
+    return chap.account(target, secret)
+
+
+def add_target(core: Core, target: str, image: str, initiators: list[str] | None,
+               initiator_names: list[str] | None) -> None:
+    """Export ``image`` as ``target`` with the target's CHAP account, if its row has a secret."""
+    account = chap_of(core, target)
+    if account is None:  # keeps drivers without the keyword (tests' fakes of earlier releases) working
+        core.iscsi.add_target(target, core.storage.backing(image), initiators, initiator_names)
+    else:
+        core.iscsi.add_target(target, core.storage.backing(image), initiators, initiator_names, chap=account)
+
+
 class AddTarget(Step):
     name, undo_name = "iscsi.add_target", "iscsi.remove"
     made_nothing = (TargetExists,)
 
     def execute(self, target: str, image: str, initiators: list[str] | None = None,
                 initiator_names: list[str] | None = None) -> None:
-        self.core.iscsi.add_target(target, self.core.storage.backing(image), initiators, initiator_names)
+        add_target(self.core, target, image, initiators, initiator_names)
 
     def revert(self, params: dict[str, Any], ctx: RecoveryContext) -> None:
         _quietly(lambda: self.core.iscsi.remove_target(params["target"]))
@@ -232,8 +259,7 @@ def ensure_target(core: Core, params: dict[str, Any]) -> None:
     if not core.iscsi.target_exists(params["target"]):
         # a conf file whose target is gone from the daemon would block the re-add
         _quietly(lambda: core.iscsi.remove_target(params["target"]))
-        core.iscsi.add_target(params["target"], core.storage.backing(params["image"]), params.get("initiators"),
-                              params.get("initiator_names"))
+        add_target(core, params["target"], params["image"], params.get("initiators"), params.get("initiator_names"))
 
 
 class RemoveTarget(Step):
@@ -250,11 +276,23 @@ class RemoveTarget(Step):
 
 
 # --- boot files ------------------------------------------------------------------
+def write_boot(core: Core, params: dict[str, Any]) -> list[str]:
+    """Write a node's boot files from step parameters; the CHAP secret comes from the target's row.
+
+    ``target`` (the clone's internal name) is absent from journal rows of earlier releases:
+    their scripts are written without CHAP, as they were.
+    """
+    return core.boot.write(params["node"], params["mac"], params["label"], params["iqn"],
+                           params.get("initiator"), chap=chap_of(core, params.get("target")))
+
+
 class WriteBoot(Step):
     name, undo_name = "boot.write", "boot.remove"
 
-    def execute(self, node: str, mac: str, label: str, iqn: str, initiator: str | None = None) -> None:
-        self.core.boot.write(node, mac, label, iqn, initiator)
+    def execute(self, node: str, mac: str, label: str, iqn: str, initiator: str | None = None,
+                target: str | None = None) -> None:
+        write_boot(self.core, {"node": node, "mac": mac, "label": label, "iqn": iqn, "initiator": initiator,
+                               "target": target})
 
     def revert(self, params: dict[str, Any], ctx: RecoveryContext) -> None:
         self.core.boot.remove(params["node"], params["mac"])
@@ -263,11 +301,12 @@ class WriteBoot(Step):
 class RemoveBoot(Step):
     name, undo_name = "boot.remove", "boot.write"
 
-    def execute(self, node: str, mac: str, label: str, iqn: str, initiator: str | None = None) -> None:
+    def execute(self, node: str, mac: str, label: str, iqn: str, initiator: str | None = None,
+                target: str | None = None) -> None:
         self.core.boot.remove(node, mac)
 
     def revert(self, params: dict[str, Any], ctx: RecoveryContext) -> None:
-        self.core.boot.write(params["node"], params["mac"], params["label"], params["iqn"], params.get("initiator"))
+        write_boot(self.core, params)
 
 
 # --- database --------------------------------------------------------------------
@@ -295,6 +334,9 @@ class InsertImage(DbStep):
     def insert(self, session: Session, **params: Any) -> int:
         prov = params.pop("provision", None)
         row = Image(**params)
+        if row.kind in ("node", "disk") and self.core.cfg.iscsi.chap:
+            # Made here, in the row's own transaction, so it is never a journal parameter.
+            row.chap_secret = chap.new_secret()
         session.add(row)
         try:
             session.flush()
