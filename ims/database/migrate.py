@@ -32,6 +32,8 @@ from ims.common.errors import ConfigError
 from ims.database.migrations import schema_0001
 
 LOG = logging.getLogger(__name__)
+# alembic announces its plugins and dialect at INFO in every process that checks the schema: noise
+logging.getLogger("alembic").setLevel(logging.WARNING)
 SCRIPTS = Path(__file__).with_name("migrations")
 # pg_advisory_xact_lock key of schema upgrades (any constant unique within BMI's keys).
 UPGRADE_LOCK_KEY = 0x424D49_0001

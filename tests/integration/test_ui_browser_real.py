@@ -13,11 +13,12 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support.iscsi_rw import LunAddress, _Session
+from tests.support.iscsi_rw import LunAddress, _Session, conf_chap
 from tests.support.stack import REPO, Stack, running_stack
 
 ADMIN = ("haasadmin", "admin1234")
@@ -108,6 +109,13 @@ def portal(stack: Stack) -> str:
     return f"{cfg.get('iscsi', 'ip')}:{cfg.get('iscsi', 'port')}"
 
 
+def target_chap(stack: Stack, iqn: str) -> tuple[str, str] | None:
+    """The target's CHAP account, as the node's iPXE script carries it (from the target's conf file)."""
+    cfg = configparser.ConfigParser(interpolation=None)
+    cfg.read(stack.env["BMI_CONFIG"])
+    return conf_chap(Path(cfg.get("iscsi", "conf_dir")) / (iqn.rsplit(":", 1)[1] + ".conf"))
+
+
 def clone_iqn(stack: Stack, node: str) -> str:
     """The IQN of the live target of ``node``'s clone (from tgtd, through its Ceph name in ``bmi db ls``)."""
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in stack.bmi("db", "ls").stdout.splitlines()
@@ -127,7 +135,8 @@ def test_console_in_a_real_browser(stack: Stack, browser: Browser) -> None:
     node_iqn, cisco_iqn = clone_iqn(stack, "bmi_node"), clone_iqn(stack, "cisco-01")
 
     # bmi_node's initiator logs in (as its iPXE script would); cisco-01's does not
-    session = _Session(LunAddress(portal(stack), node_iqn, 1), NODE_INITIATOR_PREFIX + "bmi_node")
+    session = _Session(LunAddress(portal(stack), node_iqn, 1), NODE_INITIATOR_PREFIX + "bmi_node",
+                       chap=target_chap(stack, node_iqn))
     try:
         browser.login(TENANT)
         home = browser.open("/ui/", "1-tenant-projects")

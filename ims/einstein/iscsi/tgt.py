@@ -296,6 +296,13 @@ class TgtTarget(TgtChap, IscsiTarget):
                 self._create(spec, first=wanted)
             except TargetExists:
                 continue   # made meanwhile (another worker's restore): it is live, which is the goal
+            except IscsiError as exc:
+                # One target that cannot be made (its backing store is gone: e.g. another host rolled its
+                # provision back while this one was down) must not keep the others, and Einstein, down.
+                self._wait_ready()  # ... but tgtd itself failing is everyone's problem: raise that
+                LOG.error("iSCSI target %s could not be restored from its conf file: %s (reconcile reports "
+                          "it; recovery or `bmi reconcile --repair` deals with it)", spec.iqn, exc)
+                continue
             if not self._rewrite_tid(name, spec.tid):
                 # The conf file went away meanwhile (remove_target): do not resurrect the target.
                 self._delete_by_iqn(spec.iqn)
