@@ -10,6 +10,7 @@ the targets it lost and does not export them again.
 """
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +35,14 @@ EXTRA = [f"mhextra{i}" for i in range(6)]  # provisions in flight when a host is
 INITIATOR = "iqn.2017-10.org.moc.bmi.node:"
 SIZE = 8 << 20
 
+
+
+def node_chap(c, node: str) -> tuple[str, str] | None:
+    """The CHAP account the node's iPXE script logs in with (as the node itself would)."""
+    text = (c.base / "tftp" / f"{node}.ipxe").read_text()
+    user = re.search(r"^\s*set username (\S+)$", text, re.M)
+    secret = re.search(r"^\s*set password (\S+)$", text, re.M)
+    return (user.group(1), secret.group(1)) if user and secret else None
 
 def wait_for(what: str, check: Any, timeout: float = 90.0) -> Any:
     deadline = time.monotonic() + timeout
@@ -141,7 +150,8 @@ def test_nodes_spread_over_hosts_survive_a_killed_host_and_the_returning_host_is
     for node in NODES:  # each node's own data on its disk, through its own gateway
         host = c.hosts[0 if node in on1 else 1]
         assert c.host_of_portal((c.base / "tftp" / f"{node}.ipxe").read_text()) == host.index
-        iscsi_rw.write_lun(host.tgtd.portal, iqn[node], 1, 0, node_data(node), initiator=INITIATOR + node)
+        iscsi_rw.write_lun(host.tgtd.portal, iqn[node], 1, 0, node_data(node), initiator=INITIATOR + node,
+                         chap=node_chap(c, node))
 
     # Asynchronous provisions in flight (the batch is split per host): host 2 dies under its part.
     client.submit_batch(USER, "provision", [{"project": PROJECT, "node": n, "img": GOLDEN_NAME, "network": NET,
@@ -179,7 +189,8 @@ def test_nodes_spread_over_hosts_survive_a_killed_host_and_the_returning_host_is
         assert sorted(s.scalars(select(Image.name).where(Image.kind == "node"))) == sorted([*NODES, *extra])
     for node in NODES:
         assert c.host_of_portal((c.base / "tftp" / f"{node}.ipxe").read_text()) == 0, node
-        got = iscsi_rw.read_lun(c.hosts[0].tgtd.portal, iqn[node], 1, 0, 8, initiator=INITIATOR + node)
+        got = iscsi_rw.read_lun(c.hosts[0].tgtd.portal, iqn[node], 1, 0, 8, initiator=INITIATOR + node,
+                         chap=node_chap(c, node))
         assert got == node_data(node), node
 
     # Host 2 comes back with its conf dir (which still lists the lost targets): it is fenced.
@@ -236,7 +247,8 @@ def test_a_stalled_host_is_taken_over_and_when_it_wakes_up_it_is_fenced(cluster:
     assert on2, placed
     iqn = {n: f"iqn.2017-10.org.moc.bmi:{clone}" for n, (_g, clone) in placed.items()}
     node = on2[0]
-    iscsi_rw.write_lun(c.hosts[1].tgtd.portal, iqn[node], 1, 0, node_data(node), initiator=INITIATOR + node)
+    iscsi_rw.write_lun(c.hosts[1].tgtd.portal, iqn[node], 1, 0, node_data(node), initiator=INITIATOR + node,
+                         chap=node_chap(c, node))
     epoch = _host(sessions, "host2").epoch
     c.stall(1)
     try:
@@ -254,7 +266,8 @@ def test_a_stalled_host_is_taken_over_and_when_it_wakes_up_it_is_fenced(cluster:
     time.sleep(3 * c.heartbeat)
     assert c.live_iqns(1) == [] and c.live_iqns(0) == sorted(iqn.values())
     assert all(g == "host1" for g, _c in gateways(sessions).values())
-    got = iscsi_rw.read_lun(c.hosts[0].tgtd.portal, iqn[node], 1, 0, 8, initiator=INITIATOR + node)
+    got = iscsi_rw.read_lun(c.hosts[0].tgtd.portal, iqn[node], 1, 0, 8, initiator=INITIATOR + node,
+                         chap=node_chap(c, node))
     assert got == node_data(node)
     wait_for("no unfinished operation", lambda: unfinished(sessions) == [])
     for n in chosen:

@@ -53,16 +53,19 @@ def test_stack_with_two_hosts_places_nodes_by_the_ring_and_survives_a_killed_hos
         # host 1 crashes (its Einstein, whose name server Picasso was using, and its tgtd)
         os.killpg(int((d / "pids" / "einstein.pid").read_text()), signal.SIGKILL)
         os.kill(int((d / "tgt" / "tgtd.pid").read_text()), signal.SIGKILL)
+        portal = re.search(r"^ip = (\S+)$", (d / "bmiconfig-host2.cfg").read_text(), re.M).group(1)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             now = gateways(d)
+            # a node is taken over when its target is live on host 2 AND its boot script names host 2
+            # (the script is rewritten just after the target is made: wait for both, not the first)
             if all(g == "host2" for g, _c in now.values()) and \
-                    live(d, "tgt-host2") == sorted(c for _g, c in now.values()):
+                    live(d, "tgt-host2") == sorted(c for _g, c in now.values()) and \
+                    all(f"iscsi:{portal}:" in (d / "tftp" / f"{node}.ipxe").read_text() for node in NODES):
                 break
             time.sleep(0.5)
         else:
             pytest.fail(f"host 2 did not take over: {gateways(d)}")
-        portal = re.search(r"^ip = (\S+)$", (d / "bmiconfig-host2.cfg").read_text(), re.M).group(1)
         for node in NODES:
             assert f"iscsi:{portal}:" in (d / "tftp" / f"{node}.ipxe").read_text()
         # Picasso finds host 2's name server in the database and goes on serving through it.
