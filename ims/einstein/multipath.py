@@ -1,0 +1,205 @@
+"""Multipath boot, ACTIVE/PASSIVE: a node's disk is exported by ONE gateway at a time.
+
+Why not active/active (two tgtd exporting the same RBD clone at once) -- measured with
+``benchmarks/multipath_probe.py`` on real tgtd + tgt-rbd + Ceph 16, see docs/deployment.md "Multipath":
+
+* tgt's rbd backing store keeps its own librbd handle (and cache) per gateway.  With the librbd
+  cache in ``writeback`` mode (a plain ``ceph.conf`` setting on the gateway host) gateway B serves
+  STALE blocks after a write through A, with or without the exclusive-lock feature.
+* A gateway that hangs (not dies) with a write in flight delivers that old write after the node
+  moved on to the other gateway: the newer data is overwritten.  Only fencing the old gateway's
+  librados client (``ceph osd blocklist``) stops it, and only active/passive has a moment to fence
+  (the take-over, before the target goes live on the new gateway).
+* exclusive-lock would make the lock ping-pong on every alternating write; deprovision cannot
+  delete a clone while any gateway still has it open.
+* iPXE's multipath (``sanboot URI1 URI2``) uses ONE path at a time and the booted OS's iBFT names
+  that one path, so a second live path buys no bandwidth, only a faster switch.
+
+So the node's iPXE script names the target on its primary gateway AND on its secondary (the
+gateway the take-over will move it to: on BMI's consistent hash ring, the next live host after
+the primary).  While the primary serves, the secondary has no such target and iPXE's login there
+fails at once; when the primary dies, the take-over first fences the primary's librbd clients of
+that image (:func:`fence_image_clients`) and then creates the same IQN on the secondary, and
+iPXE's retry (it re-opens every URI when the SAN target fails) attaches there.
+
+:func:`sanboot_line` renders that line; :func:`san_uri` one RFC 4173 URI.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import rados
+import rbd
+
+from ims.common.errors import InvalidInput, StorageError
+from ims.einstein.storage.ceph import CephStorage
+
+LOG = logging.getLogger(__name__)
+
+# The same rules ims.einstein.boot applies: a newline or space would inject iPXE commands.
+_IQN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.:_-]{0,222}$")
+_HOST_RE = re.compile(r"^[A-Za-z0-9.-]{1,253}$")
+# How long a fenced gateway's client stays blocklisted: far longer than a take-over, and a
+# restarted tgtd gets new librados instances (new nonces), so it is not locked out by this.
+DEFAULT_FENCE_SECONDS = 3600
+
+
+@dataclass(frozen=True)
+class Portal:
+    """One gateway's iSCSI portal, as nodes reach it."""
+
+    ip: str
+    port: int = 3260
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ip, str) or not _HOST_RE.fullmatch(self.ip):
+            raise InvalidInput(f"invalid iSCSI portal address {self.ip!r}")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 < self.port < 65536:
+            raise InvalidInput(f"invalid iSCSI port {self.port!r}")
+
+    @classmethod
+    def parse(cls, value: Portal | str) -> Portal:
+        """A :class:`Portal`, ``"ip"`` or ``"ip:port"`` (IPv4 or a host name)."""
+        if isinstance(value, Portal):
+            return value
+        if not isinstance(value, str):
+            raise InvalidInput(f"invalid iSCSI portal {value!r}")
+        host, sep, port = value.rpartition(":")
+        if not sep:
+            return cls(value)
+        if not port.isdigit():
+            raise InvalidInput(f"invalid iSCSI portal {value!r}")
+        return cls(host, int(port))
+
+
+def _check_iqn(iqn: object) -> str:
+    if not isinstance(iqn, str) or not _IQN_RE.fullmatch(iqn):
+        raise InvalidInput(f"invalid target IQN {iqn!r}")
+    return iqn
+
+
+def _check_lun(lun: object) -> int:
+    if isinstance(lun, bool) or not isinstance(lun, int) or not 1 <= lun <= 0x3FFF:
+        # LUN 0 is tgt's controller: a node would sanboot nothing.
+        raise InvalidInput(f"invalid LUN {lun!r}: must be 1-16383")
+    return lun
+
+
+def san_uri(portal: Portal | str, iqn: str, lun: int = 1) -> str:
+    """``iscsi:<ip>:tcp:<port>:<lun>:<iqn>`` (RFC 4173 as iPXE reads it: the LUN in hexadecimal)."""
+    p = Portal.parse(portal)
+    return f"iscsi:{p.ip}:tcp:{p.port}:{_check_lun(lun):x}:{_check_iqn(iqn)}"
+
+
+def sanboot_uris(primary: Portal | str, secondary: Portal | str | None, iqn: str, lun: int = 1) -> list[str]:
+    """The node's SAN URIs, primary first; one URI when there is no secondary gateway (one host)."""
+    first = Portal.parse(primary)
+    uris = [san_uri(first, iqn, lun)]
+    if secondary is not None:
+        second = Portal.parse(secondary)
+        if second == first:
+            raise InvalidInput(f"the secondary gateway {second.ip}:{second.port} is the primary")
+        uris.append(san_uri(second, iqn, lun))
+    return uris
+
+
+def sanboot_line(primary: Portal | str, secondary: Portal | str | None, iqn: str, lun: int = 1,
+                 keep: bool = True) -> str:
+    """The iPXE command booting the node's target through its primary or its secondary gateway.
+
+    ``sanboot --keep URI_primary URI_secondary``: iPXE opens every URI, keeps the first one that
+    logs in (only the gateway that exports the target does, see the module docstring) and, when
+    that SAN target fails, re-opens them all.  ``--keep`` leaves the drive attached (iBFT) if the
+    boot returns, like BMI's single-path line.  No newline.
+    """
+    return " ".join(["sanboot", *(["--keep"] if keep else []), *sanboot_uris(primary, secondary, iqn, lun)])
+
+
+# --- fencing (the take-over's first step) ---------------------------------------------------
+def image_clients(storage: CephStorage, image: str) -> list[dict[str, object]]:
+    """The librados clients that have ``image`` open (its header watchers): ``[{addr, id, cookie}]``.
+
+    Every tgtd LUN with an rbd backing store is one librados client of its own (tgt's bs_rbd
+    connects per LUN), so on a gateway that exports the image, the image's watcher IS that
+    gateway's LUN.  Our own connection's watches are left out.
+    """
+    ioctx = storage._ioctx()  # the shared per-process connection (storage/ceph.py)
+    own_id = _cluster_of(storage).get_instance_id()
+    try:
+        with rbd.Image(ioctx, image, read_only=True) as img:
+            watchers = [dict(w) for w in img.watchers_list()]
+    except rbd.ImageNotFound as exc:
+        raise StorageError(f"image {image} not found") from exc
+    except (rbd.Error, rados.Error) as exc:
+        raise StorageError(f"cannot list the clients of image {image}: {exc}") from exc
+    return [w for w in watchers if w.get("id") != own_id]
+
+
+def fence_image_clients(storage: CephStorage, image: str, keep: Iterable[str] = (),
+                        expire_seconds: int = DEFAULT_FENCE_SECONDS) -> list[str]:
+    """Blocklist every client that has ``image`` open except the addresses in ``keep``; returns them.
+
+    Run by the take-over BEFORE the target goes live on the new gateway: a dead gateway's watch
+    lingers ~30 s (and blocks ``rbd rm``), and a hung one would deliver its in-flight writes after
+    the node moved on (measured: the newer data is lost).  Once blocklisted, that client's OSD
+    requests fail and its watches go.  Safe to run again (blocklisting is idempotent).
+    :raises StorageError: Ceph refused or is unreachable (nothing is made live then).
+    """
+    if isinstance(expire_seconds, bool) or not isinstance(expire_seconds, int) or expire_seconds < 1:
+        raise InvalidInput(f"invalid fence expiry {expire_seconds!r}")
+    kept = set(keep)
+    fenced = []
+    clients = image_clients(storage, image)  # connects first, so the connection below exists
+    cluster = _cluster_of(storage)
+    for watcher in clients:
+        addr = str(watcher.get("addr", ""))
+        if not addr or addr in kept:
+            continue
+        _check_client_addr(addr)
+        try:
+            cluster.blocklist_add(addr, expire_seconds)
+        except rados.Error as exc:
+            raise StorageError(f"cannot blocklist client {addr} of image {image}: {exc}") from exc
+        LOG.warning("fenced client %s of image %s (blocklisted for %d s)", addr, image, expire_seconds)
+        fenced.append(addr)
+    return fenced
+
+
+def _cluster_of(storage: CephStorage) -> rados.Rados:
+    from ims.einstein.storage import ceph as ceph_module  # the per-process connection table
+
+    conn = ceph_module._CONNECTIONS.get(storage._key)
+    if conn is None:
+        raise StorageError("no Ceph connection")
+    return conn.cluster
+
+
+def _check_client_addr(addr: str) -> None:
+    # "127.0.0.1:0/2975375630" or "v1:10.0.0.5:0/123": an address, a port and a nonce, nothing else.
+    host, _, rest = addr.removeprefix("v1:").removeprefix("any:").rpartition(":")
+    port, _, nonce = rest.partition("/")
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        raise StorageError(f"unexpected client address {addr!r}") from None
+    if not port.isdigit() or not nonce.isdigit():
+        raise StorageError(f"unexpected client address {addr!r}")
+
+
+def primary_and_secondary(ring_order: Sequence[Portal | str]) -> tuple[Portal, Portal | None]:
+    """The first two distinct portals of a node's preference list (e.g. the hash ring's walk from the
+    node's key over live hosts): where its target lives, and where a take-over would move it."""
+    portals: list[Portal] = []
+    for item in ring_order:
+        p = Portal.parse(item)
+        if p not in portals:
+            portals.append(p)
+        if len(portals) == 2:
+            break
+    if not portals:
+        raise InvalidInput("no gateway for the node")
+    return portals[0], portals[1] if len(portals) > 1 else None
