@@ -140,8 +140,15 @@ def image_clients(storage: CephStorage, image: str) -> list[dict[str, object]]:
 
 
 def fence_image_clients(storage: CephStorage, image: str, keep: Iterable[str] = (),
+                        hosts: Iterable[str] | None = None,
                         expire_seconds: int = DEFAULT_FENCE_SECONDS) -> list[str]:
-    """Blocklist every client that has ``image`` open except the addresses in ``keep``; returns them.
+    """Blocklist the clients that have ``image`` open; returns their addresses.
+
+    ``hosts``: fence only clients whose address is one of these IPs -- in a multi-host deployment
+    the take-over passes the dead host's address(es) as Ceph sees them, so an Einstein worker of a
+    LIVE host that happens to have the image open (a snapshot, a flatten) is never fenced: a
+    blocklist covers its whole librados connection, which BMI shares per process.  ``None`` fences
+    every client but our own (one machine, tests).  ``keep``: client addresses never fenced.
 
     Run by the take-over BEFORE the target goes live on the new gateway: a dead gateway's watch
     lingers ~30 s (and blocks ``rbd rm``), and a hung one would deliver its in-flight writes after
@@ -152,6 +159,7 @@ def fence_image_clients(storage: CephStorage, image: str, keep: Iterable[str] = 
     if isinstance(expire_seconds, bool) or not isinstance(expire_seconds, int) or expire_seconds < 1:
         raise InvalidInput(f"invalid fence expiry {expire_seconds!r}")
     kept = set(keep)
+    only = None if hosts is None else {_ip_of(h) for h in hosts}
     fenced = []
     clients = image_clients(storage, image)  # connects first, so the connection below exists
     cluster = _cluster_of(storage)
@@ -159,7 +167,9 @@ def fence_image_clients(storage: CephStorage, image: str, keep: Iterable[str] = 
         addr = str(watcher.get("addr", ""))
         if not addr or addr in kept:
             continue
-        _check_client_addr(addr)
+        ip = _check_client_addr(addr)
+        if only is not None and ip not in only:
+            continue
         try:
             cluster.blocklist_add(addr, expire_seconds)
         except rados.Error as exc:
@@ -178,16 +188,24 @@ def _cluster_of(storage: CephStorage) -> rados.Rados:
     return conn.cluster
 
 
-def _check_client_addr(addr: str) -> None:
-    # "127.0.0.1:0/2975375630" or "v1:10.0.0.5:0/123": an address, a port and a nonce, nothing else.
+def _ip_of(host: str) -> str:
+    try:
+        return str(ipaddress.ip_address(str(host).strip("[]")))
+    except ValueError:
+        raise InvalidInput(f"invalid host address {host!r}") from None
+
+
+def _check_client_addr(addr: str) -> str:
+    """The IP of a client address such as ``127.0.0.1:0/2975375630`` or ``v1:10.0.0.5:0/123``."""
     host, _, rest = addr.removeprefix("v1:").removeprefix("any:").rpartition(":")
     port, _, nonce = rest.partition("/")
     try:
-        ipaddress.ip_address(host.strip("[]"))
+        ip = str(ipaddress.ip_address(host.strip("[]")))
     except ValueError:
         raise StorageError(f"unexpected client address {addr!r}") from None
     if not port.isdigit() or not nonce.isdigit():
         raise StorageError(f"unexpected client address {addr!r}")
+    return ip
 
 
 def primary_and_secondary(ring_order: Sequence[Portal | str]) -> tuple[Portal, Portal | None]:

@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from ims.common.errors import InvalidInput
 from ims.einstein import multipath
 from ims.einstein.iscsi.tgt import TgtTarget
 from ims.einstein.storage.ceph import CephStorage
@@ -55,7 +56,8 @@ class Bed:
 
     def take_over(self) -> list[str]:
         """What the take-over does for this node: fence A's clients of the clone, then go live on B."""
-        fenced = multipath.fence_image_clients(self.storage, self.clone)
+        # Everything runs on 127.0.0.1 here; a real take-over passes the dead host's address.
+        fenced = multipath.fence_image_clients(self.storage, self.clone, hosts=["127.0.0.1"])
         self.drv_b.add_target(self.clone, self.storage.backing(self.clone), ["ALL"])
         return fenced
 
@@ -176,12 +178,28 @@ def test_hung_gateway_cannot_overwrite_after_take_over(bed: Bed) -> None:
         pass
 
 
-def test_fence_keeps_listed_clients_and_is_repeatable(bed: Bed) -> None:
+def test_fence_spares_kept_clients_and_other_hosts(bed: Bed) -> None:
     clients = multipath.image_clients(bed.storage, bed.clone)
     assert len(clients) == 1
     addr = str(clients[0]["addr"])
     assert multipath.fence_image_clients(bed.storage, bed.clone, keep=[addr]) == []
+    # Only the dead host's addresses are fenced: a client on another host is left alone.
+    assert multipath.fence_image_clients(bed.storage, bed.clone, hosts=["10.255.255.1"]) == []
     # A still serves: nothing was fenced.
     data = os.urandom(8 * BLOCK)
     iscsi_rw.write_lun(bed.url(bed.a), None, None, 300, data, initiator=INITIATOR)
     assert bed.storage.read(bed.clone, 300 * BLOCK, len(data)) == data
+    with pytest.raises(InvalidInput):
+        multipath.fence_image_clients(bed.storage, bed.clone, hosts=["gateway-a\n"])
+    with pytest.raises(InvalidInput):
+        multipath.fence_image_clients(bed.storage, bed.clone, expire_seconds=0)
+    # Fencing the live gateway's host: its next write is refused by Ceph, and its watch goes.
+    assert multipath.fence_image_clients(bed.storage, bed.clone, hosts=["127.0.0.1"]) == [addr]
+    with pytest.raises(iscsi_rw.IscsiIOError):
+        iscsi_rw.write_lun(bed.url(bed.a), None, None, 300, os.urandom(8 * BLOCK), initiator=INITIATOR)
+    assert bed.storage.read(bed.clone, 300 * BLOCK, len(data)) == data
+    deadline = time.monotonic() + 60
+    while multipath.image_clients(bed.storage, bed.clone) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert multipath.image_clients(bed.storage, bed.clone) == []
+    assert multipath.fence_image_clients(bed.storage, bed.clone, hosts=["127.0.0.1"]) == []
