@@ -49,3 +49,14 @@ def test_uris_and_preference_list():
     assert primary_and_secondary(["10.0.0.3"]) == (Portal("10.0.0.3"), None)
     with pytest.raises(InvalidInput):
         primary_and_secondary([])
+
+
+def test_single_path_line_is_the_one_boot_files_render_today(tmp_path):
+    """With no secondary the line is byte-identical to ims/templates/ipxe.temp's sanboot line, so the
+    template can take ``${sanboot_line}`` from :func:`sanboot_line` without changing one-host boots."""
+    from ims.einstein.boot import BootFiles
+
+    files = BootFiles(str(tmp_path / "pxelinux.cfg"), str(tmp_path), "10.20.0.1", iscsi_port=3261, lun=3)
+    script = files.render_ipxe(IQN)
+    rendered = next(x.strip() for x in script.splitlines() if x.strip().startswith("sanboot"))
+    assert rendered == sanboot_line(Portal("10.20.0.1", 3261), None, IQN, 3)
