@@ -280,15 +280,17 @@ def probe_late_write(cluster: CephCluster, a: Gateway, b: Gateway, fence: bool) 
             result.append(f"failed: {str(exc)[:80]}")
 
     os.kill(a.instance.pid, signal.SIGSTOP)
-    thread = threading.Thread(target=write_a)
-    thread.start()
-    time.sleep(0.5)                      # the write now sits in stopped A's socket
-    sb = b.session(clone, INIT_B)
-    sb.write(lba, new, BLOCK)
-    sb.close()
-    if fence:
-        execute("ceph", "osd", "blocklist", "add", addr_a, timeout=60, env=cluster.env)
-    os.kill(a.instance.pid, signal.SIGCONT)
+    try:
+        thread = threading.Thread(target=write_a)
+        thread.start()
+        time.sleep(0.5)                      # the write now sits in stopped A's socket
+        sb = b.session(clone, INIT_B)
+        sb.write(lba, new, BLOCK)
+        sb.close()
+        if fence:
+            execute("ceph", "osd", "blocklist", "add", addr_a, timeout=60, env=cluster.env)
+    finally:
+        os.kill(a.instance.pid, signal.SIGCONT)  # never leave a stopped tgtd behind (stop would hang)
     thread.join(60)
     final = cluster.storage().read(clone, lba * BLOCK, len(new))
     holds = ("B's NEWER data" if final == new else
