@@ -47,6 +47,8 @@ INIT_A = "iqn.2026-01.org.bmi.probe:initiator-a"
 INIT_B = "iqn.2026-01.org.bmi.probe:initiator-b"
 FEATURES_PLAIN = "layering"                    # what scripts/ceph-dev and BMI's clones use
 FEATURES_LOCK = "layering,exclusive-lock"      # what `rbd create` uses by default elsewhere
+# The SCSI caching mode page with WCE set (ims.einstein.iscsi.tgt.WRITE_CACHE_OFF with 0x10 -> 0x14).
+WRITE_CACHE_ON = "mode_page=8:0:18:0x14:0:0xff:0xff:0:0:0xff:0xff:0xff:0xff:0x80:0x14:0:0:0:0:0:0"
 
 
 def finding(name: str, text: str) -> None:
@@ -221,24 +223,40 @@ def probe_concurrent(cluster: CephCluster, a: Gateway, b: Gateway, features: str
             f"({elapsed * 1000:.0f} ms): {len(lost)} missing or wrong in Ceph; errors: {errors or 'none'}")
 
 
-def probe_crash(cluster: CephCluster, a: Gateway, policy: str, writes: int) -> None:
-    """Acknowledged writes through A, then SIGKILL A's tgtd: what does Ceph hold?"""
-    clone = make_clone(cluster, f"cr-{policy}", FEATURES_PLAIN)
-    a.export(clone)
-    s = a.session(clone, INIT_A)
+def write_no_fua(s: _Session, lba: int, data: bytes) -> None:
+    """WRITE16 without FUA, as an OS initiator writes (tests.support.iscsi_rw sets FUA on every write)."""
+    task = s.lib.iscsi_write16_sync(s.ctx, s.addr.lun, lba, data, len(data), BLOCK, 0, 0, 0, 0, 0)
+    s._check(task, "WRITE16")
+
+
+def probe_crash(cluster: CephCluster, gw: Gateway, policy: str, writes: int, write_cache: bool = False) -> None:
+    """Acknowledged writes through ``gw``, then SIGKILL its tgtd: what does Ceph hold?
+
+    ``write_cache=True`` is the control experiment: the LUN's caching mode page with WCE set (tgt's
+    default; BMI clears it), so tgt acknowledges writes without ``rbd_flush``."""
+    clone = make_clone(cluster, f"cr-{policy}-{'wce' if write_cache else 'nowce'}", FEATURES_PLAIN)
+    gw.export(clone)
+    if write_cache:
+        live = gw.driver.live_target(clone)
+        assert live is not None
+        execute("tgtadm", "-C", str(gw.instance.control_port), "--lld", "iscsi", "--op", "update",
+                "--mode", "logicalunit", "--tid", str(live.tid), "--lun", "1", "--params",
+                WRITE_CACHE_ON, timeout=30)
+    s = gw.session(clone, INIT_A)
     acked = {}
     for i in range(writes):
         data = pattern(f"crash{i}")
-        s.write(2048 + 8 * i, data, BLOCK)
+        write_no_fua(s, 2048 + 8 * i, data)
         acked[2048 + 8 * i] = data
-    os.kill(a.instance.pid, signal.SIGKILL)  # no logout, no close: librbd gets no chance to flush
-    while a.instance.alive():
+    os.kill(gw.instance.pid, signal.SIGKILL)  # no logout, no close: librbd gets no chance to flush
+    while gw.instance.alive():
         time.sleep(0.05)
     storage = cluster.storage()
     lost = sum(1 for lba, data in acked.items() if storage.read(clone, lba * BLOCK, len(data)) != data)
-    finding("crash", f"[{policy} cache] {writes} acknowledged writes via A, then SIGKILL of A's tgtd: "
-            f"{lost} of them missing in Ceph (tgt flushes librbd after each write while the LUN's write cache "
-            f"is off, as BMI sets it)")
+    why = ("the LUN's write cache ON (tgt's default): tgt skips rbd_flush" if write_cache else
+           "the LUN's write cache OFF, as BMI sets it: tgt calls rbd_flush after each write")
+    finding("crash", f"[{policy} cache, {why}] {writes} acknowledged writes (no FUA) via {gw.name}, "
+            f"then SIGKILL of its tgtd: {lost} of them missing in Ceph")
     s.lib.iscsi_destroy_context(s.ctx)  # the session's peer is gone: no logout
 
 
@@ -350,6 +368,7 @@ def main() -> int:
         probe_remove(cluster, a, b)
         probe_late_write(cluster, a, b, fence=False)
         probe_late_write(cluster, a, b, fence=True)
+        probe_crash(cluster, Gateway("B", tb, cluster, wb), "writeback", args.rounds, write_cache=True)
         probe_crash(cluster, Gateway("A", ta, cluster, wb), "writeback", args.rounds)
         finding("summary", f"stale reads through the second gateway in: {', '.join(stale) or 'none'}")
     except BMIError as exc:
