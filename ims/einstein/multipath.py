@@ -35,7 +35,8 @@ from dataclasses import dataclass
 import rados
 import rbd
 
-from ims.common.errors import InvalidInput, StorageError
+from ims.common.errors import ImageNotFound, InvalidInput, StorageError
+from ims.einstein.storage import ceph as ceph_storage
 from ims.einstein.storage.ceph import CephStorage
 
 LOG = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ def image_clients(storage: CephStorage, image: str) -> list[dict[str, object]]:
         with rbd.Image(ioctx, image, read_only=True) as img:
             watchers = [dict(w) for w in img.watchers_list()]
     except rbd.ImageNotFound as exc:
-        raise StorageError(f"image {image} not found") from exc
+        raise ImageNotFound(f"image {image} not found") from exc
     except (rbd.Error, rados.Error) as exc:
         raise StorageError(f"cannot list the clients of image {image}: {exc}") from exc
     return [w for w in watchers if w.get("id") != own_id]
@@ -180,9 +181,8 @@ def fence_image_clients(storage: CephStorage, image: str, keep: Iterable[str] = 
 
 
 def _cluster_of(storage: CephStorage) -> rados.Rados:
-    from ims.einstein.storage import ceph as ceph_module  # the per-process connection table
-
-    conn = ceph_module._CONNECTIONS.get(storage._key)
+    # The per-process connection CephStorage opened (storage/ceph.py keeps one per identity).
+    conn = ceph_storage._CONNECTIONS.get(storage._key)
     if conn is None:
         raise StorageError("no Ceph connection")
     return conn.cluster
