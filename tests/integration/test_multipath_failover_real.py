@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from ims.common.errors import InvalidInput
+from ims.common.errors import ImageNotFound, InvalidInput
 from ims.einstein import multipath
 from ims.einstein.iscsi.tgt import TgtTarget
 from ims.einstein.storage.ceph import CephStorage
@@ -203,3 +203,5 @@ def test_fence_spares_kept_clients_and_other_hosts(bed: Bed) -> None:
         time.sleep(0.5)
     assert multipath.image_clients(bed.storage, bed.clone) == []
     assert multipath.fence_image_clients(bed.storage, bed.clone, hosts=["127.0.0.1"]) == []
+    with pytest.raises(ImageNotFound):
+        multipath.fence_image_clients(bed.storage, "mp-no-such-image")
