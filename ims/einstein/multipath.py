@@ -35,7 +35,8 @@ from dataclasses import dataclass
 import rados
 import rbd
 
-from ims.common.errors import ImageNotFound, InvalidInput, StorageError
+from ims.common.errors import ImageNotFound, InvalidInput, StorageError, TargetExists
+from ims.einstein.iscsi.base import IscsiTarget
 from ims.einstein.storage import ceph as ceph_storage
 from ims.einstein.storage.ceph import CephStorage
 
@@ -221,3 +222,37 @@ def primary_and_secondary(ring_order: Sequence[Portal | str]) -> tuple[Portal, P
     if not portals:
         raise InvalidInput("no gateway for the node")
     return portals[0], portals[1] if len(portals) > 1 else None
+
+
+def fail_over(storage: CephStorage, image: str, iscsi: IscsiTarget, target: str,
+              initiators: list[str] | None = None, initiator_names: list[str] | None = None,
+              dead_hosts: Iterable[str] | None = None) -> list[str]:
+    """Move a node's target to the gateway ``iscsi`` drives, in the only safe order; returns the fenced clients.
+
+    1. fence the old gateway's clients of ``image`` (:func:`fence_image_clients`, ``dead_hosts``);
+    2. export ``image`` under ``target`` on the new gateway (the same IQN the node's script names).
+
+    Re-runnable after a crash at any point: if the target is already live here on this image, the
+    fence came first (this order), so nothing is fenced again -- a second fence could hit the new
+    gateway's own LUN when both gateways share an address (one machine); fencing is idempotent.
+    :raises StorageError: fencing failed -- nothing was made live (a live target without the fence
+        could take the late writes of a hung old gateway).
+    :raises IscsiError: the new gateway failed (the fence stands; run again).
+    """
+    backing = storage.backing(image)
+    if _live_on(iscsi, target, backing.path):
+        LOG.info("target %s already live on the new gateway (backing %s)", target, backing.path)
+        return []
+    fenced = fence_image_clients(storage, image, hosts=dead_hosts)
+    try:
+        iscsi.add_target(target, backing, initiators, initiator_names)
+    except TargetExists:
+        if not _live_on(iscsi, target, backing.path):
+            raise
+    return fenced
+
+
+def _live_on(iscsi: IscsiTarget, target: str, path: str) -> bool:
+    live_target = getattr(iscsi, "live_target", None)  # TgtTarget's one-show view of tgtd
+    live = live_target(target) if live_target is not None else None
+    return live is not None and path in live.backing_stores.values()

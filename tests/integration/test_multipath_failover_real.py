@@ -57,8 +57,11 @@ class Bed:
     def take_over(self) -> list[str]:
         """What the take-over does for this node: fence A's clients of the clone, then go live on B."""
         # Everything runs on 127.0.0.1 here; a real take-over passes the dead host's address.
-        fenced = multipath.fence_image_clients(self.storage, self.clone, hosts=["127.0.0.1"])
-        self.drv_b.add_target(self.clone, self.storage.backing(self.clone), ["ALL"])
+        fenced = multipath.fail_over(self.storage, self.clone, self.drv_b, self.clone, ["ALL"],
+                                     dead_hosts=["127.0.0.1"])
+        # A take-over that crashed after this point runs again: nothing more to fence, target kept.
+        assert multipath.fail_over(self.storage, self.clone, self.drv_b, self.clone, ["ALL"],
+                                   dead_hosts=["127.0.0.1"]) == []
         return fenced
 
     def close(self) -> None:
