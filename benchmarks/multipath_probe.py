@@ -15,6 +15,8 @@ libiscsi as two initiators would.  It prints one ``finding:`` line per question:
   concurrent   both gateways write (disjoint blocks) at once: is every acknowledged write in the image?
   crash        SIGKILL gateway A right after acknowledged writes: are they in Ceph (read with librbd)?
   remove       can the image be removed while the other gateway still exports it?
+  late-write   A hangs with a write in flight, the node writes through B, A wakes: with and without fencing
+  failover     how long multipath.fail_over (fence A's client, export on B) takes per node
 
 No thresholds: it reports what it saw.  Usage: benchmarks/multipath_probe.py [--rounds N]
 """
@@ -34,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ims.common.errors import BMIError, CommandFailed  # noqa: E402
 from ims.common.process import execute  # noqa: E402
+from ims.einstein import multipath  # noqa: E402
 from ims.einstein.iscsi.tgt import TgtTarget  # noqa: E402
 from ims.einstein.storage.base import Backing  # noqa: E402
 from tests.support.ceph import CephCluster, start_cluster, stop_cluster  # noqa: E402
@@ -328,6 +331,23 @@ def probe_late_write(cluster: CephCluster, a: Gateway, b: Gateway, fence: bool) 
             finding("late-write", f"unexport on {gw.name} failed: {exc}")
 
 
+def probe_failover_time(cluster: CephCluster, a: Gateway, b: Gateway, runs: int) -> None:
+    """How long BMI's take-over step for one node takes: multipath.fail_over (fence A's client, export on B)."""
+    samples = []
+    for i in range(runs):
+        clone = make_clone(cluster, f"fo{i}", FEATURES_PLAIN)
+        a.export(clone)
+        t0 = time.monotonic()
+        fenced = multipath.fail_over(cluster.storage(), clone, b.driver, clone, ["ALL"])
+        samples.append(time.monotonic() - t0)
+        assert len(fenced) == 1, fenced
+        a.unexport(clone)
+        b.unexport(clone)
+    samples.sort()
+    finding("failover", f"multipath.fail_over (fence + export on B), {runs} nodes one by one: median "
+            f"{samples[len(samples) // 2] * 1000:.0f} ms, max {samples[-1] * 1000:.0f} ms")
+
+
 def writeback_conf(cluster: CephCluster, directory: str) -> str:
     path = os.path.join(directory, "ceph-writeback.conf")
     text = open(cluster.conf, encoding="utf-8").read()
@@ -368,6 +388,7 @@ def main() -> int:
         probe_remove(cluster, a, b)
         probe_late_write(cluster, a, b, fence=False)
         probe_late_write(cluster, a, b, fence=True)
+        probe_failover_time(cluster, a, b, 5)
         probe_crash(cluster, Gateway("B", tb, cluster, wb), "writeback", args.rounds, write_cache=True)
         probe_crash(cluster, Gateway("A", ta, cluster, wb), "writeback", args.rounds)
         finding("summary", f"stale reads through the second gateway in: {', '.join(stale) or 'none'}")
