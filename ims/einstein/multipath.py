@@ -22,7 +22,9 @@ fails at once; when the primary dies, the take-over first fences the primary's l
 that image (:func:`fence_image_clients`) and then creates the same IQN on the secondary, and
 iPXE's retry (it re-opens every URI when the SAN target fails) attaches there.
 
-:func:`sanboot_line` renders that line; :func:`san_uri` one RFC 4173 URI.
+:func:`sanboot_line` renders that line; :func:`san_uri` one RFC 4173 URI.  Caveat (docs/deployment.md,
+"Open problem"): on the boot bed a node's initramfs re-login from the iBFT (``iscsistart -b``) did not
+finish with a two-URI script, so an OS that does that should get ``sanboot_line(primary, None, ...)``.
 """
 from __future__ import annotations
 
