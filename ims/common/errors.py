@@ -132,6 +132,11 @@ class WrongKind(Conflict):
     (a node's disk where an image is needed, an unprotected snapshot): 409, not a malformed request."""
 
 
+class NotAsProvisioned(Conflict):
+    """A deprovision names another network or NIC than its provision recorded: the request is
+    well-formed but conflicts with the node's state (409), and nothing is changed."""
+
+
 class NodeNotProvisioned(NotFound):
     pass
 

@@ -58,8 +58,8 @@ def test_dpro_typo_is_refused_and_changes_nothing(env):
     clone = ops.db_list(USER, name=NODE)[0][3]
     before = env.state()
     assert env.hil.nic_networks(NODE, NIC) == {"vlan/native": NET}
-    refused(lambda: ops.deprovision(USER, "bmi_infra", NODE, "other_network", NIC), 400, NET, NIC)
-    refused(lambda: ops.deprovision(USER, "bmi_infra", NODE, NET, "eth7"), 400, NET, NIC)
+    refused(lambda: ops.deprovision(USER, "bmi_infra", NODE, "other_network", NIC), 409, NET, NIC)
+    refused(lambda: ops.deprovision(USER, "bmi_infra", NODE, NET, "eth7"), 409, NET, NIC)
     # clone, target, conf file, boot files, rows and the HIL attachment are all still there
     assert env.state() == before
     assert env.hil.nic_networks(NODE, NIC) == {"vlan/native": NET}

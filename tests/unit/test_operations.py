@@ -591,9 +591,9 @@ def test_deprovision_uses_the_record(env):
     ops = env.ops
     ops.import_image(USER, "bmi_infra", "bmi-test-image")
     ops.provision(USER, "bmi_infra", "bmi_node", "bmi-test-image", "bmi_network", "bmi_port")
-    _unchanged(env, lambda: ops.deprovision(USER, "bmi_infra", "bmi_node", "other_network", "bmi_port"), 400,
+    _unchanged(env, lambda: ops.deprovision(USER, "bmi_infra", "bmi_node", "other_network", "bmi_port"), 409,
                "bmi_network", "bmi_port")
-    _unchanged(env, lambda: ops.deprovision(USER, "bmi_infra", "bmi_node", "bmi_network", "other_port"), 400,
+    _unchanged(env, lambda: ops.deprovision(USER, "bmi_infra", "bmi_node", "bmi_network", "other_port"), 409,
                "bmi_network", "bmi_port")
     ops.deprovision(USER, "bmi_infra", "bmi_node", "bmi_network", "bmi_port")
     assert env.hil.nodes["bmi_node"]["nics"]["bmi_port"]["networks"] == {}
@@ -621,7 +621,7 @@ def test_deprovision_disk_uses_the_recorded_nic(env):
     ops.import_image(USER, "bmi_infra", "bmi-test-image")
     ops.create_disk(USER, "bmi_infra", "disk1", "bmi-test-image")
     ops.provision_disk(USER, "bmi_infra", "node2", "disk1", "bmi_port")
-    _unchanged(env, lambda: ops.deprovision_disk(USER, "bmi_infra", "node2", "eth9"), 400, "bmi_port")
+    _unchanged(env, lambda: ops.deprovision_disk(USER, "bmi_infra", "node2", "eth9"), 409, "bmi_port")
 
 
 def test_tenants_cannot_name_bmis_internal_storage(env):

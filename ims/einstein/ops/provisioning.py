@@ -17,12 +17,12 @@ from ims.common.errors import (
     AuthenticationFailed,
     Forbidden,
     ImageExists,
-    InvalidInput,
     LeaseNotFound,
     NicNotFound,
     NodeAlreadyProvisioned,
     NodeNotFound,
     NodeNotProvisioned,
+    NotAsProvisioned,
     TargetNotFound,
     WrongKind,
 )
@@ -91,10 +91,10 @@ def provisioned(core: Core, project: str, node: str, kind: str) -> tuple[Provisi
 
 
 def check_recorded(prov: Provision, node: str, nic: str, network: str | None) -> None:
-    """400 unless the request names the network and NIC provision recorded (nothing has changed yet)."""
+    """409 unless the request names the network and NIC provision recorded (nothing has changed yet)."""
     if nic != prov.nic or (network is not None and prov.network is not None and network != prov.network):
         on = f"network {prov.network} and " if prov.network else ""
-        raise InvalidInput(f"node {node} was provisioned with {on}NIC {prov.nic}; deprovision names those "
+        raise NotAsProvisioned(f"node {node} was provisioned with {on}NIC {prov.nic}; deprovision names those "
                            f"(you gave {'network ' + network + ' and ' if network else ''}NIC {nic}); "
                            "nothing was changed")
 
