@@ -1,6 +1,7 @@
 """One behaviour suite for every storage driver: ceph on a real throwaway cluster, file on tmp."""
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import socket
@@ -12,6 +13,7 @@ import rados
 import rbd
 
 from ims.common.errors import (
+    CommandFailed,
     ImageBusy,
     ImageExists,
     ImageNotFound,
@@ -20,6 +22,7 @@ from ims.common.errors import (
     SnapshotNotFound,
     StorageError,
 )
+from ims.common.process import execute
 from ims.einstein.storage.base import FlattenCancelled, Storage
 from ims.einstein.storage.ceph import CephStorage
 from tests.support.ceph import CephCluster, ceph_cluster, ceph_storage, file_storage, purge_images
@@ -424,3 +427,21 @@ def test_describe_reads_snapshots_and_parent_at_once(storage: Storage, names: Na
     assert storage.describe(names("c")) == (["k"], (names("g"), "s"))
     storage.flatten(names("c"))
     assert storage.describe(names("c")) == (["k"], None)
+
+
+def test_a_removal_cut_after_the_header_is_finished(ceph_storage: CephStorage, ceph_cluster: CephCluster) -> None:
+    """A SIGKILL inside librbd's remove, after the header object went but before the pool directory's
+    entry did, leaves a name `rbd ls` lists but nothing opens (`rbd ls -l` then fails on it; found by the
+    chaos run).  describe() says "gone"; finish_removal() clears the entry, once."""
+    name = f"halfgone-{uuid.uuid4().hex[:8]}"
+    ceph_storage.create_image(name, 8 << 20)
+    info = json.loads(ceph_cluster.rbd("info", "--format", "json", f"{ceph_cluster.pool}/{name}"))
+    execute("rados", "-p", ceph_cluster.pool, "rm", f"rbd_header.{info['id']}", env=ceph_cluster.env, timeout=60)
+    assert name in ceph_cluster.rbd("ls", ceph_cluster.pool).split()
+    assert ceph_storage.describe(name) is None and not ceph_storage.image_exists(name)
+    with pytest.raises(CommandFailed):  # what the chaos checker met
+        ceph_cluster.rbd("ls", "-l", ceph_cluster.pool)
+    assert ceph_storage.finish_removal(name) is True
+    assert name not in ceph_cluster.rbd("ls", ceph_cluster.pool).split()
+    ceph_cluster.rbd("ls", "-l", ceph_cluster.pool)  # lists again
+    assert ceph_storage.finish_removal(name) is False

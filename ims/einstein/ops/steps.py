@@ -138,6 +138,7 @@ def _purge_storage(core: Core, image: str) -> None:
     st = core.storage
     info = st.describe(image)  # perf: existence, snapshots and parent from one image open
     if info is None:
+        st.finish_removal(image)  # a removal cut short may leave it listed though it no longer opens
         return
     snaps, parent = info
     with contextlib.suppress(TargetNotFound):

@@ -124,6 +124,11 @@ class Storage(abc.ABC):
             return None
         return self.list_snapshots(image), self.parent_info(image)
 
+    def finish_removal(self, image: str) -> bool:
+        """Finish a removal cut short after the image stopped opening (Ceph: a SIGKILL between the
+        header's removal and the directory entry's); True if a leftover was removed.  Default: none."""
+        return False
+
     @abc.abstractmethod
     def flatten(self, image: str) -> None:
         """Make a clone independent of its parent (no-op for a non-clone)."""

@@ -195,6 +195,21 @@ class CephStorage(Storage):
         with self._errors(image):
             rbd.RBD().remove(ioctx, image)
 
+    def finish_removal(self, image: str) -> bool:
+        # `rbd ls` reads the pool's directory; an image whose header went with a SIGKILLed removal is
+        # still listed there (and `rbd ls -l` fails on it) though it no longer opens: removing it again
+        # clears the entry.  Only called when the image does not open, so the listing is rare.
+        ioctx = self._ioctx()
+        with self._errors(image):
+            if image not in rbd.RBD().list(ioctx):
+                return False
+            try:
+                rbd.RBD().remove(ioctx, image)
+            except rbd.ImageNotFound:
+                pass
+        LOG.warning("finished the removal of image %s (listed in the pool but it no longer opened)", image)
+        return True
+
     def image_size(self, image: str) -> int:
         with self._image(image, read_only=True) as img:
             return int(img.size())
