@@ -418,18 +418,24 @@ def stop_pid(pid_file: Path, timeout: float = 20) -> None:
         pid_file.unlink(missing_ok=True)
         return
     pid = int(pid_file.read_text())
+    # As systemd's KillMode=mixed (deploy/systemd): SIGTERM to the main process only, which drains its
+    # own workers; a SIGTERM to the whole group would also kill the commands (tgtadm, rbd) that the
+    # operations being drained are running.  The group gets SIGKILL only if it outlives the timeout.
     try:
-        os.killpg(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         pass
     deadline = time.monotonic() + timeout
     while alive(pid_file) and time.monotonic() < deadline:
         time.sleep(0.1)
-    if alive(pid_file):
+    # Whatever of the group is still there now (the main process if it did not stop, or children it
+    # left, e.g. the HIL simulator's VMs) gets SIGTERM, then SIGKILL.
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
-            os.killpg(pid, signal.SIGKILL)
+            os.killpg(pid, sig)
         except ProcessLookupError:
-            pass
+            break
+        time.sleep(0.5)
     pid_file.unlink(missing_ok=True)
 
 
