@@ -390,6 +390,7 @@ class TgtTarget(TgtChap, IscsiTarget):
         for _ in range(TID_ATTEMPTS):
             if candidate is None:
                 candidate = self._next_tid(floor)
+            # Safe by tid: "new" names the IQN too, and tgtd refuses a tid (or an IQN) it already has.
             if self._run("--op", "new", "--mode", "target", "--tid", str(candidate), "-T", iqn,
                          ok_exists=True) is not None:
                 return candidate

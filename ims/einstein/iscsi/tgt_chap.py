@@ -67,6 +67,10 @@ class TgtChap:
         if account[0] != target:
             raise InvalidInput(f"the CHAP user of target {target} must be named after it")
         spec = self._read_spec(target)
+        # tids only change when a tgt restart loads its conf files (tgtd "offline"): acting by tid
+        # while "ready", and checking the tid still carries our IQN after, keeps a neighbour's
+        # account bound (an unbound target lets anyone log in).
+        self._wait_ready()
         live = self._show_all().get(self.iqn(target))
         # under the conf file's flock, like every rewrite (a concurrent remove is never undone)
         if spec is None or live is None or not self._rewrite_tid(target, live.tid, chap=account):
@@ -77,7 +81,10 @@ class TgtChap:
                           ok_missing=True)
         self._bind_account(str(live.tid), *account)
         after = self._show_all().get(spec.iqn)
-        if after is None or after.accounts != [account[0]]:
+        if after is not None and after.tid != live.tid:
+            LOG.error("iSCSI target %s moved from tid %s while its CHAP account was repaired (tgtd restarted?): "
+                      "reconcile again to check the target now at tid %s", spec.iqn, live.tid, live.tid)
+        if after is None or after.tid != live.tid or after.accounts != [account[0]]:
             raise IscsiError(f"iSCSI target {spec.iqn} changed while its CHAP account was repaired; retry")
         LOG.info("iSCSI target %s: CHAP user %s re-bound", spec.iqn, account[0])
 
