@@ -6,7 +6,7 @@ from typing import Any
 import click
 
 from ims.cli import ops, output
-from ims.cli.common import ID, Ctx, finish, no_wait, pass_ctx, q
+from ims.cli.common import ID, Ctx, change, command, q, queue, table
 from ims.picasso.openapi import MAX_ID
 
 
@@ -17,30 +17,25 @@ def project() -> None:
 
 
 @project.command("ls")
-@pass_ctx
+@command()
 def project_ls(c: Ctx) -> None:
     """List the projects registered in BMI."""
-    output.rows(["Id", "Name", "Provision Network"], c.api.get("/projects"), c.as_json)
+    table(c, ["Id", "Name", "Provision Network"], "/projects")
 
 
 @project.command("create")
-@click.argument("project_name", metavar="PROJECT")
-@click.argument("network", required=False)
+@command("project_name:PROJECT", "network?")
 @click.option("--id", "id_", type=ID, default=None, help=f"Use this project id (1 to {MAX_ID}).")
-@pass_ctx
 def project_create(c: Ctx, project_name: str, network: str | None, id_: int | None) -> None:
     """Create PROJECT with provisioning NETWORK."""
-    c.api.post("/projects", {"name": project_name, "network": network, "id": id_})
-    output.success(c.as_json)
+    change(c, "POST", "/projects", {"name": project_name, "network": network, "id": id_})
 
 
 @project.command("rm")
-@click.argument("project_name", metavar="PROJECT")
-@pass_ctx
+@command("project_name:PROJECT")
 def project_rm(c: Ctx, project_name: str) -> None:
     """Remove PROJECT."""
-    c.api.delete(f"/projects/{q(project_name)}")
-    output.success(c.as_json)
+    change(c, "DELETE", f"/projects/{q(project_name)}")
 
 
 # --- the image database ----------------------------------------------------------------------------
@@ -50,47 +45,40 @@ def db() -> None:
 
 
 @db.command("ls")
+@command()
 @click.option("-s", "--snapshots", is_flag=True, help="Show snapshots.")
 @click.option("-c", "--clones", is_flag=True, help="Show clones.")
 @click.option("-p", "--public", is_flag=True, help="Show public images.")
 @click.option("--project", default=None, help="Only this project.")
 @click.option("--name", default=None, help="Only images with this name.")
 @click.option("--ceph", default=None, help="Only the image with this Ceph name.")
-@pass_ctx
 def db_ls(c: Ctx, snapshots: bool, clones: bool, public: bool, project: str | None, name: str | None,
           ceph: str | None) -> None:
     """List image records."""
     params: dict[str, Any] = {"snapshots": str(snapshots).lower(), "clones": str(clones).lower(),
                               "public": str(public).lower()}
     params.update({k: v for k, v in (("project", project), ("name", name), ("ceph", ceph)) if v is not None})
-    output.rows(["Id", "Name", "Project", "Ceph", "Public", "Snapshot", "Parent"], c.api.get("/db/images", params),
-                c.as_json)
+    table(c, ["Id", "Name", "Project", "Ceph", "Public", "Snapshot", "Parent"], "/db/images", params)
 
 
 @db.command("create")
-@click.argument("project_name", metavar="PROJECT")
-@click.argument("img")
+@command("project_name:PROJECT", "img")
 @click.option("--id", "id_", type=ID, default=None, help=f"Use this image id (1 to {MAX_ID}).")
 @click.option("--snap", is_flag=True, help="The record is a snapshot.")
 @click.option("--parent", default=None, help="Name of the parent image.")
 @click.option("--public", is_flag=True, help="The image is public.")
-@pass_ctx
 def db_create(c: Ctx, project_name: str, img: str, id_: int | None, snap: bool, parent: str | None,
               public: bool) -> None:
     """Add an image record (database only)."""
-    c.api.post("/db/images", {"project": project_name, "name": img, "id": id_, "snapshot": snap, "parent": parent,
-                              "public": public})
-    output.success(c.as_json)
+    change(c, "POST", "/db/images", {"project": project_name, "name": img, "id": id_, "snapshot": snap,
+                                     "parent": parent, "public": public})
 
 
 @db.command("rm")
-@click.argument("project_name", metavar="PROJECT")
-@click.argument("img")
-@pass_ctx
+@command("project_name:PROJECT", "img")
 def db_rm(c: Ctx, project_name: str, img: str) -> None:
     """Remove an image record (database only)."""
-    c.api.delete(f"/db/images/{q(project_name)}/{q(img)}")
-    output.success(c.as_json)
+    change(c, "DELETE", f"/db/images/{q(project_name)}/{q(img)}")
 
 
 # --- iSCSI -------------------------------------------------------------------------------------------
@@ -100,37 +88,30 @@ def iscsi() -> None:
 
 
 @iscsi.command("create")
-@click.argument("project_name", metavar="PROJECT")
-@click.argument("img")
-@no_wait
-@pass_ctx
+@command("project_name:PROJECT", "img", wait=True)
 def iscsi_create(c: Ctx, project_name: str, img: str, no_wait: bool) -> None:
     """Export IMG as an iSCSI target (administrators only); prints the IQN with --json."""
-    finish(c, c.api.post(f"/projects/{q(project_name)}/iscsi", {"image": img}), no_wait)
+    queue(c, "POST", f"/projects/{q(project_name)}/iscsi", {"image": img}, no_wait)
 
 
 @iscsi.command("rm")
-@click.argument("project_name", metavar="PROJECT")
-@click.argument("img")
-@no_wait
-@pass_ctx
+@command("project_name:PROJECT", "img", wait=True)
 def iscsi_rm(c: Ctx, project_name: str, img: str, no_wait: bool) -> None:
     """Remove IMG's iSCSI target (administrators only)."""
-    finish(c, c.api.delete(f"/projects/{q(project_name)}/iscsi/{q(img)}"), no_wait)
+    queue(c, "DELETE", f"/projects/{q(project_name)}/iscsi/{q(img)}", None, no_wait)
 
 
 @iscsi.command("ls")
-@click.argument("project_name", metavar="PROJECT")
-@pass_ctx
+@command("project_name:PROJECT")
 def iscsi_ls(c: Ctx, project_name: str) -> None:
     """List the iSCSI targets of PROJECT."""
-    output.rows(["Image", "Target"], c.api.get(f"/projects/{q(project_name)}/iscsi"), c.as_json)
+    table(c, ["Image", "Target"], f"/projects/{q(project_name)}/iscsi")
 
 
 # --- administration --------------------------------------------------------------------------------------
 @click.command("reconcile")
+@command()
 @click.option("--repair", is_flag=True, help="Also repair what can be repaired (targets, leftover snapshots).")
-@pass_ctx
 def reconcile(c: Ctx, repair: bool) -> None:
     """Compare database, storage, targets and boot files; report drift (administrators only).
 
@@ -162,11 +143,11 @@ def _op_row(r: dict[str, Any]) -> list[Any]:
 
 
 @op.command("ls")
+@command()
 @click.option("--state", type=click.Choice(["queued", "running", "done", "failed"]), default=None,
               help="Only operations in this state.")
 @click.option("--project", default=None, help="Only operations of this project.")
 @click.option("--json", "as_json", is_flag=True, help="Print the operation records as JSON.")
-@pass_ctx
 def op_ls(c: Ctx, state: str | None, project: str | None, as_json: bool) -> None:
     """List the newest operations you may see (administrators: all), newest first."""
     params = {k: v for k, v in (("state", state), ("project", project)) if v is not None}
@@ -178,10 +159,10 @@ def op_ls(c: Ctx, state: str | None, project: str | None, as_json: bool) -> None
 
 
 @op.command("show")
-@click.argument("op_id", metavar="ID", type=ID)
+@command()
+@click.argument("op_id", metavar="ID", type=ID)  # typed, so written out
 @click.option("--wait", "wait_", is_flag=True, help="Wait for the operation to finish first (progress on stderr).")
 @click.option("--json", "as_json", is_flag=True, help="Print the operation record as JSON.")
-@pass_ctx
 def op_show(c: Ctx, op_id: int, wait_: bool, as_json: bool) -> None:
     """Show operation ID: state, queue position, progress, step, result or error."""
     record = c.api.get(f"/operations/{op_id}")

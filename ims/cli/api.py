@@ -111,13 +111,7 @@ class Api:
             data = None
         if 200 <= resp.status_code < 300:
             return data.get("result") if isinstance(data, dict) else data
-        if isinstance(data, dict) and isinstance(data.get("error"), dict):
-            raise click.ClickException(str(data["error"].get("message") or f"HTTP {resp.status_code}"))
-        if resp.status_code == 400 and "only speaks HTTPS" in resp.text[:500]:  # cheroot's answer to plain HTTP
-            raise click.ClickException(f"BMI at {self.url} serves HTTPS only: use an https:// URL (BMI_URL)")
-        # A plain-text answer (the legacy API's errors, a proxy's, waitress's own 413) is shown as it is.
-        text = resp.text.strip()[:500] if resp.headers.get("Content-Type", "").startswith("text/plain") else ""
-        raise click.ClickException(f"BMI at {self.url} answered HTTP {resp.status_code}{': ' + text if text else ''}")
+        raise failure(resp, self.url, data)
 
     def get(self, path: str, params: dict[str, Any] | None = None) -> Any:
         return self.request("GET", path, params=params)
@@ -127,6 +121,21 @@ class Api:
 
     def delete(self, path: str) -> Any:
         return self.request("DELETE", path)
+
+
+def failure(resp: requests.Response, url: str, data: Any = None,
+            special: dict[int, str] | None = None) -> click.ClickException:
+    """The error of a non-2xx answer: Picasso's JSON error message, else ``special[status]`` (a caller's
+    message for a status the web server itself answers), else what the answer shows."""
+    if isinstance(data, dict) and isinstance(data.get("error"), dict):
+        return click.ClickException(str(data["error"].get("message") or f"HTTP {resp.status_code}"))
+    if special and resp.status_code in special:
+        return click.ClickException(special[resp.status_code])
+    if resp.status_code == 400 and "only speaks HTTPS" in resp.text[:500]:  # cheroot's answer to plain HTTP
+        return click.ClickException(f"BMI at {url} serves HTTPS only: use an https:// URL (BMI_URL)")
+    # A plain-text answer (the legacy API's errors, a proxy's, waitress's own 413) is shown as it is.
+    text = resp.text.strip()[:500] if resp.headers.get("Content-Type", "").startswith("text/plain") else ""
+    return click.ClickException(f"BMI at {url} answered HTTP {resp.status_code}{': ' + text if text else ''}")
 
 
 def _tls_message(url: str, exc: Exception) -> str:

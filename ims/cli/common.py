@@ -1,7 +1,8 @@
 """What every ``bmi`` command module shares: the context (the Picasso client), option helpers, waiting."""
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import click
@@ -11,6 +12,9 @@ from ims.cli.api import Api, credentials, server_url
 from ims.picasso.openapi import MAX_ID
 
 ID = click.IntRange(1, MAX_ID)
+F = TypeVar("F", bound=Callable[..., Any])
+NO_WAIT_HELP = ("Do not wait: print the operation's id (its record with --json) and exit; "
+                "follow it with `bmi op show ID`.")
 
 
 class Ctx:
@@ -29,11 +33,46 @@ class Ctx:
 pass_ctx = click.make_pass_decorator(Ctx)
 
 
-def no_wait(f: Any) -> Any:
-    """The option every mutation has: queue the operation and print its id instead of waiting."""
-    return click.option("--no-wait", is_flag=True,
-                        help="Do not wait: print the operation's id (its record with --json) and exit; "
-                             "follow it with `bmi op show ID`.")(f)
+def command(*arguments: str, wait: bool = False) -> Callable[[F], F]:
+    """What every command's decorators repeat: its positional ``arguments`` (``name`` or
+    ``name:METAVAR``; a trailing ``?`` makes it optional) first, then the options written below this
+    decorator, then ``--no-wait`` when the command queues an operation (``wait``); the function gets
+    the :class:`Ctx` first.  Same parameters in the same order (so the same ``--help`` and usage
+    errors) as writing the click decorators out."""
+    def decorate(f: F) -> F:
+        wrapped: Any = pass_ctx(f)
+        params: list[click.Parameter] = wrapped.__dict__.setdefault("__click_params__", [])
+        if wait:  # click reverses this list: the first entry is the last parameter
+            params.insert(0, click.Option(["--no-wait"], is_flag=True, help=NO_WAIT_HELP))
+        for spec in reversed(arguments):
+            name, _, metavar = spec.rstrip("?").partition(":")
+            params.append(click.Argument([name], metavar=metavar or None, required=not spec.endswith("?")))
+        return wrapped  # type: ignore[no-any-return]
+    return decorate
+
+
+def call(c: Ctx, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    """One request to Picasso (an error answer is a ClickException: the message, exit 1)."""
+    if method == "GET":
+        return c.api.get(path, body)
+    return c.api.post(path, body) if method == "POST" else c.api.delete(path)
+
+
+def table(c: Ctx, columns: list[str], path: str, params: dict[str, Any] | None = None) -> None:
+    """A listing: GET ``path`` and print its rows under ``columns`` (a JSON list with --json)."""
+    output.rows(columns, call(c, "GET", path, params), c.as_json)
+
+
+def change(c: Ctx, method: str, path: str, body: dict[str, Any] | None = None) -> None:
+    """A change Picasso makes at once (no operation): call, then print ``Success``."""
+    call(c, method, path, body)
+    output.success(c.as_json)
+
+
+def queue(c: Ctx, method: str, path: str, body: dict[str, Any] | None, no_wait_: bool,
+          show_result: bool = False) -> None:
+    """A change Picasso queues as an operation: call, then :func:`finish` it (wait, print, exit status)."""
+    finish(c, call(c, method, path, body), no_wait_, show_result)
 
 
 def finish(c: Ctx, record: dict[str, Any], no_wait_: bool, show_result: bool = False) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from ims.cli import ops, output
-from ims.cli.common import Ctx, finish, no_wait, pass_ctx, q
+from ims.cli.common import Ctx, command, q, queue, table
 
 # --- nodes ---------------------------------------------------------------------------------------
 # `pro` and `dpro` take the guide's forms and the last original version's disk forms (split API), told
@@ -20,9 +20,8 @@ def _arguments(args: tuple[str, ...], forms: dict[int, str]) -> None:
 
 
 @click.command("pro")
+@command(wait=True)
 @click.argument("args", nargs=-1, metavar=PRO_FORMS)
-@no_wait
-@pass_ctx
 def pro(c: Ctx, args: tuple[str, ...], no_wait: bool) -> None:
     """Provision NODE of PROJECT with IMG, connecting NIC to NETWORK.
 
@@ -39,14 +38,13 @@ def pro(c: Ctx, args: tuple[str, ...], no_wait: bool) -> None:
         project, node_, disk_, nic = args
         if "," in node_:
             raise click.BadParameter("a disk boots one node: give one NODE", param_hint="NODE")
-        finish(c, c.api.post(f"/projects/{q(project)}/nodes/{q(node_)}/provision", {"disk": disk_, "nic": nic}),
-               no_wait)
+        queue(c, "POST", f"/projects/{q(project)}/nodes/{q(node_)}/provision", {"disk": disk_, "nic": nic}, no_wait)
         return
     project, node_, img, network, nic = args
     nodes = [n.strip() for n in node_.split(",")]
     if len(nodes) == 1:
-        finish(c, c.api.post(f"/projects/{q(project)}/nodes/{q(node_)}/provision",
-                             {"image": img, "network": network, "nic": nic}), no_wait)
+        queue(c, "POST", f"/projects/{q(project)}/nodes/{q(node_)}/provision",
+              {"image": img, "network": network, "nic": nic}, no_wait)
         return
     if "" in nodes:
         raise click.BadParameter("an empty node name in the list", param_hint="NODE")
@@ -63,9 +61,8 @@ def pro(c: Ctx, args: tuple[str, ...], no_wait: bool) -> None:
 
 
 @click.command("dpro")
+@command(wait=True)
 @click.argument("args", nargs=-1, metavar=DPRO_FORMS)
-@no_wait
-@pass_ctx
 def dpro(c: Ctx, args: tuple[str, ...], no_wait: bool) -> None:
     """Deprovision NODE of PROJECT, detaching NIC from NETWORK.
 
@@ -81,15 +78,14 @@ def dpro(c: Ctx, args: tuple[str, ...], no_wait: bool) -> None:
     else:
         project, node_, network, nic = args
         body = {"network": network, "nic": nic}
-    finish(c, c.api.post(f"/projects/{q(project)}/nodes/{q(node_)}/deprovision", body), no_wait)
+    queue(c, "POST", f"/projects/{q(project)}/nodes/{q(node_)}/deprovision", body, no_wait)
 
 
 @click.command("showpro")
-@click.argument("project")
-@pass_ctx
+@command("project")
 def showpro(c: Ctx, project: str) -> None:
     """List the provisioned nodes of PROJECT."""
-    output.rows(["Node", "Provisioned Image"], c.api.get(f"/projects/{q(project)}/nodes"), c.as_json)
+    table(c, ["Node", "Provisioned Image"], f"/projects/{q(project)}/nodes")
 
 
 @click.group("node")
@@ -98,9 +94,7 @@ def node() -> None:
 
 
 @node.command("ip")
-@click.argument("project")
-@click.argument("node_name", metavar="NODE")
-@pass_ctx
+@command("project", "node_name:NODE")
 def node_ip(c: Ctx, project: str, node_name: str) -> None:
     """Print the IP address of NODE."""
     output.value(c.api.get(f"/projects/{q(project)}/nodes/{q(node_name)}/ip"), c.as_json)
@@ -113,33 +107,25 @@ def disk() -> None:
 
 
 @disk.command("create")
-@click.argument("project_name", metavar="PROJECT")
-@click.argument("img")
-@click.argument("disk_name")
-@no_wait
-@pass_ctx
+@command("project_name:PROJECT", "img", "disk_name", wait=True)
 def disk_create(c: Ctx, project_name: str, img: str, disk_name: str, no_wait: bool) -> None:
     """Create DISK_NAME from IMG; prints the target name."""
-    finish(c, c.api.post(f"/projects/{q(project_name)}/disks", {"name": disk_name, "image": img}), no_wait,
-           show_result=True)
+    queue(c, "POST", f"/projects/{q(project_name)}/disks", {"name": disk_name, "image": img}, no_wait,
+          show_result=True)
 
 
 @disk.command("delete")
-@click.argument("project_name", metavar="PROJECT")
-@click.argument("disk_name")
-@no_wait
-@pass_ctx
+@command("project_name:PROJECT", "disk_name", wait=True)
 def disk_delete(c: Ctx, project_name: str, disk_name: str, no_wait: bool) -> None:
     """Delete DISK_NAME."""
-    finish(c, c.api.delete(f"/projects/{q(project_name)}/disks/{q(disk_name)}"), no_wait)
+    queue(c, "DELETE", f"/projects/{q(project_name)}/disks/{q(disk_name)}", None, no_wait)
 
 
 @click.command("showdisks")
-@click.argument("project_name", metavar="PROJECT")
-@pass_ctx
+@command("project_name:PROJECT")
 def showdisks(c: Ctx, project_name: str) -> None:
     """List the disks of PROJECT."""
-    output.rows(["Disk", "Source Image"], c.api.get(f"/projects/{q(project_name)}/disks"), c.as_json)
+    table(c, ["Disk", "Source Image"], f"/projects/{q(project_name)}/disks")
 
 
 COMMANDS = [pro, dpro, showpro, node, disk, showdisks]

@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
-from urllib.parse import quote
 
 import click
 import requests
 
+from ims.cli import output
+from ims.cli.api import failure
+from ims.cli.common import Ctx, command, q
 from ims.common.errors import CommandFailed
 from ims.common.process import execute
 from ims.common.transfer import CHUNK, nonzero_extents
@@ -41,17 +42,16 @@ def register(cli: click.Group) -> None:
     cli.add_command(download)
 
 
-def _obj() -> Any:
-    return click.get_current_context().find_root().obj
-
-
 def _url(api: Any, project: str, img: str) -> str:
-    parts = []
-    for value in (project, img):
-        if value in ("", ".", ".."):
-            raise click.ClickException(f"invalid name {value!r}")
-        parts.append(quote(value, safe=""))
-    return f"{api.url}/v1/projects/{parts[0]}/images/{parts[1]}/content"
+    return f"{api.url}/v1{_path(project, img)}/content"
+
+
+def _path(project: str, img: str) -> str:
+    return f"/projects/{q(project)}/images/{q(img)}"
+
+
+# Refused by the web server itself, before Picasso saw the body.
+TOO_LARGE = {413: "BMI refused the image: it is larger than the server accepts ([rest_api] max_upload_bytes)"}
 
 
 def _fail(resp: requests.Response, url: str) -> click.ClickException:
@@ -59,12 +59,14 @@ def _fail(resp: requests.Response, url: str) -> click.ClickException:
         data = resp.json()
     except ValueError:
         data = None
-    if isinstance(data, dict) and isinstance(data.get("error"), dict):
-        return click.ClickException(str(data["error"].get("message") or f"HTTP {resp.status_code}"))
-    if resp.status_code == 413:  # refused by the web server itself, before Picasso saw the body
-        return click.ClickException("BMI refused the image: it is larger than the server accepts "
-                                    "([rest_api] max_upload_bytes)")
-    return click.ClickException(f"BMI at {url} answered HTTP {resp.status_code}")
+    return failure(resp, url, data, TOO_LARGE)
+
+
+def _done(c: Ctx, sha256: str, result: dict[str, Any]) -> None:
+    """``Success`` (the digest on stderr), or the result with --json."""
+    if not c.as_json:
+        click.echo(f"sha256 {sha256}", err=True)
+    output.success(c.as_json, result)
 
 
 def _human(n: float) -> str:
@@ -151,19 +153,17 @@ def raw_image(path: str, fmt: str, tmpdir: str | None) -> Iterator[str]:
 
 
 @click.command("upload")
-@click.argument("project")
-@click.argument("img")
+@command("project", "img")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, readable=True))
 @click.option("--format", "fmt", type=click.Choice(["auto", "raw", "qcow2"]), default="auto", show_default=True,
               help="The file's format (auto: qcow2 if it starts with the qcow2 magic, else raw).")
 @click.option("--tmpdir", type=click.Path(file_okay=False, exists=True, writable=True),
               help="Where a qcow2 image is converted to raw (default: $TMPDIR or /tmp); needs room for its data.")
-def upload(project: str, img: str, file: str, fmt: str, tmpdir: str | None) -> None:
+def upload(c: Ctx, project: str, img: str, file: str, fmt: str, tmpdir: str | None) -> None:
     """Upload FILE (raw or qcow2) as image IMG of PROJECT.
 
     The image appears only once all of it is stored (an interrupted upload leaves nothing); blocks of
     zeros are not stored.  Prints Success (with --json: name, size, sha256 and the bytes stored)."""
-    c = _obj()
     fmt = image_format(file) if fmt == "auto" else fmt
     with raw_image(file, fmt, tmpdir) as path:
         size = os.path.getsize(path)
@@ -189,14 +189,10 @@ def upload(project: str, img: str, file: str, fmt: str, tmpdir: str | None) -> N
     sent = body.sha256.hexdigest()
     if result.get("sha256") != sent:
         # Cannot happen short of a broken proxy or disk; the image is not what FILE holds: remove it.
-        api.delete(f"/projects/{quote(project, safe='')}/images/{quote(img, safe='')}")
+        api.delete(_path(project, img))
         raise click.ClickException(f"BMI received data with SHA-256 {result.get('sha256')}, not {sent}; "
                                    f"the image {img} is being removed")
-    if c.as_json:
-        click.echo(json.dumps({"result": result}))
-    else:
-        click.echo(f"sha256 {sent}", err=True)
-        click.echo("Success")
+    _done(c, sent, result)
 
 
 def _write_sparse(fh: Any, chunks: Iterator[bytes], on_chunk: Callable[[bytes], None]) -> int:
@@ -213,15 +209,13 @@ def _write_sparse(fh: Any, chunks: Iterator[bytes], on_chunk: Callable[[bytes], 
 
 
 @click.command("download")
-@click.argument("project")
-@click.argument("img")
+@command("project", "img")
 @click.argument("file", type=click.Path(dir_okay=False, writable=True))
-def download(project: str, img: str, file: str) -> None:
+def download(c: Ctx, project: str, img: str, file: str) -> None:
     """Download image (or snapshot) IMG of PROJECT into FILE as a raw image (holes for zeros).
 
     FILE is replaced only once the whole image has arrived.  Prints Success (with --json: name, size and
     sha256)."""
-    c = _obj()
     api = c.api
     url = _url(api, project, img)
     try:
@@ -262,8 +256,4 @@ def download(project: str, img: str, file: str) -> None:
         finally:
             progress.close()
     sha256 = digest.hexdigest()
-    if c.as_json:
-        click.echo(json.dumps({"result": {"name": img, "size": size, "sha256": sha256}}))
-    else:
-        click.echo(f"sha256 {sha256}", err=True)
-        click.echo("Success")
+    _done(c, sha256, {"name": img, "size": size, "sha256": sha256})
