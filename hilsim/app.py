@@ -26,6 +26,31 @@ EXTENSIONS = ["hil.ext.auth.database", "hil.ext.network_allocators.vlan_pool",
               "hil.ext.obm.mock", "hil.ext.switches.mock"]
 
 
+# (method, rule, HILState method, body schema) of the calls HILState answers as they are.
+PASS_THROUGH: list[tuple[str, str, str, Schema | None]] = [
+    ("GET", "/projects", "list_projects", None),
+    ("PUT", "/project/<project>", "project_create", None),
+    ("DELETE", "/project/<project>", "project_delete", None),
+    ("GET", "/project/<project>/nodes", "list_project_nodes", None),
+    ("GET", "/project/<project>/networks", "list_project_networks", None),
+    ("POST", "/project/<project>/connect_node", "project_connect_node", {"node": (str, True)}),
+    ("POST", "/project/<project>/detach_node", "project_detach_node", {"node": (str, True)}),
+    ("PUT", "/auth/basic/user/<user>", "user_create", {"password": (str, True), "is_admin": (bool, False)}),
+    ("DELETE", "/auth/basic/user/<user>", "user_delete", None),
+    ("POST", "/auth/basic/user/<user>/add_project", "user_add_project", {"project": (str, True)}),
+    ("POST", "/auth/basic/user/<user>/remove_project", "user_remove_project", {"project": (str, True)}),
+    ("GET", "/node/<node>", "show_node", None),
+    ("GET", "/nodes/<which>", "list_nodes", None),
+    ("PUT", "/node/<node>/nic/<nic>", "nic_register", {"macaddr": (str, True)}),
+    ("GET", "/networking_action/<status_id>", "show_action", None),
+    ("PUT", "/network/<network>", "network_create",
+     {"owner": (str, True), "access": (str, True), "net_id": (str, True)}),
+    ("DELETE", "/network/<network>", "network_delete", None),
+    ("GET", "/network/<network>", "show_network", None),
+    ("GET", "/_sim/state", "dump", None),
+]
+
+
 class Simulator:
     """What the app holds: the state and the power controller; ``close()`` on shutdown."""
 
@@ -108,50 +133,10 @@ def create_app(inventory: dict[str, Any], action_delay: float = 0.2) -> Flask:
 
     power = sim.power
 
-    # --- projects and users ---------------------------------------------------------------
-    @api("GET", "/projects")
-    def list_projects(caller: Caller) -> Any:
-        return state.list_projects(caller)
-
-    @api("PUT", "/project/<project>")
-    def project_create(caller: Caller, project: str) -> Any:
-        state.project_create(caller, project)
-
-    @api("DELETE", "/project/<project>")
-    def project_delete(caller: Caller, project: str) -> Any:
-        state.project_delete(caller, project)
-
-    @api("GET", "/project/<project>/nodes")
-    def list_project_nodes(caller: Caller, project: str) -> Any:
-        return state.list_project_nodes(caller, project)
-
-    @api("GET", "/project/<project>/networks")
-    def list_project_networks(caller: Caller, project: str) -> Any:
-        return state.list_project_networks(caller, project)
-
-    @api("POST", "/project/<project>/connect_node", {"node": (str, True)})
-    def project_connect_node(caller: Caller, project: str, node: str) -> Any:
-        state.project_connect_node(caller, project, node)
-
-    @api("POST", "/project/<project>/detach_node", {"node": (str, True)})
-    def project_detach_node(caller: Caller, project: str, node: str) -> Any:
-        state.project_detach_node(caller, project, node)
-
-    @api("PUT", "/auth/basic/user/<user>", {"password": (str, True), "is_admin": (bool, False)})
-    def user_create(caller: Caller, user: str, password: str, is_admin: bool = False) -> Any:
-        state.user_create(caller, user, password, is_admin)
-
-    @api("DELETE", "/auth/basic/user/<user>")
-    def user_delete(caller: Caller, user: str) -> Any:
-        state.user_delete(caller, user)
-
-    @api("POST", "/auth/basic/user/<user>/add_project", {"project": (str, True)})
-    def user_add_project(caller: Caller, user: str, project: str) -> Any:
-        state.user_add_project(caller, user, project)
-
-    @api("POST", "/auth/basic/user/<user>/remove_project", {"project": (str, True)})
-    def user_remove_project(caller: Caller, user: str, project: str) -> Any:
-        state.user_remove_project(caller, user, project)
+    # Calls that only hand the caller, the URL's parts and the body's keys to HILState (its parameters
+    # carry the same names) and answer 200 with what it returns (nothing: an empty body).
+    for method, rule, name, schema in PASS_THROUGH:
+        api(method, rule, schema)(getattr(state, name))
 
     # --- nodes and nics ---------------------------------------------------------------------
     @api("PUT", "/node/<node>", {"obm": (dict, False), "obmd": (dict, False)})
@@ -161,18 +146,6 @@ def create_app(inventory: dict[str, Any], action_delay: float = 0.2) -> Flask:
             raise ValidationError("Give exactly one of 'obm' (HIL v0.3) or 'obmd' (HIL master).")
         state.node_register(caller, node, obm or obmd or {})
 
-    @api("GET", "/node/<node>")
-    def show_node(caller: Caller, node: str) -> Any:
-        return state.show_node(caller, node)
-
-    @api("GET", "/nodes/<which>")
-    def list_nodes(caller: Caller, which: str) -> Any:
-        return state.list_nodes(caller, which)
-
-    @api("PUT", "/node/<node>/nic/<nic>", {"macaddr": (str, True)})
-    def nic_register(caller: Caller, node: str, nic: str, macaddr: str) -> Any:
-        state.nic_register(caller, node, nic, macaddr)
-
     @api("POST", "/node/<node>/nic/<nic>/connect_network", {"network": (str, True), "channel": (str, False)})
     def connect_network(caller: Caller, node: str, nic: str, network: str, channel: str | None = None) -> Any:
         return {"status_id": state.connect_network(caller, node, nic, network, channel)}, 202
@@ -180,10 +153,6 @@ def create_app(inventory: dict[str, Any], action_delay: float = 0.2) -> Flask:
     @api("POST", "/node/<node>/nic/<nic>/detach_network", {"network": (str, True)})
     def detach_network(caller: Caller, node: str, nic: str, network: str) -> Any:
         return {"status_id": state.detach_network(caller, node, nic, network)}, 202
-
-    @api("GET", "/networking_action/<status_id>")
-    def show_networking_action(caller: Caller, status_id: str) -> Any:
-        return state.show_action(caller, status_id)
 
     # --- power (v0.3 semantics: 200, in-process mock OBM) -------------------------------------
     @api("POST", "/node/<node>/power_cycle", {"force": (bool, False)})
@@ -203,18 +172,6 @@ def create_app(inventory: dict[str, Any], action_delay: float = 0.2) -> Flask:
         power.set_bootdev(state.node_for_power(caller, node), bootdev)
 
     # --- networks -------------------------------------------------------------------------------
-    @api("PUT", "/network/<network>", {"owner": (str, True), "access": (str, True), "net_id": (str, True)})
-    def network_create(caller: Caller, network: str, owner: str, access: str, net_id: str) -> Any:
-        state.network_create(caller, network, owner, access, net_id)
-
-    @api("DELETE", "/network/<network>")
-    def network_delete(caller: Caller, network: str) -> Any:
-        state.network_delete(caller, network)
-
-    @api("GET", "/network/<network>")
-    def show_network(caller: Caller, network: str) -> Any:
-        return state.show_network(caller, network)
-
     @api("GET", "/network/<network>/attachments")
     def list_network_attachments(caller: Caller, network: str) -> Any:
         return state.network_attachments(caller, network, request.args.get("project"))
@@ -223,9 +180,5 @@ def create_app(inventory: dict[str, Any], action_delay: float = 0.2) -> Flask:
     @api("GET", "/active_extensions")
     def active_extensions(caller: Caller) -> Any:
         return EXTENSIONS
-
-    @api("GET", "/_sim/state")
-    def sim_state(caller: Caller) -> Any:
-        return state.dump(caller)
 
     return app

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from typing import Any
+from typing import Any, TypeVar
 
 from hilsim.errors import (
     AUTH_REQUIRED,
@@ -23,6 +23,7 @@ from hilsim.errors import (
 )
 from hilsim.records import NATIVE, VLAN_POOL, Action, Caller, Network, Nic, Node, User, hash_password
 
+T = TypeVar("T")
 __all__ = ["NATIVE", "VLAN_POOL", "Action", "Caller", "HILState", "Network", "Nic", "Node", "User", "hash_password"]
 
 
@@ -47,43 +48,44 @@ class HILState:
             raise AuthorizationError(AUTH_REQUIRED)
         # Hash outside the lock: it is the slow part of every request.
         with self.lock:
-            user = self.users.get(username)
-            if user is None:
-                raise NotFoundError(f"User {username} does not exist.")
+            user = self._user(username)
         if not user.verify(password or ""):
             raise AuthorizationError(AUTH_REQUIRED)
         with self.lock:
             return Caller(user.name, user.is_admin, frozenset(user.projects))
 
     # --- lookups (HIL's get_or_404) ----------------------------------------------------
+    @staticmethod
+    def _get(table: dict[str, T], key: str, what: str) -> T:
+        found = table.get(key)
+        if found is None:
+            raise NotFoundError(f"{what} does not exist.")
+        return found
+
     def _project(self, name: str) -> str:
         if name not in self.projects:
             raise NotFoundError(f"Project {name} does not exist.")
         return name
 
     def _node(self, name: str) -> Node:
-        node = self.nodes.get(name)
-        if node is None:
-            raise NotFoundError(f"Node {name} does not exist.")
-        return node
+        return self._get(self.nodes, name, f"Node {name}")
 
     def _nic(self, node: Node, label: str) -> Nic:
-        nic = node.nics.get(label)
-        if nic is None:
-            raise NotFoundError(f"Nic {label} on node {node.name} does not exist.")
-        return nic
+        return self._get(node.nics, label, f"Nic {label} on node {node.name}")
 
     def _network(self, name: str) -> Network:
-        net = self.networks.get(name)
-        if net is None:
-            raise NotFoundError(f"Network {name} does not exist.")
-        return net
+        return self._get(self.networks, name, f"Network {name}")
 
     def _user(self, name: str) -> User:
-        user = self.users.get(name)
-        if user is None:
-            raise NotFoundError(f"User {name} does not exist.")
-        return user
+        return self._get(self.users, name, f"User {name}")
+
+    @staticmethod
+    def _require_owner(caller: Caller, project: str | None) -> None:
+        """What HIL asks of whoever acts on an owned thing: the owning project, or admin if none owns it."""
+        if project is None:
+            caller.require_admin()
+        else:
+            caller.require_project(project)
 
     # --- seeding and admin set-up --------------------------------------------------------
     def add_user(self, name: str, password: str, is_admin: bool = False) -> None:
@@ -153,7 +155,7 @@ class HILState:
             for user in self.users.values():
                 user.projects.discard(project)
 
-    def user_create(self, caller: Caller, user: str, password: str, is_admin: bool) -> None:
+    def user_create(self, caller: Caller, user: str, password: str, is_admin: bool = False) -> None:
         caller.require_admin()
         self.add_user(user, password, is_admin)
 
@@ -241,10 +243,7 @@ class HILState:
         """The node, if ``caller`` may drive its power (HIL: free nodes are admin-only)."""
         with self.lock:
             n = self._node(node)
-            if n.project is None:
-                caller.require_admin()
-            else:
-                caller.require_project(n.project)
+            self._require_owner(caller, n.project)
             return n
 
     # --- networks ------------------------------------------------------------------------------
@@ -269,10 +268,7 @@ class HILState:
     def network_delete(self, caller: Caller, network: str) -> None:
         with self.lock:
             net = self._network(network)
-            if net.owner is None:
-                caller.require_admin()
-            else:
-                caller.require_project(net.owner)
+            self._require_owner(caller, net.owner)
             if self._attachments(network):
                 raise BlockedError("Network still connected to nodes.")
             if any(a.status == "PENDING" and a.new_network == network for a in self.actions.values()):
@@ -297,10 +293,7 @@ class HILState:
     def network_attachments(self, caller: Caller, network: str, project: str | None) -> dict[str, Any]:
         with self.lock:
             net = self._network(network)
-            if net.owner is None:
-                caller.require_admin()
-            else:
-                caller.require_project(net.owner)
+            self._require_owner(caller, net.owner)
             return {n.name: {"channel": ch, "nic": nic.label, "project": n.project}
                     for n, nic, ch in self._attachments(network) if project is None or n.project == project}
 

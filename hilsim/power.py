@@ -57,21 +57,20 @@ class PowerController:
             LOG.exception("power %s of VM %s failed", what, node.name)
             raise OBMError(f"Could not {what} node {node.name}: {type(exc).__name__}: {exc}") from None
 
-    def power_cycle(self, node: Node, force: bool) -> None:
+    def _switch(self, node: Node, what: str, vm_method: str, power: str) -> None:
+        """Drive the node's VM (if it has one) with ``vm_method``, then record ``power``."""
         with self._lock(node):
             vm = self.vms.get(node.name)
             if vm is not None:
-                self._run(node, "power cycle", vm.power_cycle)
+                self._run(node, what, getattr(vm, vm_method))
             with self.state.lock:
-                node.power = "on"
+                node.power = power
+
+    def power_cycle(self, node: Node, force: bool) -> None:
+        self._switch(node, "power cycle", "power_cycle", "on")
 
     def power_off(self, node: Node) -> None:
-        with self._lock(node):
-            vm = self.vms.get(node.name)
-            if vm is not None:
-                self._run(node, "power off", vm.power_off)
-            with self.state.lock:
-                node.power = "off"
+        self._switch(node, "power off", "power_off", "off")
 
     def power_status(self, node: Node) -> str:
         vm = self.vms.get(node.name)
