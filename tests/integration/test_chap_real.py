@@ -33,6 +33,7 @@ from ims.einstein.iscsi.tgt import TgtTarget
 from ims.einstein.storage.base import Backing
 from tests.integration.test_operations_real import ADMIN, GOLDEN, NET, NIC, NODE, USER, RealEnv
 from tests.support import iscsi_rw
+from tests.support.private_tgt import private_tgtd_env
 from tests.support.tgt import TgtdInstance, debian_restart, start_tgtd, stop_tgtd
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -153,15 +154,8 @@ def test_driver_chap_login_restart_restore_and_removal(tmp_path: Path) -> None:
 
 @pytest.fixture()
 def env(tmp_path, ceph_cluster, hil_sim):
-    instance = start_tgtd(tempfile.mkdtemp(prefix="tgtd-", dir=tmp_path))
-    try:
-        e = RealEnv(tmp_path, "ceph", ceph_cluster, instance, hil_sim)
-        try:
-            yield e
-        finally:
-            e.close()
-    finally:
-        stop_tgtd(instance)
+    with private_tgtd_env(tmp_path, ceph_cluster, hil_sim) as e:
+        yield e
 
 
 def row_of(env: RealEnv, node: str) -> tuple[str, str | None]:

@@ -8,7 +8,6 @@ LUN is read back through libiscsi.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,8 @@ import pytest
 from ims.einstein.iscsi.tgt import TgtTarget, parse_conf
 from tests.integration.test_operations_real import GOLDEN, NET, NIC, NODE, USER, RealEnv
 from tests.support import iscsi_rw
-from tests.support.tgt import debian_restart, start_tgtd, stop_tgtd
+from tests.support.private_tgt import private_tgtd_env
+from tests.support.tgt import debian_restart
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -27,15 +27,8 @@ INITIATOR = "iqn.2017-10.org.moc.bmi.node:"
 
 @pytest.fixture()
 def env(tmp_path, ceph_cluster, hil_sim):
-    instance = start_tgtd(tempfile.mkdtemp(prefix="tgtd-", dir=tmp_path))
-    try:
-        e = RealEnv(tmp_path, "ceph", ceph_cluster, instance, hil_sim)
-        try:
-            yield e
-        finally:
-            e.close()
-    finally:
-        stop_tgtd(instance)
+    with private_tgtd_env(tmp_path, ceph_cluster, hil_sim) as e:
+        yield e
 
 
 def clone_of(env: RealEnv, node: str) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -24,6 +23,7 @@ from typing import Any
 
 from ims.common import config
 from ims.rpc.client import EinsteinClient
+from tests.support.procs import free_port
 from tests.support.tgt import TgtdInstance, start_tgtd, stop_tgtd
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,25 +43,6 @@ def inventory(nodes: list[str]) -> dict[str, Any]:
                    "nics": [{"label": NIC, "macaddr": f"52:54:00:aa:{i // 256:02x}:{i % 256:02x}"}]}
                   for i, n in enumerate(nodes)],
     }
-
-
-def free_port(consecutive: int = 1) -> int:
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + consecutive >= 65535:
-            continue
-        ok = True
-        for port in range(base, base + consecutive):
-            with socket.socket() as t:
-                try:
-                    t.bind(("127.0.0.1", port))
-                except OSError:
-                    ok = False
-        if ok:
-            return base
-    raise RuntimeError("no free port range")
 
 
 @dataclass

@@ -19,36 +19,16 @@ from ims.common import config as bmi_config
 from ims.picasso.app import create_app
 from ims.picasso.openapi import MAX_ID, document
 from tests.support.fake_ops import InProcessClient, World
+from tests.support.web import ADMIN, ALICE, BOB, basic, cfg_text, picasso_client, rpc, world
 
-CFG_TEXT = ("[bmi]\nuid = fake\n[net_isolator]\nurl = http://127.0.0.1:1\nauth_cache_seconds = 30\n"
-            "[iscsi]\nip = 127.0.0.1\n[rest_api]\nmax_body_bytes = 4096\n")
+__all__ = ["rpc", "world"]  # fixtures (tests/support/web.py)
 
-
-def basic(user: str, password: str, encoding: str = "utf-8") -> dict[str, str]:
-    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode(encoding)).decode()}
-
-
-ALICE = basic("alice", "alice-pw")
-BOB = basic("bob", "bob-pw")
-ADMIN = basic("admin", "admin-pw")
-
-
-@pytest.fixture()
-def world(tmp_path: Path) -> Any:
-    w = World(directory=str(tmp_path / "world"))
-    yield w
-    w.close()
-
-
-@pytest.fixture()
-def rpc(world: World) -> InProcessClient:
-    return InProcessClient(world.ops)
+CFG_TEXT = cfg_text(auth_cache_seconds=30)
 
 
 @pytest.fixture()
 def web(rpc: InProcessClient) -> Any:
-    cfg = bmi_config.parse("test.cfg", text=CFG_TEXT)
-    return create_app(cfg, client=rpc).test_client()
+    return picasso_client(CFG_TEXT, rpc)
 
 
 def err(resp: Any, status: int, type_: str | None = None, text: str | None = None) -> None:

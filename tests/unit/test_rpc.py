@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,28 +26,12 @@ from ims.common.errors import (
 )
 from ims.rpc.client import EinsteinClient
 from ims.rpc.methods import NAME_PREFIX
+from tests.support.procs import alive as _alive
+from tests.support.procs import children as _children
+from tests.support.procs import free_port as _free_port
 
 ALICE = {"username": "alice", "password": "alice-pw"}
 KEY = "test-hmac-key-0123456789"
-
-
-def _free_port(consecutive: int = 1) -> int:
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + consecutive >= 65535:
-            continue
-        ok = True
-        for p in range(base, base + consecutive):
-            with socket.socket() as t:
-                try:
-                    t.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-        if ok:
-            return base
-    raise RuntimeError("no free port range")
 
 
 def _config_text(ns_port: int, rpc_port: int, workers: int, key: str = KEY, insecure: bool = False) -> str:
@@ -56,28 +39,6 @@ def _config_text(ns_port: int, rpc_port: int, workers: int, key: str = KEY, inse
             f"[rpc]\nname_server_ip = 127.0.0.1\nname_server_port = {ns_port}\nrpc_server_ip = 127.0.0.1\n"
             f"rpc_server_port = {rpc_port}\nworkers = {workers}\nhmac_key = {key}\ninsecure = {insecure}\n"
             "timeout = 20\n")
-
-
-def _children(pid: int) -> list[int]:
-    kids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            if ppid == pid:
-                kids.append(int(entry.name))
-    return kids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 class Einstein:

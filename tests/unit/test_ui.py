@@ -3,43 +3,24 @@ drivers (tests/support/fake_ops.py); the browser test against a real stack is
 tests/integration/test_ui_browser_real.py."""
 from __future__ import annotations
 
-import base64
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ims.common import config as bmi_config
 from ims.einstein.ops.console import parse_sessions
-from ims.picasso.app import create_app
 from ims.picasso.ui import human_size, image_tree
 from tests.support.fake_ops import ALICE as ALICE_AUTH
 from tests.support.fake_ops import InProcessClient, World
+from tests.support.web import ADMIN, ALICE, BOB, basic, cfg_text, picasso_client, rpc, world
 
-CFG_TEXT = ("[bmi]\nuid = fake\n[net_isolator]\nurl = http://127.0.0.1:1\nauth_cache_seconds = 0\n"
-            "[iscsi]\nip = 127.0.0.1\n[rest_api]\nmax_body_bytes = 4096\n")
+__all__ = ["rpc", "world"]  # fixtures (tests/support/web.py)
 
-
-def basic(user: str, password: str) -> dict[str, str]:
-    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode("latin-1")).decode()}
-
-
-ALICE = basic("alice", "alice-pw")
-BOB = basic("bob", "bob-pw")
-ADMIN = basic("admin", "admin-pw")
+CFG_TEXT = cfg_text(auth_cache_seconds=0)
 
 
 @pytest.fixture()
-def world(tmp_path: Path) -> Any:
-    w = World(directory=str(tmp_path / "world"))
-    yield w
-    w.close()
-
-
-@pytest.fixture()
-def web(world: World) -> Any:
-    cfg = bmi_config.parse("test.cfg", text=CFG_TEXT)
-    return create_app(cfg, client=InProcessClient(world.ops)).test_client()
+def web(rpc: InProcessClient) -> Any:
+    return picasso_client(CFG_TEXT, rpc)
 
 
 def page(resp: Any, status: int = 200) -> str:
