@@ -51,11 +51,12 @@ def command(*arguments: str, wait: bool = False) -> Callable[[F], F]:
     return decorate
 
 
-def call(c: Ctx, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    """One request to Picasso (an error answer is a ClickException: the message, exit 1)."""
+def call(c: Ctx, method: str, path: str, data: dict[str, Any] | None = None) -> Any:
+    """One request to Picasso (an error answer is a ClickException: the message, exit 1); ``data`` is the
+    query of a GET, the JSON body of a POST (a DELETE has none)."""
     if method == "GET":
-        return c.api.get(path, body)
-    return c.api.post(path, body) if method == "POST" else c.api.delete(path)
+        return c.api.get(path, data)
+    return c.api.post(path, data) if method == "POST" else c.api.delete(path)
 
 
 def table(c: Ctx, columns: list[str], path: str, params: dict[str, Any] | None = None) -> None:
