@@ -224,6 +224,7 @@ class HostAgent:
                         core.iscsi.remove_target(clone)  # a conf file without its live target
                     except BMIError:
                         pass
+                    self.fence(clone)  # the old gateway's client first: a hung one must not write after us
                     steps.add_target.run(tx, **core.target_params(clone, node))
                 if core.cfg.tftp.boot_mode != "http":
                     steps.write_boot.run(tx, **boot_params(core, node, mac, label, clone, node))
@@ -232,6 +233,35 @@ class HostAgent:
         return True
 
     # --- fencing ---------------------------------------------------------------------
+    def fence(self, clone: str) -> list[str]:
+        """Blocklist every other Ceph client that has ``clone`` open, before it goes live here.
+
+        Run under the node's locks, so no BMI operation of any host has the clone open: its only
+        other clients are gateways' LUNs -- the dead (or stalled) host's tgtd, which must never
+        deliver a late write over what the node writes through this gateway.  Clients are fenced
+        by their exact address (``ip:port/nonce``), never by IP: several hosts may share an IP
+        (one machine, or a NAT), and a blocklist by IP would cut off live gateways too.  Our own
+        connection is left out.  A storage without Ceph clients (test doubles) has nothing to fence.
+        :raises StorageError: Ceph refused the blocklist or is unreachable: the target is NOT made
+            live (the journal rolls the take-over back) and the next round tries again.
+        """
+        from ims.einstein import multipath
+        from ims.einstein.storage.ceph import CephStorage
+
+        storage = self.core.storage
+        if not isinstance(storage, CephStorage):
+            return []
+        try:
+            fenced = multipath.fence_image_clients(storage, clone)
+        except BMIError as exc:
+            LOG.error("not exporting %s here yet: fencing its old gateway's Ceph client failed (%s); "
+                      "retried next round", clone, exc)
+            raise
+        if fenced:
+            LOG.warning("fenced %d old client(s) of %s before exporting it here: %s", len(fenced), clone,
+                        ", ".join(fenced))
+        return fenced
+
     def sweep(self) -> list[str]:
         """Remove local targets of nodes recorded on another gateway (this host lost them)."""
         list_targets = getattr(self.core.iscsi, "list_targets", None)
