@@ -319,7 +319,6 @@ def test_take_over_fences_the_stalled_gateway_so_its_late_and_new_writes_never_l
         assert outcome == []
         wait_for("host 1 to take the node over", lambda: gateways(sessions)[node][0] == "host1"
                  and iqn in c.live_iqns(0), timeout=120)
-        assert "fenced 1 old client(s) of " + clone in (c.hosts[0].dir / "logs" / "ims.log").read_text()
         iscsi_rw.write_lun(new_gw.portal, iqn, 1, 100, newer, initiator=INITIATOR + node, chap=chap)
     finally:
         os.kill(old_gw.pid, signal.SIGCONT)             # the old gateway wakes up; its Einstein still hangs
@@ -333,6 +332,7 @@ def test_take_over_fences_the_stalled_gateway_so_its_late_and_new_writes_never_l
         got = iscsi_rw.read_lun(new_gw.portal, iqn, 1, 100, 8, initiator=INITIATOR + node, chap=chap)
         assert got == newer
         assert c.ceph.storage().read(clone, 100 * 512, len(newer)) == newer
+        assert "fenced 1 old client(s) of " + clone in (c.hosts[0].dir / "logs" / "ims.log").read_text()
     finally:
         c.resume(1)
         try:
