@@ -167,6 +167,8 @@ def test_node_keeps_every_acknowledged_write_when_its_gateway_host_dies(tmp_path
         fenced = survivor_log.read_text(errors="replace") if survivor_log.exists() else ""
         print(f"take-over of {dead} by {survivor}: {took:.1f} s; fence lines: "
               f"{[x for x in fenced.splitlines() if 'fenced' in x][-2:]}")
+        clone = iqn.rpartition(":")[2]
+        assert f"fenced 1 old client(s) of {clone} before exporting it here" in fenced  # A's librbd client
 
         # Everything the node acknowledged before the reset (a superset of what it acked before the kill).
         acked = max(acks(console(s)))
@@ -178,6 +180,7 @@ def test_node_keeps_every_acknowledged_write_when_its_gateway_host_dies(tmp_path
         found = wait_console(s, "BMI-LOG-MAX after booting from the survivor", log_max)
         assert f"BMI-BOOT-OK target={iqn} initiator={INITIATOR}" in console(s)
         assert found != "none", "the log is gone"
+        print(f"BMI-LOG-MAX after booting from {survivor}: {found}")
         assert acked <= int(found) <= acked + 1, (acked, found)  # no acknowledged write lost
         assert f"Initiator: {INITIATOR}" in live_targets(d, survivor)  # the node's disk session is on B
         # ...and it carries on writing through B.

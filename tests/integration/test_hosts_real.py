@@ -317,8 +317,11 @@ def test_take_over_fences_the_stalled_gateway_so_its_late_and_new_writes_never_l
         writer.start()
         time.sleep(0.5)                                 # the write waits in the stopped tgtd's socket
         assert outcome == []
+        # taken over = target live on host 1 AND the boot script naming host 1 (written after the target
+        # and its ACL are complete: the target alone may not accept the node's login yet)
         wait_for("host 1 to take the node over", lambda: gateways(sessions)[node][0] == "host1"
-                 and iqn in c.live_iqns(0), timeout=120)
+                 and iqn in c.live_iqns(0)
+                 and c.host_of_portal((c.base / "tftp" / f"{node}.ipxe").read_text()) == 0, timeout=120)
         iscsi_rw.write_lun(new_gw.portal, iqn, 1, 100, newer, initiator=INITIATOR + node, chap=chap)
     finally:
         os.kill(old_gw.pid, signal.SIGCONT)             # the old gateway wakes up; its Einstein still hangs
