@@ -262,16 +262,47 @@ class HostAgent:
                         ", ".join(fenced))
         return fenced
 
-    def sweep(self) -> list[str]:
-        """Remove local targets of nodes recorded on another gateway (this host lost them)."""
+    def _local_clone_targets(self) -> dict[int, str]:
+        """This gateway's targets of BMI images (its conf files, or live targets): image id -> name."""
         list_targets = getattr(self.core.iscsi, "list_targets", None)
         if list_targets is None:
-            return []
+            return {}
         ids = {}
         for name in list_targets():
             match = self._clone_re.fullmatch(name)
             if match:
                 ids[int(match.group(1))] = name
+        return ids
+
+    def drop_orphans(self) -> list[str]:
+        """At start-up, before tgtd's restore and before any worker runs: remove local targets (and
+        conf files) whose BMI image no longer exists.  Conf dirs are host-local, so when another host
+        rolled back this host's half-made provision (or deprovisioned a node) while this host was
+        down, the conf file stayed here; the clone is gone, so restoring it can only fail.  An image's
+        Ceph name carries its row's id, which exists before any target is made for it: no row means
+        the image was removed (or its creating transaction never committed)."""
+        ids = self._local_clone_targets()
+        if not ids:
+            return []
+        with self.core.session() as session:
+            known = set(session.scalars(select(Image.id).where(Image.id.in_(sorted(ids)))))
+        removed = []
+        for image_id, target in sorted(ids.items()):
+            if image_id in known:
+                continue
+            try:
+                self.core.iscsi.remove_target(target)
+            except BMIError as exc:
+                LOG.warning("could not remove orphaned local target %s: %s", target, exc)
+                continue
+            LOG.warning("removed local target %s: its image is gone (rolled back or deprovisioned by another "
+                        "host while this one was down)", target)
+            removed.append(target)
+        return removed
+
+    def sweep(self) -> list[str]:
+        """Remove local targets of nodes recorded on another gateway (this host lost them)."""
+        ids = self._local_clone_targets()
         if not ids:
             return []
         with self.core.session() as session:
@@ -317,14 +348,17 @@ _PREPARED: dict[str, Any] = {}
 
 
 def prepare(ops: Any) -> None:
-    """Before the start-up restore: join the registry and drop targets other gateways took over."""
+    """Before the start-up restore: join the registry, drop targets other gateways took over and
+    targets whose image another host removed meanwhile."""
     hosts = getattr(ops, "hosts", None)
     if hosts is None:
         return
     hosts.register()
     _PREPARED["hosts"] = hosts  # the agent heart-beats with it (its engine outlives ops.close())
     if hosts.multi():
-        HostAgent(ops).sweep()
+        agent = HostAgent(ops)
+        agent.sweep()
+        agent.drop_orphans()
 
 
 def start_agent(cfg: Any, factory: Any, stop: threading.Event) -> threading.Thread | None:

@@ -194,12 +194,21 @@ def test_nodes_spread_over_hosts_survive_a_killed_host_and_the_returning_host_is
         assert got == node_data(node), node
 
     # Host 2 comes back with its conf dir (which still lists the lost targets): it is fenced.
+    # Its conf dir may also keep the conf file of a half-made provision host 1 rolled back (clone and
+    # row gone): make one for sure, as a copy of a lost target's conf naming an image that never was.
+    lost = sorted(c.hosts[1].conf_dir.glob("*.conf"))
+    assert lost, "host 2's conf dir should still name the targets it lost"
+    orphan = f"{UID}img99999"
+    lost_name = lost[0].name.removesuffix(".conf")
+    (c.hosts[1].conf_dir / f"{orphan}.conf").write_text(lost[0].read_text().replace(lost_name, orphan))
+    (c.hosts[1].conf_dir / f"{orphan}.conf").chmod(0o600)
     c.restart(1)
     wait_for("host 2 to join again", lambda: _host(sessions, "host2").state == "up")
     time.sleep(3 * c.heartbeat)
     assert _host(sessions, "host2").epoch > epoch_after_takeover
     assert c.live_iqns(1) == []  # it did not re-create what it lost
     assert sorted(p.name for p in c.hosts[1].conf_dir.glob("*.conf")) == []
+    assert f"removed local target {orphan}: its image is gone" in (c.hosts[1].dir / "logs" / "ims.log").read_text()
     assert all(g == "host1" for g, _c in gateways(sessions).values())
     assert c.live_iqns(0) == sorted(iqn.values())
 
