@@ -16,9 +16,10 @@ Each Einstein supervisor runs one :class:`HostAgent` thread.  Every ``[host] hea
    journal's recovery: X's owners count as dead once X is stale or dead).
 3. **Adoption**: every host makes the targets recorded on it that its tgtd lacks: under the
    node's locks (which first finishes whatever the dead host left half-done on that node, e.g.
-   rolls back its half-made provision, so the row may vanish), it adds the target for the clone
-   (the clone lives in Ceph: the disk survives) and rewrites the node's boot files, which now
-   name this host's portal.
+   rolls back its half-made provision, so the row may vanish), it fences the clone's other Ceph
+   clients (the old gateway's LUN: a hung tgtd must never deliver a late write; :meth:`HostAgent.fence`),
+   adds the target for the clone (the clone lives in Ceph: the disk survives) and rewrites the
+   node's boot files, which now name this host's portal.
 4. **Fence sweep**: a local target whose provision is recorded on ANOTHER gateway is removed
    (with its conf file, so a tgtd restart does not bring it back): a host that comes back after
    being taken over never exports a node twice, and never fights for it.
