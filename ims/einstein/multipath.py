@@ -152,7 +152,10 @@ def fence_image_clients(storage: CephStorage, image: str, keep: Iterable[str] = 
     the take-over passes the dead host's address(es) as Ceph sees them, so an Einstein worker of a
     LIVE host that happens to have the image open (a snapshot, a flatten) is never fenced: a
     blocklist covers its whole librados connection, which BMI shares per process.  ``None`` fences
-    every client but our own (one machine, tests).  ``keep``: client addresses never fenced.
+    every client but our own: what BMI's take-over (``HostAgent.fence``) passes, under the node's
+    locks (no BMI operation has the clone open then), because hosts may share an IP (one machine,
+    a NAT) and an IP filter cannot tell their clients apart.  Each client is blocklisted by its
+    exact address ``ip:port/nonce``, never by IP.  ``keep``: client addresses never fenced.
 
     Run by the take-over BEFORE the target goes live on the new gateway: a dead gateway's watch
     lingers ~30 s (and blocks ``rbd rm``), and a hung one would deliver its in-flight writes after

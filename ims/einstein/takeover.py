@@ -16,9 +16,10 @@ Each Einstein supervisor runs one :class:`HostAgent` thread.  Every ``[host] hea
    journal's recovery: X's owners count as dead once X is stale or dead).
 3. **Adoption**: every host makes the targets recorded on it that its tgtd lacks: under the
    node's locks (which first finishes whatever the dead host left half-done on that node, e.g.
-   rolls back its half-made provision, so the row may vanish), it adds the target for the clone
-   (the clone lives in Ceph: the disk survives) and rewrites the node's boot files, which now
-   name this host's portal.
+   rolls back its half-made provision, so the row may vanish), it fences the clone's other Ceph
+   clients (the old gateway's LUN: a hung tgtd must never deliver a late write; :meth:`HostAgent.fence`),
+   adds the target for the clone (the clone lives in Ceph: the disk survives) and rewrites the
+   node's boot files, which now name this host's portal.
 4. **Fence sweep**: a local target whose provision is recorded on ANOTHER gateway is removed
    (with its conf file, so a tgtd restart does not bring it back): a host that comes back after
    being taken over never exports a node twice, and never fights for it.
@@ -224,6 +225,7 @@ class HostAgent:
                         core.iscsi.remove_target(clone)  # a conf file without its live target
                     except BMIError:
                         pass
+                    self.fence(clone)  # the old gateway's client first: a hung one must not write after us
                     steps.add_target.run(tx, **core.target_params(clone, node))
                 if core.cfg.tftp.boot_mode != "http":
                     steps.write_boot.run(tx, **boot_params(core, node, mac, label, clone, node))
@@ -232,16 +234,76 @@ class HostAgent:
         return True
 
     # --- fencing ---------------------------------------------------------------------
-    def sweep(self) -> list[str]:
-        """Remove local targets of nodes recorded on another gateway (this host lost them)."""
+    def fence(self, clone: str) -> list[str]:
+        """Blocklist every other Ceph client that has ``clone`` open, before it goes live here.
+
+        Run under the node's locks, so no BMI operation of any host has the clone open: its only
+        other clients are gateways' LUNs -- the dead (or stalled) host's tgtd, which must never
+        deliver a late write over what the node writes through this gateway.  Clients are fenced
+        by their exact address (``ip:port/nonce``), never by IP: several hosts may share an IP
+        (one machine, or a NAT), and a blocklist by IP would cut off live gateways too.  Our own
+        connection is left out.  A storage without Ceph clients (test doubles) has nothing to fence.
+        :raises StorageError: Ceph refused the blocklist or is unreachable: the target is NOT made
+            live (the journal rolls the take-over back) and the next round tries again.
+        """
+        from ims.einstein import multipath
+        from ims.einstein.storage.ceph import CephStorage
+
+        storage = self.core.storage
+        if not isinstance(storage, CephStorage):
+            return []
+        try:
+            fenced = multipath.fence_image_clients(storage, clone)
+        except BMIError as exc:
+            LOG.error("not exporting %s here yet: fencing its old gateway's Ceph client failed (%s); "
+                      "retried next round", clone, exc)
+            raise
+        if fenced:
+            LOG.warning("fenced %d old client(s) of %s before exporting it here: %s", len(fenced), clone,
+                        ", ".join(fenced))
+        return fenced
+
+    def _local_clone_targets(self) -> dict[int, str]:
+        """This gateway's targets of BMI images (its conf files, or live targets): image id -> name."""
         list_targets = getattr(self.core.iscsi, "list_targets", None)
         if list_targets is None:
-            return []
+            return {}
         ids = {}
         for name in list_targets():
             match = self._clone_re.fullmatch(name)
             if match:
                 ids[int(match.group(1))] = name
+        return ids
+
+    def drop_orphans(self) -> list[str]:
+        """At start-up, before tgtd's restore and before any worker runs: remove local targets (and
+        conf files) whose BMI image no longer exists.  Conf dirs are host-local, so when another host
+        rolled back this host's half-made provision (or deprovisioned a node) while this host was
+        down, the conf file stayed here; the clone is gone, so restoring it can only fail.  An image's
+        Ceph name carries its row's id, which exists before any target is made for it: no row means
+        the image was removed (or its creating transaction never committed)."""
+        ids = self._local_clone_targets()
+        if not ids:
+            return []
+        with self.core.session() as session:
+            known = set(session.scalars(select(Image.id).where(Image.id.in_(sorted(ids)))))
+        removed = []
+        for image_id, target in sorted(ids.items()):
+            if image_id in known:
+                continue
+            try:
+                self.core.iscsi.remove_target(target)
+            except BMIError as exc:
+                LOG.warning("could not remove orphaned local target %s: %s", target, exc)
+                continue
+            LOG.warning("removed local target %s: its image is gone (rolled back or deprovisioned by another "
+                        "host while this one was down)", target)
+            removed.append(target)
+        return removed
+
+    def sweep(self) -> list[str]:
+        """Remove local targets of nodes recorded on another gateway (this host lost them)."""
+        ids = self._local_clone_targets()
         if not ids:
             return []
         with self.core.session() as session:
@@ -287,14 +349,17 @@ _PREPARED: dict[str, Any] = {}
 
 
 def prepare(ops: Any) -> None:
-    """Before the start-up restore: join the registry and drop targets other gateways took over."""
+    """Before the start-up restore: join the registry, drop targets other gateways took over and
+    targets whose image another host removed meanwhile."""
     hosts = getattr(ops, "hosts", None)
     if hosts is None:
         return
     hosts.register()
     _PREPARED["hosts"] = hosts  # the agent heart-beats with it (its engine outlives ops.close())
     if hosts.multi():
-        HostAgent(ops).sweep()
+        agent = HostAgent(ops)
+        agent.sweep()
+        agent.drop_orphans()
 
 
 def start_agent(cfg: Any, factory: Any, stop: threading.Event) -> threading.Thread | None:

@@ -194,12 +194,21 @@ def test_nodes_spread_over_hosts_survive_a_killed_host_and_the_returning_host_is
         assert got == node_data(node), node
 
     # Host 2 comes back with its conf dir (which still lists the lost targets): it is fenced.
+    # Its conf dir may also keep the conf file of a half-made provision host 1 rolled back (clone and
+    # row gone): make one for sure, as a copy of a lost target's conf naming an image that never was.
+    lost = sorted(c.hosts[1].conf_dir.glob("*.conf"))
+    assert lost, "host 2's conf dir should still name the targets it lost"
+    orphan = f"{UID}img99999"
+    lost_name = lost[0].name.removesuffix(".conf")
+    (c.hosts[1].conf_dir / f"{orphan}.conf").write_text(lost[0].read_text().replace(lost_name, orphan))
+    (c.hosts[1].conf_dir / f"{orphan}.conf").chmod(0o600)
     c.restart(1)
     wait_for("host 2 to join again", lambda: _host(sessions, "host2").state == "up")
     time.sleep(3 * c.heartbeat)
     assert _host(sessions, "host2").epoch > epoch_after_takeover
     assert c.live_iqns(1) == []  # it did not re-create what it lost
     assert sorted(p.name for p in c.hosts[1].conf_dir.glob("*.conf")) == []
+    assert f"removed local target {orphan}: its image is gone" in (c.hosts[1].dir / "logs" / "ims.log").read_text()
     assert all(g == "host1" for g, _c in gateways(sessions).values())
     assert c.live_iqns(0) == sorted(iqn.values())
 
@@ -272,4 +281,77 @@ def test_a_stalled_host_is_taken_over_and_when_it_wakes_up_it_is_fenced(cluster:
     wait_for("no unfinished operation", lambda: unfinished(sessions) == [])
     for n in chosen:
         retry_503(lambda n=n: c.client(1).deprovision(USER, PROJECT, n, NET, NIC))
+    assert c.live_iqns(0) == [] and c.live_iqns(1) == []
+
+
+def test_take_over_fences_the_stalled_gateway_so_its_late_and_new_writes_never_land(cluster: Cluster) -> None:
+    """Host 2 hangs, its tgtd too (SIGSTOP both) with a node's write in flight.  Host 1 takes the node
+    over: it blocklists the old gateway's Ceph client of the clone (by its exact address: both tgtds
+    reach Ceph from 127.0.0.1 here) BEFORE exporting it; the node writes newer data through host 1.
+    When host 2's tgtd wakes up (its Einstein still hung, so its target is still there), neither its
+    in-flight write nor a new login's write reaches the clone: the newer data stands."""
+    import os
+    import signal
+    import threading
+
+    c = cluster
+    client = c.client(0)
+    client.create_project(ADMIN, PROJECT, NET)
+    client.import_image(USER, PROJECT, GOLDEN_NAME)
+    node = next(n for n in NODES if HashRing(["host1", "host2"]).get(n) == "host2")
+    client.provision(USER, PROJECT, node, GOLDEN_NAME, NET, NIC)
+    sessions = db(c)
+    gateway, clone = gateways(sessions)[node]
+    assert gateway == "host2"
+    iqn = f"iqn.2017-10.org.moc.bmi:{clone}"
+    chap = node_chap(c, node)
+    old_gw, new_gw = c.hosts[1].tgtd, c.hosts[0].tgtd
+    assert old_gw is not None and new_gw is not None
+    stale, newer = b"STALE!!!" * 512, node_data(node)   # 8 blocks each
+    s = iscsi_rw._Session(iscsi_rw.parse_address(old_gw.portal, iqn, 1), INITIATOR + node, timeout=300, chap=chap)
+    s.write(100, b"before!!" * 512, 512)        # the node's live path is host 2
+    outcome: list[str] = []
+
+    def late_write() -> None:
+        try:
+            s.write(100, stale, 512)
+            outcome.append("acknowledged")
+        except iscsi_rw.IscsiIOError as exc:
+            outcome.append(f"failed: {exc}")
+
+    c.stall(1)
+    os.kill(old_gw.pid, signal.SIGSTOP)
+    writer = threading.Thread(target=late_write)
+    try:
+        writer.start()
+        time.sleep(0.5)                                 # the write waits in the stopped tgtd's socket
+        assert outcome == []
+        # taken over = target live on host 1 AND the boot script naming host 1 (written after the target
+        # and its ACL are complete: the target alone may not accept the node's login yet)
+        wait_for("host 1 to take the node over", lambda: gateways(sessions)[node][0] == "host1"
+                 and iqn in c.live_iqns(0)
+                 and c.host_of_portal((c.base / "tftp" / f"{node}.ipxe").read_text()) == 0, timeout=120)
+        iscsi_rw.write_lun(new_gw.portal, iqn, 1, 100, newer, initiator=INITIATOR + node, chap=chap)
+    finally:
+        os.kill(old_gw.pid, signal.SIGCONT)             # the old gateway wakes up; its Einstein still hangs
+    try:
+        writer.join(300)
+        assert not writer.is_alive()
+        assert outcome and outcome[0].startswith("failed"), outcome  # Ceph refused the late write...
+        assert iqn in c.live_iqns(1)                    # ...although host 2's tgtd still exports the node
+        with pytest.raises(iscsi_rw.IscsiIOError):      # and nothing written through it lands any more
+            iscsi_rw.write_lun(old_gw.portal, iqn, 1, 100, stale, initiator=INITIATOR + node, chap=chap)
+        got = iscsi_rw.read_lun(new_gw.portal, iqn, 1, 100, 8, initiator=INITIATOR + node, chap=chap)
+        assert got == newer
+        assert c.ceph.storage().read(clone, 100 * 512, len(newer)) == newer
+        assert "fenced 1 old client(s) of " + clone in (c.hosts[0].dir / "logs" / "ims.log").read_text()
+    finally:
+        c.resume(1)
+        try:
+            s.close()
+        except iscsi_rw.IscsiIOError:
+            pass
+    wait_for("host 2 to drop the target it lost", lambda: c.live_iqns(1) == [])
+    wait_for("no unfinished operation", lambda: unfinished(sessions) == [])
+    retry_503(lambda: c.client(0).deprovision(USER, PROJECT, node, NET, NIC))
     assert c.live_iqns(0) == [] and c.live_iqns(1) == []
