@@ -29,10 +29,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -46,8 +44,8 @@ SCRIPTS = REPO / "scripts"
 if str(SCRIPTS) not in sys.path:  # stack_hosts.py, also when this file is loaded by path (tests/unit)
     sys.path.insert(0, str(SCRIPTS))
 import stack_hosts  # noqa: E402
-UID = "112233445566778899"
-ADMIN = ("haasadmin", "admin1234")
+from stack_config import ADMIN, UID, free_port, inventory, read_env, read_env_ini, write_config  # noqa: E402,F401
+
 TENANT = ("haas", "secret")
 
 
@@ -56,18 +54,15 @@ TENANT = ("haas", "secret")
 NETNS: str | None = None
 
 
+STACK = sys.modules[__name__]  # handed to stack_hosts, which calls back run/spawn/service_argv
+
+
 def nsx(argv: list[str]) -> list[str]:
     return ["ip", "netns", "exec", NETNS, *argv] if NETNS else list(argv)
 
 
 def log(msg: str) -> None:
     print(f"bmi-stack: {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def alive(pid_file: Path) -> bool:
@@ -89,7 +84,8 @@ def run(*argv: str, env: dict[str, str] | None = None, timeout: float = 300) -> 
 def spawn(name: str, argv: list[str], d: Path, env: dict[str, str] | None = None, netns: str | None = None) -> int:
     """Start a service (in ``netns`` if given, else in the stack's namespace if it has one)."""
     logf = open(d / "logs" / f"{name}.log", "ab")
-    proc = subprocess.Popen(["ip", "netns", "exec", netns, *argv] if netns else nsx(argv), stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+    argv = ["ip", "netns", "exec", netns, *argv] if netns else nsx(argv)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                             env=env, start_new_session=True, cwd=str(REPO))
     (d / "pids" / f"{name}.pid").write_text(str(proc.pid))
     return proc.pid
@@ -123,142 +119,6 @@ def wait_http(url: str, timeout: float, name: str, d: Path) -> None:
         time.sleep(0.2)
     tail = (d / "logs" / f"{name}.log").read_text(errors="replace")[-3000:]
     raise RuntimeError(f"{name} did not come up at {url}:\n{tail}")
-
-
-def inventory(boot: dict[str, str] | None, d: Path, nodes: int = 0, uefi_nodes: frozenset[str] = frozenset()) -> dict:
-    """The guide's HIL objects (project bmi_infra, node bmi_node/bmi_port, network bmi_network) and a few more.
-
-    With ``nodes`` > 0, project bmi_infra gets extra nodes ``node-01``, ... (one NIC ``eth0`` each) until it
-    has at least that many (for load and chaos runs).  With a boot network, nodes named in
-    ``uefi_nodes`` (or all, for ``{"*"}``) run OVMF instead of SeaBIOS.
-    """
-    inv = json.loads((REPO / "config" / "hil-inventory.example.json").read_text())
-    have = sum(1 for n in inv["nodes"] if n["project"] == "bmi_infra")
-    for i in range(1, max(0, nodes - have) + 1):
-        inv["nodes"].append({"name": f"node-{i:02d}", "project": "bmi_infra",
-                             "nics": [{"label": "eth0", "macaddr": f"52:54:00:00:10:{i:02x}"}]})
-    if boot:
-        for node in (n for n in inv["nodes"] if n["project"] == "bmi_infra"):
-            node["vm"] = {"netns": boot["BOOTNET_NETNS"], "bridge": boot["BOOTNET_BRIDGE"],
-                          "console_log": str(d / "consoles" / f"{node['name']}.log"),
-                          "workdir": str(d / "vms" / node["name"])}
-            if uefi_nodes:  # else the simulator's BMI_VM_FIRMWARE (default SeaBIOS) decides
-                node["vm"]["firmware"] = "uefi" if "*" in uefi_nodes or node["name"] in uefi_nodes else "bios"
-    return inv
-
-
-def write_config(d: Path, ceph_conf: str, tgt: dict[str, str], hil_url: str, boot: dict[str, str] | None,
-                 http_boot_port: int | None = None, workers: int = 2, net: dict | None = None,
-                 db_url: str | None = None) -> Path:
-    """host1's config (the only one without --hosts).  With ``net`` (--hosts N): Picasso's REST API on
-    the shared bridge address, the RPC name server on host1's address, the database at ``db_url``."""
-    rest_ip = net["shared_ip"] if net else "127.0.0.1"
-    rpc_ip = net["hosts"]["host1"]["ip"] if net else "127.0.0.1"
-    db_line = f"url = {db_url}" if db_url else f"path = {d}/bmi.db"
-    portal_ip, _, portal_port = tgt["TGT_PORTAL"].rpartition(":")
-    tftp = Path(boot["BOOTNET_TFTP_ROOT"]) if boot else d / "tftp"
-    (tftp / "pxelinux.cfg").mkdir(parents=True, exist_ok=True)
-    ns_port, rpc_port, rest_port = free_port(), free_port(), free_port()
-    leases = boot["BOOTNET_LEASES"] if boot else str(d / "dnsmasq.leases")
-    cfg = f"""# Written by scripts/bmi-stack for a throwaway stack; see docs/configuration.md
-[bmi]
-uid = {UID}
-snapshot = snapshot
-admin_users = {ADMIN[0]}
-
-[db]
-{db_line}
-
-[fs]
-driver = ceph
-pool = rbd
-id = admin
-conf_file = {ceph_conf}
-keyring = {Path(ceph_conf).parent / 'keyring'}
-
-[iscsi]
-ip = {portal_ip}
-port = {portal_port}
-conf_dir = {d}/tgt-conf.d
-control_port = {tgt['TGT_CONTROL_PORT']}
-
-[net_isolator]
-url = {hil_url}
-# HIL account journal recovery uses to undo a dead worker's network changes
-service_username = {ADMIN[0]}
-service_password = {ADMIN[1]}
-
-[rpc]
-name_server_ip = {rpc_ip}
-name_server_port = {ns_port}
-rpc_server_ip = {rpc_ip}
-rpc_server_port = {rpc_port}
-workers = {workers}
-hmac_key = {secrets.token_hex(32)}
-
-[tftp]
-boot_mode = {"http" if http_boot_port else "tftp"}
-pxelinux_path = {tftp}/pxelinux.cfg
-ipxe_path = {tftp}
-leases_file = {leases}
-
-[boot_http]
-ip = {boot["BOOTNET_IP"] if http_boot_port and boot else ""}
-port = {http_boot_port or 8080}
-
-[rest_api]
-ip = {rest_ip}
-port = {rest_port}
-
-[logs]
-path = {d}/logs
-debug = false
-"""
-    (d / "tgt-conf.d").mkdir(exist_ok=True)
-    path = d / "bmiconfig.cfg"
-    path.write_text(cfg)
-    path.chmod(0o600)  # holds the RPC key
-    return path
-
-
-def read_env(path: Path) -> dict[str, str]:
-    out = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line.startswith("export "):
-            line = line[len("export "):]
-        if "=" in line and not line.startswith("#"):
-            k, v = line.split("=", 1)
-            out[k] = v.strip().strip('"').strip("'")
-    return out
-
-
-def start_host_tgtd(d: Path, net: dict, name: str) -> dict[str, str]:
-    """Host ``name``'s tgtd in its namespace, portal on its address (D/tgt for host1, D/tgt-hostK)."""
-    host = net["hosts"][name]
-    tgt_dir = d / ("tgt" if name == "host1" else f"tgt-{name}")
-    run(str(SCRIPTS / "tgtd-dev"), "start", str(tgt_dir), host["ip"], env=dict(os.environ, TGT_NETNS=host["netns"]))
-    return read_env(tgt_dir / "env")
-
-
-def start_extra_hosts(d: Path, cfg: Path, net: dict, env: dict[str, str]) -> None:
-    """Hosts 2..N, each in its namespace: a tgtd on its address and an Einstein with its own name server."""
-    for name, host in net["hosts"].items():
-        if name == "host1":
-            continue
-        log(f"starting {name} in {host['netns']} ({host['ip']}): tgtd and Einstein")
-        tgt = start_host_tgtd(d, net, name)
-        host_cfg = stack_hosts.host_config(d, cfg, name, host, tgt, free_port)
-        spawn(f"einstein-{name}", service_argv("einstein", d, cfg=host_cfg), d, dict(env, BMI_CONFIG=str(host_cfg)),
-              netns=host["netns"])
-
-
-def start_database(d: Path, net: dict) -> str:
-    """PostgreSQL (scripts/pg-dev) in the shared namespace on the bridge address; its SQLAlchemy URL."""
-    # pg-dev runs the cluster as the `postgres` user: it must be able to pass through D (0700 from mkdtemp).
-    d.chmod(d.stat().st_mode | 0o011)
-    pg_env = dict(os.environ, PG_LISTEN=net["shared_ip"], PG_ALLOW=net["subnet"])
-    return run(str(SCRIPTS / "pg-dev"), "start", str(d / "pg"), env=pg_env).strip().splitlines()[-1]
 
 
 def up(d: Path, boot_net: bool, http_boot: bool = False, workers: int = 2, nodes: int = 0,
@@ -306,10 +166,10 @@ def up(d: Path, boot_net: bool, http_boot: bool = False, workers: int = 2, nodes
         db_url = None
         if net:
             log("starting PostgreSQL")
-            db_url = start_database(d, net)
+            db_url = stack_hosts.start_database(STACK, d, net)
         log("starting tgtd")
         if net:
-            tgt = start_host_tgtd(d, net, "host1")
+            tgt = stack_hosts.start_tgtd(STACK, d, net, "host1")
         else:
             tgt_env = dict(os.environ)
             portal_ip = "127.0.0.1"
@@ -337,7 +197,7 @@ def up(d: Path, boot_net: bool, http_boot: bool = False, workers: int = 2, nodes
         spawn("einstein", service_argv("einstein", d, cfg=cfg), d, env,
               netns=net["hosts"]["host1"]["netns"] if net else None)
         if net:
-            start_extra_hosts(d, cfg, net, env)
+            stack_hosts.start_extra_hosts(STACK, d, cfg, net, env)
         spawn("picasso", service_argv("picasso", d, cfg=cfg), d, env)
         rest = read_env_ini(cfg)
         url = f"http://{net['shared_ip'] if net else '127.0.0.1'}:{rest}"
@@ -441,14 +301,6 @@ def wait_ready(env: dict[str, str]) -> None:
         time.sleep(0.3)
 
 
-def read_env_ini(cfg: Path) -> str:
-    import configparser
-
-    p = configparser.ConfigParser(interpolation=None)
-    p.read(cfg)
-    return p.get("rest_api", "port")
-
-
 def stop_pid(pid_file: Path, timeout: float = 20) -> None:
     if not alive(pid_file):
         pid_file.unlink(missing_ok=True)
@@ -529,19 +381,7 @@ def status(d: Path) -> int:
         net = json.loads((d / "state").read_text()).get("net")
     except (OSError, ValueError):
         net = None
-    for name, host in (net or {}).get("hosts", {}).items():
-        present = stack_hosts.netns_exists(host["netns"])
-        ok &= present
-        einstein = d / "pids" / ("einstein.pid" if name == "host1" else f"einstein-{name}.pid")
-        tgt_dir = d / ("tgt" if name == "host1" else f"tgt-{name}")
-        print(f"{name:15s} netns {host['netns']} {'present' if present else 'ABSENT'}, {host['ip']} on "
-              f"{net['bridge']} in {net['shared_ns']}; einstein "
-              f"{'running' if alive(einstein) else 'DEAD'}, tgtd {'running' if alive(tgt_dir / 'tgtd.pid') else 'DEAD'}")
-    if net:
-        pg = "running" if subprocess.run([str(SCRIPTS / "pg-dev"), "status", str(d / "pg")],
-                                         capture_output=True, check=False).returncode == 0 else "DEAD"
-        ok &= pg == "running"
-        print(f"{'postgresql':15s} {pg} on {net['shared_ip']} in {net['shared_ns']}")
+    ok &= stack_hosts.status(STACK, d, net)
     if (d / "env").exists():
         print(f"env: source {d / 'env'}")
     print(f"logs: {d / 'logs'}" + (f"; node consoles: {d / 'consoles'}" if (d / "consoles").exists() else ""))

@@ -17,9 +17,13 @@ made, even after a half-finished ``up``.
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from types import ModuleType
+from typing import Any
 
 BRIDGE = "br-bmi"
 HOST_OFFSET = 10  # host K is P.(10+K): below a --boot network's DHCP range (.100-.200)
@@ -93,9 +97,6 @@ def netns_pids(name: str) -> list[int]:
 
 def remove_hosts(net: dict[str, Any], log: Callable[[str], None]) -> None:
     """Delete the hosts' veths and namespaces (after their daemons were stopped)."""
-    import os
-    import signal
-
     for name, host in net["hosts"].items():
         if not host.get("made"):
             continue
@@ -115,9 +116,6 @@ def remove_hosts(net: dict[str, Any], log: Callable[[str], None]) -> None:
 
 def remove_shared(net: dict[str, Any], log: Callable[[str], None]) -> None:
     """Delete the private shared namespace (the --boot one is scripts/bootnet's to delete)."""
-    import os
-    import signal
-
     ns = net["shared_ns"]
     if not net.get("made_shared") or not netns_exists(ns):
         return
@@ -154,8 +152,51 @@ def host_config(d: Path, main_cfg: Path, name: str, host: dict[str, str], tgt: d
     return path
 
 
-def listening(netns: str, pid: int) -> list[str]:
-    """``ip:port`` of the TCP sockets ``pid`` (or its children) listens on inside ``netns``."""
-    out = subprocess.run(["ip", "netns", "exec", netns, "ss", "-Hltnp"], capture_output=True, text=True,
-                         timeout=30, check=False).stdout
-    return sorted({line.split()[3] for line in out.splitlines() if f"pid={pid}," in line})
+def start_tgtd(stack: ModuleType, d: Path, net: dict, name: str) -> dict[str, str]:
+    """Host ``name``'s tgtd in its namespace, portal on its address (D/tgt for host1, D/tgt-hostK)."""
+    host = net["hosts"][name]
+    tgt_dir = d / ("tgt" if name == "host1" else f"tgt-{name}")
+    stack.run(str(stack.SCRIPTS / "tgtd-dev"), "start", str(tgt_dir), host["ip"],
+              env=dict(os.environ, TGT_NETNS=host["netns"]))
+    return stack.read_env(tgt_dir / "env")
+
+
+def start_extra_hosts(stack: ModuleType, d: Path, cfg: Path, net: dict, env: dict[str, str]) -> None:
+    """Hosts 2..N, each in its namespace: a tgtd on its address and an Einstein with its own name server."""
+    for name, host in net["hosts"].items():
+        if name == "host1":
+            continue
+        stack.log(f"starting {name} in {host['netns']} ({host['ip']}): tgtd and Einstein")
+        tgt = start_tgtd(stack, d, net, name)
+        host_cfg = host_config(d, cfg, name, host, tgt, stack.free_port)
+        stack.spawn(f"einstein-{name}", stack.service_argv("einstein", d, cfg=host_cfg), d,
+                    dict(env, BMI_CONFIG=str(host_cfg)), netns=host["netns"])
+
+
+def start_database(stack: ModuleType, d: Path, net: dict) -> str:
+    """PostgreSQL (scripts/pg-dev) in the shared namespace on the bridge address; its SQLAlchemy URL."""
+    # pg-dev runs the cluster as the `postgres` user: it must be able to pass through D (0700 from mkdtemp).
+    d.chmod(d.stat().st_mode | 0o011)
+    pg_env = dict(os.environ, PG_LISTEN=net["shared_ip"], PG_ALLOW=net["subnet"])
+    return stack.run(str(stack.SCRIPTS / "pg-dev"), "start", str(d / "pg"), env=pg_env).strip().splitlines()[-1]
+
+
+def status(stack: ModuleType, d: Path, net: dict | None) -> bool:
+    """`bmi-stack status`'s lines for each host and PostgreSQL; True if all run."""
+    ok = True
+    for name, host in (net or {}).get("hosts", {}).items():
+        present = netns_exists(host["netns"])
+        ok &= present
+        einstein = d / "pids" / ("einstein.pid" if name == "host1" else f"einstein-{name}.pid")
+        tgt_dir = d / ("tgt" if name == "host1" else f"tgt-{name}")
+        tgtd = "running" if stack.alive(tgt_dir / "tgtd.pid") else "DEAD"
+        einstein_state = "running" if stack.alive(einstein) else "DEAD"
+        print(f"{name:15s} netns {host['netns']} {'present' if present else 'ABSENT'}, {host['ip']} on "
+              f"{net['bridge']} in {net['shared_ns']}; einstein {einstein_state}, tgtd {tgtd}")
+    if net:
+        pg = "running" if subprocess.run([str(stack.SCRIPTS / "pg-dev"), "status", str(d / "pg")],
+                                         capture_output=True, check=False).returncode == 0 else "DEAD"
+        ok &= pg == "running"
+        print(f"{'postgresql':15s} {pg} on {net['shared_ip']} in {net['shared_ns']}")
+    return ok
+
