@@ -37,6 +37,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 PY = str(REPO / ".venv" / "bin" / "python")
@@ -54,7 +55,10 @@ TENANT = ("haas", "secret")
 NETNS: str | None = None
 
 
-STACK = sys.modules[__name__]  # handed to stack_hosts, which calls back run/spawn/service_argv
+def stack() -> SimpleNamespace:
+    """This module's functions, for stack_hosts to call back (run, spawn, service_argv, ...); read at
+    call time, so a caller that replaced one (benchmarks/bench.py: service_argv) is honoured."""
+    return SimpleNamespace(**globals())
 
 
 def nsx(argv: list[str]) -> list[str]:
@@ -166,10 +170,10 @@ def up(d: Path, boot_net: bool, http_boot: bool = False, workers: int = 2, nodes
         db_url = None
         if net:
             log("starting PostgreSQL")
-            db_url = stack_hosts.start_database(STACK, d, net)
+            db_url = stack_hosts.start_database(stack(), d, net)
         log("starting tgtd")
         if net:
-            tgt = stack_hosts.start_tgtd(STACK, d, net, "host1")
+            tgt = stack_hosts.start_tgtd(stack(), d, net, "host1")
         else:
             tgt_env = dict(os.environ)
             portal_ip = "127.0.0.1"
@@ -197,7 +201,7 @@ def up(d: Path, boot_net: bool, http_boot: bool = False, workers: int = 2, nodes
         spawn("einstein", service_argv("einstein", d, cfg=cfg), d, env,
               netns=net["hosts"]["host1"]["netns"] if net else None)
         if net:
-            stack_hosts.start_extra_hosts(STACK, d, cfg, net, env)
+            stack_hosts.start_extra_hosts(stack(), d, cfg, net, env)
         spawn("picasso", service_argv("picasso", d, cfg=cfg), d, env)
         rest = read_env_ini(cfg)
         url = f"http://{net['shared_ip'] if net else '127.0.0.1'}:{rest}"
@@ -381,7 +385,7 @@ def status(d: Path) -> int:
         net = json.loads((d / "state").read_text()).get("net")
     except (OSError, ValueError):
         net = None
-    ok &= stack_hosts.status(STACK, d, net)
+    ok &= stack_hosts.status(stack(), d, net)
     if (d / "env").exists():
         print(f"env: source {d / 'env'}")
     print(f"logs: {d / 'logs'}" + (f"; node consoles: {d / 'consoles'}" if (d / "consoles").exists() else ""))

@@ -22,7 +22,6 @@ import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 BRIDGE = "br-bmi"
@@ -152,7 +151,7 @@ def host_config(d: Path, main_cfg: Path, name: str, host: dict[str, str], tgt: d
     return path
 
 
-def start_tgtd(stack: ModuleType, d: Path, net: dict, name: str) -> dict[str, str]:
+def start_tgtd(stack: Any, d: Path, net: dict, name: str) -> dict[str, str]:
     """Host ``name``'s tgtd in its namespace, portal on its address (D/tgt for host1, D/tgt-hostK)."""
     host = net["hosts"][name]
     tgt_dir = d / ("tgt" if name == "host1" else f"tgt-{name}")
@@ -161,7 +160,7 @@ def start_tgtd(stack: ModuleType, d: Path, net: dict, name: str) -> dict[str, st
     return stack.read_env(tgt_dir / "env")
 
 
-def start_extra_hosts(stack: ModuleType, d: Path, cfg: Path, net: dict, env: dict[str, str]) -> None:
+def start_extra_hosts(stack: Any, d: Path, cfg: Path, net: dict, env: dict[str, str]) -> None:
     """Hosts 2..N, each in its namespace: a tgtd on its address and an Einstein with its own name server."""
     for name, host in net["hosts"].items():
         if name == "host1":
@@ -173,7 +172,7 @@ def start_extra_hosts(stack: ModuleType, d: Path, cfg: Path, net: dict, env: dic
                     dict(env, BMI_CONFIG=str(host_cfg)), netns=host["netns"])
 
 
-def start_database(stack: ModuleType, d: Path, net: dict) -> str:
+def start_database(stack: Any, d: Path, net: dict) -> str:
     """PostgreSQL (scripts/pg-dev) in the shared namespace on the bridge address; its SQLAlchemy URL."""
     # pg-dev runs the cluster as the `postgres` user: it must be able to pass through D (0700 from mkdtemp).
     d.chmod(d.stat().st_mode | 0o011)
@@ -181,7 +180,7 @@ def start_database(stack: ModuleType, d: Path, net: dict) -> str:
     return stack.run(str(stack.SCRIPTS / "pg-dev"), "start", str(d / "pg"), env=pg_env).strip().splitlines()[-1]
 
 
-def status(stack: ModuleType, d: Path, net: dict | None) -> bool:
+def status(stack: Any, d: Path, net: dict | None) -> bool:
     """`bmi-stack status`'s lines for each host and PostgreSQL; True if all run."""
     ok = True
     for name, host in (net or {}).get("hosts", {}).items():
