@@ -67,6 +67,10 @@ def plan(d: Path, hosts: int, boot: dict[str, str] | None) -> dict[str, Any]:
 def make(net: dict[str, Any], save: Callable[[], None]) -> None:
     """Create the shared namespace (unless --boot made it) and every host's namespace and veth."""
     ns = net["shared_ns"]
+    for name in [ns] * net["own_shared"] + [h["netns"] for h in net["hosts"].values()]:
+        if netns_exists(name):  # never adopt (and later delete) a namespace this `up` did not make
+            raise RuntimeError(f"network namespace {name} exists already (another stack in this directory? "
+                               f"`scripts/bmi-stack down` it, or `ip netns del {name}`)")
     if net["own_shared"]:
         net["made_shared"] = True
         save()
