@@ -19,12 +19,18 @@ error, or a node still not provisioned after ``--retry-seconds``).  At the end:
 
 Per-host counts are printed, then as the LAST line exactly:
   scale: hosts H nodes N provisioned P errors E lost L takeover_s T
+
+With ``--netns`` the hosts are ``scripts/bmi-stack up --hosts H`` instead: each host in its own
+network namespace with its own address (Einstein and tgtd there), PostgreSQL as the database, the
+stack's heartbeat settings (1 s, dead after 6 s); the run itself executes inside the stack's shared
+namespace (benchmarks/stack_cluster.py) and the stack is brought down at the end.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -43,6 +49,9 @@ from tests.support.ceph import purge_images, start_cluster, stop_cluster  # noqa
 from tests.support.hil import start_hil_simulator  # noqa: E402
 from tests.support.multihost import NET, NIC, PROJECT, UID, Cluster, inventory  # noqa: E402
 
+REPO = Path(__file__).resolve().parents[1]
+IN_STACK = "BMI_SCALE_STACK_DIR"  # set when this process runs inside a --netns stack's namespace
+
 USER = {"username": "haas", "password": "secret"}
 ADMIN = {"username": "haasadmin", "password": "admin1234"}
 GOLDEN = "scale-golden"
@@ -50,11 +59,13 @@ RETRYABLE = (409, 503)
 
 
 class Run:
-    def __init__(self, cluster: Cluster, nodes: list[str], retry_seconds: float) -> None:
+    def __init__(self, cluster: Any, nodes: list[str], retry_seconds: float) -> None:
         self.c = cluster
         self.nodes = nodes
         self.retry_seconds = retry_seconds
-        self.sessions = make_session_factory(make_engine(f"sqlite:///{cluster.db_path}"))
+        self.uid = getattr(cluster, "uid", UID)
+        db_url = getattr(cluster, "db_url", None) or f"sqlite:///{cluster.db_path}"
+        self.sessions = make_session_factory(make_engine(db_url))
         self.retried = 0
         self.errors: dict[str, str] = {}
 
@@ -148,7 +159,88 @@ def missing_targets(run: Run) -> list[str]:
     """Provisioned nodes whose target is live on no gateway."""
     live = set().union(*live_iqns(run).values())
     return sorted(node for node, (_g, image_id) in run.provisioned().items()
-                  if f"iqn.2017-10.org.moc.bmi:{UID}img{image_id}" not in live)
+                  if f"iqn.2017-10.org.moc.bmi:{run.uid}img{image_id}" not in live)
+
+
+def measure(args: argparse.Namespace, cluster: Any, nodes: list[str]) -> int:
+    """Provision ``nodes`` in batches (killing the last host mid-run with --kill-host); print the counts."""
+    result: dict[str, float] = {}
+    run = Run(cluster, nodes, args.retry_seconds)
+    started = time.monotonic()
+    batches = [nodes[i:i + args.batch] for i in range(0, len(nodes), args.batch)]
+    again: list[str] = []
+    pending: list[list[tuple[str, int | None]]] = []
+    victim = cluster.hosts[-1]
+    watcher = None
+    for index, batch in enumerate(batches):
+        pending.append(run.submit(batch))
+        if args.kill_host and index == len(batches) // 2:
+            before = {}
+            for _node, (gateway, _i) in run.provisioned().items():
+                before[gateway] = before.get(gateway, 0) + 1
+            print(f"killing {victim.name} (Einstein and tgtd); gateways so far: {before}", flush=True)
+            killed_at = time.monotonic()
+            cluster.kill(victim.index)
+            watcher = threading.Thread(target=watch_takeover, args=(run, victim.name, killed_at, result))
+            watcher.start()
+        if len(pending) >= 2:  # keep two batches in flight
+            again += run.settle(pending.pop(0))
+    for submitted in pending:
+        again += run.settle(submitted)
+    run.retry_until_done(again, args.batch)
+    if watcher is not None:
+        watcher.join()
+    elapsed = time.monotonic() - started
+    final = run.provisioned()
+    per_host: dict[str, int] = {}
+    for gateway, _i in final.values():
+        per_host[str(gateway)] = per_host.get(str(gateway), 0) + 1
+    lost = missing_targets(run)
+    for host in cluster.hosts:
+        state = "killed" if args.kill_host and host is victim else "up"
+        print(f"host {host.name} ({state}): {per_host.get(host.name, 0)} node(s) exported, "
+              f"{len(cluster.live_iqns(host.index))} live target(s)")
+    print(f"elapsed {elapsed:.1f} s; retried calls {run.retried}; failed for good {len(run.errors)}")
+    for node, why in sorted(run.errors.items())[:10]:
+        print(f"  error {node}: {why}")
+    for node in lost[:10]:
+        print(f"  lost {node}")
+    print(f"scale: hosts {args.hosts} nodes {args.nodes} provisioned {len(final)} errors {len(run.errors)} "
+          f"lost {len(lost)} takeover_s {result.get('takeover_s', 0.0):.1f}", flush=True)
+    return 0 if len(final) == args.nodes and not run.errors and not lost else 1
+
+
+def run_netns_stack(args: argparse.Namespace) -> int:
+    """Bring up `bmi-stack --hosts H`, run this script again inside its shared namespace, bring it down."""
+    base = Path(tempfile.mkdtemp(prefix="bmi-scale-netns-"))
+    stack = str(REPO / "scripts" / "bmi-stack")
+    up = subprocess.run([stack, "up", "--dir", str(base), "--hosts", str(args.hosts), "--workers",
+                         str(args.workers), "--nodes", str(args.nodes + 3)],  # + bmi_node, cisco-01, cisco-02
+                        stdout=subprocess.DEVNULL, check=False)
+    try:
+        if up.returncode != 0:
+            print(f"bmi-stack up failed (logs: {base}.last-logs)", file=sys.stderr)
+            return 1
+        netns = next(line.split("=", 1)[1] for line in (base / "env").read_text().splitlines()
+                     if line.startswith("export BMI_NETNS="))
+        inner = subprocess.run(["ip", "netns", "exec", netns, sys.executable, os.path.abspath(__file__),
+                                *sys.argv[1:]], env=dict(os.environ, **{IN_STACK: str(base)}), check=False)
+        return inner.returncode
+    finally:
+        subprocess.run([stack, "down", "--dir", str(base)], stdout=subprocess.DEVNULL, check=False)
+
+
+def run_in_stack(args: argparse.Namespace, d: Path) -> int:
+    from stack_cluster import StackCluster  # benchmarks/, this script's directory
+
+    cluster = StackCluster(d)
+    env = dict(os.environ, CEPH_CONF=str(d / "ceph" / "ceph.conf"))
+    subprocess.run(["rbd", "create", "--size", "64", GOLDEN], env=env, check=True)
+    try:
+        cluster.client(0).import_image(USER, PROJECT, GOLDEN)
+        return measure(args, cluster, [f"node-{i:02d}" for i in range(1, args.nodes + 1)])
+    finally:
+        cluster.stop_all()
 
 
 def main() -> int:
@@ -162,9 +254,17 @@ def main() -> int:
     parser.add_argument("--dead-after", type=float, default=6.0)
     parser.add_argument("--retry-seconds", type=float, default=300.0)
     parser.add_argument("--keep", action="store_true", help="keep the run directory")
+    parser.add_argument("--netns", action="store_true",
+                        help="hosts in network namespaces with PostgreSQL: scripts/bmi-stack up --hosts H")
     args = parser.parse_args()
     if args.hosts < 1 or args.nodes < 1 or (args.kill_host and args.hosts < 2):
         parser.error("--hosts >= 1 (>= 2 with --kill-host) and --nodes >= 1")
+    if args.netns and args.hosts < 2:
+        parser.error("--netns needs --hosts >= 2")
+    if os.environ.get(IN_STACK):
+        return run_in_stack(args, Path(os.environ[IN_STACK]))
+    if args.netns:
+        return run_netns_stack(args)
     base = Path(tempfile.mkdtemp(prefix="bmi-scale-"))
     nodes = [f"node{i:04d}" for i in range(args.nodes)]
     ceph = start_cluster(str(base))
@@ -172,56 +272,13 @@ def main() -> int:
     cluster = Cluster(base, args.hosts, ceph, hil.url, workers=args.workers, heartbeat=args.heartbeat,
                       dead_after=args.dead_after, service_user=("haasadmin", "admin1234"))
     storage = ceph.storage()
-    result: dict[str, float] = {}
     try:
         storage.create_image(GOLDEN, 64 << 20)
         storage.write(GOLDEN, 0, b"scale" * 1000 + b"\0" * (4096 * 2 - 5000))
         cluster.start_all()
-        run = Run(cluster, nodes, args.retry_seconds)
         cluster.client(0).create_project(ADMIN, PROJECT, NET)
         cluster.client(0).import_image(USER, PROJECT, GOLDEN)
-        started = time.monotonic()
-        batches = [nodes[i:i + args.batch] for i in range(0, len(nodes), args.batch)]
-        again: list[str] = []
-        pending: list[list[tuple[str, int | None]]] = []
-        victim = cluster.hosts[-1]
-        watcher = None
-        for index, batch in enumerate(batches):
-            pending.append(run.submit(batch))
-            if args.kill_host and index == len(batches) // 2:
-                before = {}
-                for _node, (gateway, _i) in run.provisioned().items():
-                    before[gateway] = before.get(gateway, 0) + 1
-                print(f"killing {victim.name} (Einstein and tgtd); gateways so far: {before}", flush=True)
-                killed_at = time.monotonic()
-                cluster.kill(victim.index)
-                watcher = threading.Thread(target=watch_takeover, args=(run, victim.name, killed_at, result))
-                watcher.start()
-            if len(pending) >= 2:  # keep two batches in flight
-                again += run.settle(pending.pop(0))
-        for submitted in pending:
-            again += run.settle(submitted)
-        run.retry_until_done(again, args.batch)
-        if watcher is not None:
-            watcher.join()
-        elapsed = time.monotonic() - started
-        final = run.provisioned()
-        per_host: dict[str, int] = {}
-        for gateway, _i in final.values():
-            per_host[str(gateway)] = per_host.get(str(gateway), 0) + 1
-        lost = missing_targets(run)
-        for host in cluster.hosts:
-            state = "killed" if args.kill_host and host is victim else "up"
-            print(f"host {host.name} ({state}): {per_host.get(host.name, 0)} node(s) exported, "
-                  f"{len(cluster.live_iqns(host.index))} live target(s)")
-        print(f"elapsed {elapsed:.1f} s; retried calls {run.retried}; failed for good {len(run.errors)}")
-        for node, why in sorted(run.errors.items())[:10]:
-            print(f"  error {node}: {why}")
-        for node in lost[:10]:
-            print(f"  lost {node}")
-        print(f"scale: hosts {args.hosts} nodes {args.nodes} provisioned {len(final)} errors {len(run.errors)} "
-              f"lost {len(lost)} takeover_s {result.get('takeover_s', 0.0):.1f}", flush=True)
-        return 0 if len(final) == args.nodes and not run.errors and not lost else 1
+        return measure(args, cluster, nodes)
     finally:
         cluster.stop_all()
         hil.stop()

@@ -3,9 +3,11 @@
     scripts/bmi-stack up [--boot] [--dir DIR]   start Ceph, tgtd, the HIL simulator, Einstein, Picasso
         [--workers N]                           Einstein worker processes (default 2)
         [--nodes N]                             at least N HIL nodes in project bmi_infra (adds node-01, ...)
-        [--hosts N]                             N BMI hosts (docs/deployment.md): each its own Einstein and
-                                                tgtd with its own portal address, sharing Ceph, the database,
-                                                the TFTP root, HIL and Picasso (which talks to host1)
+        [--hosts N]                             N BMI hosts (docs/deployment.md), each in its own network
+                                                namespace bmi-<id>-hostK with its own address on one bridge,
+                                                its Einstein and its tgtd; Ceph, PostgreSQL, the HIL simulator
+                                                and Picasso (which talks to host1) on the bridge's .1 address
+                                                in the shared namespace (scripts/stack_hosts.py)
     scripts/bmi-stack status [--dir DIR]        show what runs
     scripts/bmi-stack down [--dir DIR]          stop exactly what `up` started
     scripts/bmi-stack env [--dir DIR]           print the path of the env file to `source`
@@ -27,22 +29,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 PY = str(REPO / ".venv" / "bin" / "python")
 SCRIPTS = REPO / "scripts"
-UID = "112233445566778899"
-ADMIN = ("haasadmin", "admin1234")
+if str(SCRIPTS) not in sys.path:  # stack_hosts.py, also when this file is loaded by path (tests/unit)
+    sys.path.insert(0, str(SCRIPTS))
+import stack_hosts  # noqa: E402
+from stack_config import ADMIN, UID, free_port, inventory, read_env, read_env_ini, write_config  # noqa: E402,F401
+
 TENANT = ("haas", "secret")
 
 
@@ -51,18 +55,18 @@ TENANT = ("haas", "secret")
 NETNS: str | None = None
 
 
+def stack() -> SimpleNamespace:
+    """This module's functions, for stack_hosts to call back (run, spawn, service_argv, ...); read at
+    call time, so a caller that replaced one (benchmarks/bench.py: service_argv) is honoured."""
+    return SimpleNamespace(**globals())
+
+
 def nsx(argv: list[str]) -> list[str]:
     return ["ip", "netns", "exec", NETNS, *argv] if NETNS else list(argv)
 
 
 def log(msg: str) -> None:
     print(f"bmi-stack: {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def alive(pid_file: Path) -> bool:
@@ -81,9 +85,11 @@ def run(*argv: str, env: dict[str, str] | None = None, timeout: float = 300) -> 
     return proc.stdout
 
 
-def spawn(name: str, argv: list[str], d: Path, env: dict[str, str] | None = None) -> int:
+def spawn(name: str, argv: list[str], d: Path, env: dict[str, str] | None = None, netns: str | None = None) -> int:
+    """Start a service (in ``netns`` if given, else in the stack's namespace if it has one)."""
     logf = open(d / "logs" / f"{name}.log", "ab")
-    proc = subprocess.Popen(nsx(argv), stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+    argv = ["ip", "netns", "exec", netns, *argv] if netns else nsx(argv)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                             env=env, start_new_session=True, cwd=str(REPO))
     (d / "pids" / f"{name}.pid").write_text(str(proc.pid))
     return proc.pid
@@ -119,147 +125,6 @@ def wait_http(url: str, timeout: float, name: str, d: Path) -> None:
     raise RuntimeError(f"{name} did not come up at {url}:\n{tail}")
 
 
-def inventory(boot: dict[str, str] | None, d: Path, nodes: int = 0, uefi_nodes: frozenset[str] = frozenset()) -> dict:
-    """The guide's HIL objects (project bmi_infra, node bmi_node/bmi_port, network bmi_network) and a few more.
-
-    With ``nodes`` > 0, project bmi_infra gets extra nodes ``node-01``, ... (one NIC ``eth0`` each) until it
-    has at least that many (for load and chaos runs).  With a boot network, nodes named in
-    ``uefi_nodes`` (or all, for ``{"*"}``) run OVMF instead of SeaBIOS.
-    """
-    inv = json.loads((REPO / "config" / "hil-inventory.example.json").read_text())
-    have = sum(1 for n in inv["nodes"] if n["project"] == "bmi_infra")
-    for i in range(1, max(0, nodes - have) + 1):
-        inv["nodes"].append({"name": f"node-{i:02d}", "project": "bmi_infra",
-                             "nics": [{"label": "eth0", "macaddr": f"52:54:00:00:10:{i:02x}"}]})
-    if boot:
-        for node in (n for n in inv["nodes"] if n["project"] == "bmi_infra"):
-            node["vm"] = {"netns": boot["BOOTNET_NETNS"], "bridge": boot["BOOTNET_BRIDGE"],
-                          "console_log": str(d / "consoles" / f"{node['name']}.log"),
-                          "workdir": str(d / "vms" / node["name"])}
-            if uefi_nodes:  # else the simulator's BMI_VM_FIRMWARE (default SeaBIOS) decides
-                node["vm"]["firmware"] = "uefi" if "*" in uefi_nodes or node["name"] in uefi_nodes else "bios"
-    return inv
-
-
-def write_config(d: Path, ceph_conf: str, tgt: dict[str, str], hil_url: str, boot: dict[str, str] | None,
-                 http_boot_port: int | None = None, workers: int = 2) -> Path:
-    portal_ip, _, portal_port = tgt["TGT_PORTAL"].rpartition(":")
-    tftp = Path(boot["BOOTNET_TFTP_ROOT"]) if boot else d / "tftp"
-    (tftp / "pxelinux.cfg").mkdir(parents=True, exist_ok=True)
-    ns_port, rpc_port, rest_port = free_port(), free_port(), free_port()
-    leases = boot["BOOTNET_LEASES"] if boot else str(d / "dnsmasq.leases")
-    cfg = f"""# Written by scripts/bmi-stack for a throwaway stack; see docs/configuration.md
-[bmi]
-uid = {UID}
-snapshot = snapshot
-admin_users = {ADMIN[0]}
-
-[db]
-path = {d}/bmi.db
-
-[fs]
-driver = ceph
-pool = rbd
-id = admin
-conf_file = {ceph_conf}
-keyring = {Path(ceph_conf).parent / 'keyring'}
-
-[iscsi]
-ip = {portal_ip}
-port = {portal_port}
-conf_dir = {d}/tgt-conf.d
-control_port = {tgt['TGT_CONTROL_PORT']}
-
-[net_isolator]
-url = {hil_url}
-# HIL account journal recovery uses to undo a dead worker's network changes
-service_username = {ADMIN[0]}
-service_password = {ADMIN[1]}
-
-[rpc]
-name_server_ip = 127.0.0.1
-name_server_port = {ns_port}
-rpc_server_ip = 127.0.0.1
-rpc_server_port = {rpc_port}
-workers = {workers}
-hmac_key = {secrets.token_hex(32)}
-
-[tftp]
-boot_mode = {"http" if http_boot_port else "tftp"}
-pxelinux_path = {tftp}/pxelinux.cfg
-ipxe_path = {tftp}
-leases_file = {leases}
-
-[boot_http]
-ip = {boot["BOOTNET_IP"] if http_boot_port and boot else ""}
-port = {http_boot_port or 8080}
-
-[rest_api]
-ip = 127.0.0.1
-port = {rest_port}
-
-[logs]
-path = {d}/logs
-debug = false
-"""
-    (d / "tgt-conf.d").mkdir(exist_ok=True)
-    path = d / "bmiconfig.cfg"
-    path.write_text(cfg)
-    path.chmod(0o600)  # holds the RPC key
-    return path
-
-
-def read_env(path: Path) -> dict[str, str]:
-    out = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line.startswith("export "):
-            line = line[len("export "):]
-        if "=" in line and not line.startswith("#"):
-            k, v = line.split("=", 1)
-            out[k] = v.strip().strip('"').strip("'")
-    return out
-
-
-def host_config(d: Path, main_cfg: Path, name: str, tgt: dict[str, str]) -> Path:
-    """Host ``name``'s config: host1's, with its own tgtd, tgt conf dir, RPC ports and [host] name."""
-    import configparser
-
-    parser = configparser.ConfigParser(interpolation=None)
-    parser.read(main_cfg)
-    portal_ip, _, portal_port = tgt["TGT_PORTAL"].rpartition(":")
-    conf_dir = d / f"tgt-conf.d-{name}"
-    conf_dir.mkdir(exist_ok=True)
-    parser["iscsi"].update({"ip": portal_ip, "port": portal_port, "conf_dir": str(conf_dir),
-                            "control_port": tgt["TGT_CONTROL_PORT"]})
-    parser["rpc"].update({"name_server_port": str(free_port()), "rpc_server_port": str(free_port())})
-    parser["logs"]["path"] = str(d / "logs" / name)
-    parser["host"] = {"name": name, "heartbeat_seconds": "1.0", "dead_after_seconds": "6.0"}
-    path = d / f"bmiconfig-{name}.cfg"
-    with open(path, "w", encoding="utf-8") as fh:
-        parser.write(fh)
-    path.chmod(0o600)
-    return path
-
-
-def start_extra_hosts(d: Path, cfg: Path, hosts: int, boot: dict[str, str] | None, env: dict[str, str]) -> None:
-    """Hosts 2..N: a tgtd on its own portal address (127.0.0.N, or 10.77.X.(200+N) on the boot
-    bridge) and an Einstein with its own name server; host1 is the stack's usual one."""
-    for index in range(2, hosts + 1):
-        name = f"host{index}"
-        tgt_env = dict(os.environ)
-        portal_ip = f"127.0.0.{index}"
-        if boot:
-            tgt_env["TGT_NETNS"] = boot["BOOTNET_NETNS"]
-            portal_ip = boot["BOOTNET_IP"].rsplit(".", 1)[0] + f".{200 + index}"
-            run("ip", "addr", "add", f"{portal_ip}/{boot.get('BOOTNET_PREFIX', '24')}", "dev",
-                boot["BOOTNET_BRIDGE"])
-        log(f"starting {name}: tgtd on {portal_ip} and Einstein")
-        run(str(SCRIPTS / "tgtd-dev"), "start", str(d / f"tgt-{name}"), portal_ip, env=tgt_env)
-        host_cfg = host_config(d, cfg, name, read_env(d / f"tgt-{name}" / "env"))
-        spawn(f"einstein-{name}", service_argv("einstein", d, cfg=host_cfg), d, dict(env, BMI_CONFIG=str(host_cfg)))
-
-
 def up(d: Path, boot_net: bool, http_boot: bool = False, workers: int = 2, nodes: int = 0,
        uefi_nodes: frozenset[str] = frozenset(), hosts: int = 1) -> None:
     if (d / "env").exists() and all(alive(p) for p in (d / "pids").glob("*.pid")) and \
@@ -272,11 +137,17 @@ def up(d: Path, boot_net: bool, http_boot: bool = False, workers: int = 2, nodes
     for sub in ("pids", "logs", "consoles", "vms"):
         (d / sub).mkdir(parents=True, exist_ok=True)
     state: dict[str, object] = {"boot": boot_net, "http_boot": http_boot, "netns": None}
-    (d / "state").write_text(json.dumps(state))
+
+    def save() -> None:
+        (d / "state").write_text(json.dumps(state))
+
+    save()
     http_boot_port = free_port() if http_boot else None
+    global NETNS
     try:
         t0 = time.monotonic()
         boot = None
+        net = None
         if boot_net:
             log("starting the boot network (netns, bridge, dnsmasq)")
             bootnet_env = dict(os.environ)
@@ -284,40 +155,56 @@ def up(d: Path, boot_net: bool, http_boot: bool = False, workers: int = 2, nodes
                 bootnet_env["BOOTNET_HTTP_BOOT_PORT"] = str(http_boot_port)
             run(str(SCRIPTS / "bootnet"), "up", str(d / "bootnet"), env=bootnet_env)
             boot = read_env(d / "bootnet" / "env")
-            global NETNS
             NETNS = boot["BOOTNET_NETNS"]
             state["netns"] = NETNS
+        if hosts > 1:
+            net = stack_hosts.plan(d, hosts, boot)
+            state["net"] = net
+            NETNS = state["netns"] = net["shared_ns"]
+            log(f"making {hosts} host namespaces on {net['bridge']} in {net['shared_ns']} ({net['subnet']})")
+            stack_hosts.make(net, save)
+            save()
         log("starting a throwaway Ceph cluster")
-        ceph_conf = run(str(SCRIPTS / "ceph-dev"), "start", str(d / "ceph")).strip().splitlines()[-1]
+        ceph_env = dict(os.environ, CEPH_BIND_IP=net["shared_ip"]) if net else None
+        ceph_conf = run(str(SCRIPTS / "ceph-dev"), "start", str(d / "ceph"), env=ceph_env).strip().splitlines()[-1]
+        db_url = None
+        if net:
+            log("starting PostgreSQL")
+            db_url = stack_hosts.start_database(stack(), d, net)
         log("starting tgtd")
-        tgt_env = dict(os.environ)
-        portal_ip = "127.0.0.1"
-        if boot:
-            tgt_env["TGT_NETNS"] = boot["BOOTNET_NETNS"]
-            portal_ip = boot["BOOTNET_IP"]
-        run(str(SCRIPTS / "tgtd-dev"), "start", str(d / "tgt"), portal_ip, env=tgt_env)
-        tgt = read_env(d / "tgt" / "env")
+        if net:
+            tgt = stack_hosts.start_tgtd(stack(), d, net, "host1")
+        else:
+            tgt_env = dict(os.environ)
+            portal_ip = "127.0.0.1"
+            if boot:
+                tgt_env["TGT_NETNS"] = boot["BOOTNET_NETNS"]
+                portal_ip = boot["BOOTNET_IP"]
+            run(str(SCRIPTS / "tgtd-dev"), "start", str(d / "tgt"), portal_ip, env=tgt_env)
+            tgt = read_env(d / "tgt" / "env")
         log("starting the HIL simulator")
         inv_path = d / "hil-inventory.json"
         inv_path.write_text(json.dumps(inventory(boot, d, nodes, uefi_nodes), indent=1))
         hil_port = free_port()
-        state["hil_port"] = hil_port
-        (d / "state").write_text(json.dumps(state))
-        spawn("hil-simulator", service_argv("hil-simulator", d, hil_port=hil_port), d)
-        hil_url = f"http://127.0.0.1:{hil_port}"
+        hil_ip = net["shared_ip"] if net else "127.0.0.1"
+        state.update(hil_port=hil_port, hil_ip=hil_ip)
+        save()
+        spawn("hil-simulator", service_argv("hil-simulator", d, hil_port=hil_port, hil_ip=hil_ip), d)
+        hil_url = f"http://{hil_ip}:{hil_port}"
         wait_http(hil_url + "/v0/nodes/free", 30, "hil-simulator", d)
-        cfg = write_config(d, ceph_conf, tgt, hil_url, boot, http_boot_port, workers)
+        cfg = write_config(d, ceph_conf, tgt, hil_url, boot, http_boot_port, workers, net, db_url)
         if hosts > 1:  # several hosts (docs/deployment.md): this first one is host1
             with open(cfg, "a", encoding="utf-8") as fh:
                 fh.write("\n[host]\nname = host1\nheartbeat_seconds = 1.0\ndead_after_seconds = 6.0\n")
         env = dict(os.environ, BMI_CONFIG=str(cfg), CEPH_CONF=ceph_conf)
         log("starting Einstein and Picasso")
-        spawn("einstein", service_argv("einstein", d, cfg=cfg), d, env)
-        if hosts > 1:
-            start_extra_hosts(d, cfg, hosts, boot, env)
+        spawn("einstein", service_argv("einstein", d, cfg=cfg), d, env,
+              netns=net["hosts"]["host1"]["netns"] if net else None)
+        if net:
+            stack_hosts.start_extra_hosts(stack(), d, cfg, net, env)
         spawn("picasso", service_argv("picasso", d, cfg=cfg), d, env)
         rest = read_env_ini(cfg)
-        url = f"http://127.0.0.1:{rest}"
+        url = f"http://{net['shared_ip'] if net else '127.0.0.1'}:{rest}"
         wait_http(url + "/v1/openapi.json", 60, "picasso", d)
         env_lines = [
             f"export BMI_CONFIG={cfg}", f"export CEPH_CONF={ceph_conf}", f"export BMI_URL={url}",
@@ -327,8 +214,17 @@ def up(d: Path, boot_net: bool, http_boot: bool = False, workers: int = 2, nodes
         ]
         if boot:
             env_lines += [f"export {k}={v}" for k, v in boot.items()]
+        if net:
+            env_lines += [f"export BMI_HOSTS={hosts}", f"export BMI_DB_URL={db_url}",
+                          f"export BMI_PG_SOCKET_DIR={d / 'pg' / 'run'}",
+                          f"export BMI_SHARED_IP={net['shared_ip']}", f"export BMI_SUBNET={net['subnet']}"]
+            for name, host in net["hosts"].items():
+                key = name.upper()
+                env_lines += [f"export BMI_{key}_NETNS={host['netns']}", f"export BMI_{key}_IP={host['ip']}"]
+        if NETNS:
             env_lines += [f"export BMI_NETNS={NETNS}",
-                          "# The stack lives in the boot network's namespace: run its clients there.",
+                          "# The stack lives in the boot network's namespace: run its clients there." if boot else
+                          "# The stack's shared services live in a private network namespace: run its clients there.",
                           f'bmi() {{ ip netns exec {NETNS} {REPO / ".venv" / "bin" / "bmi"} "$@"; }}',
                           f'rbd() {{ ip netns exec {NETNS} rbd "$@"; }}',
                           hil_helper(NETNS)]
@@ -357,11 +253,12 @@ def hil_helper(netns: str | None) -> str:
             '-u "$HIL_USERNAME:$HIL_PASSWORD" "$@"; }')
 
 
-def service_argv(name: str, d: Path, cfg: Path | None = None, hil_port: int | None = None) -> list[str]:
+def service_argv(name: str, d: Path, cfg: Path | None = None, hil_port: int | None = None,
+                 hil_ip: str = "127.0.0.1") -> list[str]:
     """How `up` (and `restart`) start each of the stack's Python services."""
     if name == "hil-simulator":
         return [PY, str(SCRIPTS / "hil-simulator"), "--inventory", str(d / "hil-inventory.json"),
-                "--port", str(hil_port)]
+                "--port", str(hil_port)] + (["--host", hil_ip] if hil_ip != "127.0.0.1" else [])
     script = {"einstein": "einstein_server", "picasso": "picasso_server"}[name]
     return [PY, str(SCRIPTS / script), "--config", str(cfg)]
 
@@ -381,10 +278,13 @@ def restart(d: Path, service: str) -> None:
     env = dict(os.environ, BMI_CONFIG=str(cfg), CEPH_CONF=env_file["CEPH_CONF"])
     stop_pid(d / "pids" / f"{service}.pid")
     if service == "hil-simulator":
-        spawn(service, service_argv(service, d, hil_port=int(state["hil_port"])), d)
-        wait_http(f"http://127.0.0.1:{state['hil_port']}/v0/nodes/free", 30, service, d)
+        hil_ip = str(state.get("hil_ip") or "127.0.0.1")
+        spawn(service, service_argv(service, d, hil_port=int(state["hil_port"]), hil_ip=hil_ip), d)
+        wait_http(f"http://{hil_ip}:{state['hil_port']}/v0/nodes/free", 30, service, d)
         return
-    spawn(service, service_argv(service, d, cfg=cfg), d, env)
+    net = state.get("net")  # --hosts N: `einstein` is host1's, in host1's namespace
+    spawn(service, service_argv(service, d, cfg=cfg), d, env,
+          netns=net["hosts"]["host1"]["netns"] if net and service == "einstein" else None)
     if service == "picasso":
         wait_http(env_file["BMI_URL"] + "/v1/openapi.json", 60, service, d)
     else:
@@ -403,14 +303,6 @@ def wait_ready(env: dict[str, str]) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"BMI did not become ready: {proc.stderr}")
         time.sleep(0.3)
-
-
-def read_env_ini(cfg: Path) -> str:
-    import configparser
-
-    p = configparser.ConfigParser(interpolation=None)
-    p.read(cfg)
-    return p.get("rest_api", "port")
 
 
 def stop_pid(pid_file: Path, timeout: float = 20) -> None:
@@ -443,6 +335,10 @@ def down(d: Path) -> None:
     if not d.exists():
         log("nothing to stop")
         return
+    try:
+        net = json.loads((d / "state").read_text()).get("net")
+    except (OSError, ValueError):
+        net = None
     for name in ("picasso", "einstein", "hil-simulator"):
         stop_pid(d / "pids" / f"{name}.pid")
     for leftover in sorted((d / "pids").glob("einstein-host*.pid")) if (d / "pids").exists() else []:
@@ -450,12 +346,18 @@ def down(d: Path) -> None:
     for tgt_dir in [d / "tgt", *sorted(d.glob("tgt-host*"))]:
         if tgt_dir.exists():
             subprocess.run([str(SCRIPTS / "tgtd-dev"), "stop", str(tgt_dir)], check=False)
+    if (d / "pg").exists():
+        subprocess.run([str(SCRIPTS / "pg-dev"), "stop", str(d / "pg"), "--purge"], check=False)
     if (d / "ceph").exists():
         subprocess.run([str(SCRIPTS / "ceph-dev"), "stop", str(d / "ceph"), "--purge"], check=False)
-    if (d / "bootnet").exists():
-        subprocess.run([str(SCRIPTS / "bootnet"), "down", str(d / "bootnet")], check=False)
     for leftover in (d / "pids").glob("*.pid") if (d / "pids").exists() else []:
         stop_pid(leftover)
+    if net:  # the hosts' veths go before the bridge's namespace (the boot network's, or ours)
+        stack_hosts.remove_hosts(net, log)
+    if (d / "bootnet").exists():
+        subprocess.run([str(SCRIPTS / "bootnet"), "down", str(d / "bootnet")], check=False)
+    if net:
+        stack_hosts.remove_shared(net, log)
     keep = d.parent / (d.name + ".last-logs")
     shutil.rmtree(keep, ignore_errors=True)
     if (d / "logs").exists():
@@ -479,6 +381,11 @@ def status(d: Path) -> int:
             state = "running" if alive(pid_file) else "DEAD"
             ok &= state == "running"
             print(f"{name + ':' + pid_file.stem:15s} {state}")
+    try:
+        net = json.loads((d / "state").read_text()).get("net")
+    except (OSError, ValueError):
+        net = None
+    ok &= stack_hosts.status(stack(), d, net)
     if (d / "env").exists():
         print(f"env: source {d / 'env'}")
     print(f"logs: {d / 'logs'}" + (f"; node consoles: {d / 'consoles'}" if (d / "consoles").exists() else ""))
