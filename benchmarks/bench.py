@@ -23,7 +23,9 @@ time vs written GiB, BMI vs synchronous flatten).  No thresholds: numbers, not a
 Environment: BENCH_RUNS (default 20), BENCH_WRITTEN_GIB (default "1 20": ~60 GiB written in all; a size
 whose data cannot fit on the disk is lowered to the largest that fits, and the table says so),
 BENCH_STACK_DIR (default <repo>/run/bench), BENCH_KEEP=1 leaves the stack up, BENCH_PARTS (default
-"rest conc batch snap"; docs/performance.md is only written when all run).
+"rest conc batch snap"; docs/performance.md is only written when all run; e.g. BENCH_PARTS="rest batch"
+for the provision/deprovision rows and the batch alone, ~3 min), BENCH_SCHEDULER (e.g.
+"max_per_gateway=16 max_per_cluster=32": [scheduler] bounds other than the defaults).
 """
 from __future__ import annotations
 
@@ -123,6 +125,18 @@ def start_stack(d: Path, max_gib: float) -> dict[str, str]:
         return [*out, "--action-delay", "0"] if name == "hil-simulator" else out
 
     bmi_stack.service_argv = argv
+    # BENCH_SCHEDULER="max_per_gateway=16 max_per_cluster=32": other [scheduler] bounds, to tune them.
+    sched = dict(kv.split("=", 1) for kv in os.environ.get("BENCH_SCHEDULER", "").split())
+    if sched:
+        orig_write = bmi_stack.write_config
+
+        def write_config(*args: Any, **kwargs: Any) -> Path:
+            path = orig_write(*args, **kwargs)
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write("\n[scheduler]\n" + "".join(f"{k} = {v}\n" for k, v in sched.items()))
+            return path
+
+        bmi_stack.write_config = write_config
     os.environ["CEPH_OBJECTSTORE"] = "bluestore"
     # Room for the node's written data, the source image and their copies (sparse file).
     # (scripts/ceph-dev CEPH_BLUESTORE_GIB sizes it; the file only takes the space written to it)

@@ -8,6 +8,10 @@ Brings up the same throwaway stack as `make bench` (HIL simulator with no action
 ``py-spy record --idle --format raw`` of every Einstein process for RUNS provision/deprovision
 pairs and prints the top frames by time (own and cumulative).  PROFILE_KEEP=1 leaves the stack
 up; PROFILE_DIR (default <repo>/run/profile) is the stack's directory.
+
+PROFILE_BATCH=N profiles one batch of N nodes (POST /v1/provisions, as `make bench` does) instead:
+on-CPU samples only (no --idle) of every thread, to see what the Einstein worker running the batch
+spends its CPU on (the batch is bound by that one process's CPU on a small machine).
 """
 from __future__ import annotations
 
@@ -48,12 +52,23 @@ def main() -> int:
         for _ in range(3):  # warm up
             user.do("POST", f"/projects/{bench.PROJECT}/nodes/{node}/provision", prov)
             user.do("POST", f"/projects/{bench.PROJECT}/nodes/{node}/deprovision", dep)
-        spy = [str(REPO / ".venv/bin/py-spy"), "record", "--idle", "--subprocesses", "--format", "raw", "-r", "200"]
+        batch = int(os.environ.get("PROFILE_BATCH", "0"))
+        idle = [] if batch else ["--idle"]
+        spy = [str(REPO / ".venv/bin/py-spy"), "record", *idle, "--subprocesses", "--format", "raw", "-r", "200"]
         procs = [subprocess.Popen([*spy, "-p", str(pid), "-o", str(d / f"spy-{pid}.txt")],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                  for pid in einstein_pids()]
         time.sleep(1)
         tp, td = [], []
+        if batch:
+            items = [{"node": n, "image": "prof-golden", "network": bench.NETWORK, "nic": c}
+                     for n, c in bench.nodes_of(d)[:batch]]
+            t0 = time.perf_counter()
+            recs = user.submit("POST", "/provisions", {"project": bench.PROJECT, "nodes": items})
+            for r in recs:
+                user.wait_op(int(r["id"]))
+            tp.append(time.perf_counter() - t0)
+            runs = 0
         for _ in range(runs):
             tp.append(bench.timed(lambda: user.do("POST", f"/projects/{bench.PROJECT}/nodes/{node}/provision",
                                                   prov)))
@@ -62,34 +77,39 @@ def main() -> int:
         for p in procs:
             p.send_signal(signal.SIGINT)
             p.wait(30)
-        print(f"provision p50 {bench.statistics.median(tp) * 1000:.0f} ms, "
-              f"deprovision p50 {bench.statistics.median(td) * 1000:.0f} ms")
-        report(sorted(d.glob("spy-*.txt")))
+        if batch:
+            print(f"batch of {batch}: {tp[0]:.2f} s")
+        else:
+            print(f"provision p50 {bench.statistics.median(tp) * 1000:.0f} ms, "
+                  f"deprovision p50 {bench.statistics.median(td) * 1000:.0f} ms")
+        report(sorted(d.glob("spy-*.txt")), "" if batch else "Tasks._run (")
     finally:
         if os.environ.get("PROFILE_KEEP") != "1":
             bench.bmi_stack.down(d)
     return 0
 
 
-def report(files: list[Path]) -> None:
-    """Top frames under ``Tasks._run`` (the operation threads): own and cumulative samples."""
+def report(files: list[Path], root: str) -> None:
+    """Top frames under ``root`` (default: ``Tasks._run``, the operation threads; "" = every
+    thread): own and cumulative samples."""
     own: collections.Counter[str] = collections.Counter()
     cum: collections.Counter[str] = collections.Counter()
     total = 0
     for f in files:
         for line in f.read_text().splitlines():
             stack, _, count = line.rpartition(" ")
-            if "Tasks._run (" not in stack:
+            if root not in stack:
                 continue
             n = int(count)
             frames = stack.split(";")
-            frames = frames[next(i for i, f in enumerate(frames) if f.startswith("Tasks._run (")):]
+            if root:
+                frames = frames[next(i for i, f in enumerate(frames) if f.startswith(root)):]
             total += n
             if frames:
                 own[frames[-1]] += n
             for fr in set(frames):
                 cum[fr] += n
-    print(f"task-thread samples: {total}")
+    print(f"samples{' under ' + root if root else ''}: {total}")
     print("-- cumulative --")
     for fr, n in cum.most_common(45):
         print(f"{n * 100 / max(total, 1):5.1f}%  {fr}")

@@ -11,6 +11,8 @@ import os
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from ims.database import sqlite_gate
+
 
 def make_engine(url: str, busy_timeout_ms: int = 30000, ensure_schema: bool = True) -> Engine:
     """Create the engine (SQLite gets WAL, a busy timeout and foreign keys) with its schema at head."""
@@ -32,10 +34,15 @@ def make_engine(url: str, busy_timeout_ms: int = 30000, ensure_schema: bool = Tr
             cur.execute("PRAGMA foreign_keys = ON")
             cur.close()
 
-        @event.listens_for(engine, "begin")
-        def _begin_immediate(conn):  # type: ignore[no-untyped-def]
-            # Take the write lock at BEGIN so two processes never deadlock upgrading read locks.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        database = engine.url.database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            # BEGIN IMMEDIATE, with this process's threads queued on a lock (no busy-handler sleeps).
+            sqlite_gate.install(engine, database, busy_timeout_ms / 1000.0)
+        else:
+            @event.listens_for(engine, "begin")
+            def _begin_immediate(conn):  # type: ignore[no-untyped-def]
+                # Take the write lock at BEGIN so two processes never deadlock upgrading read locks.
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
     if ensure_schema:
         from ims.database import migrate
 

@@ -19,16 +19,24 @@ Remaining window: tgtadm has no "delete by name" and no compare-and-delete, so i
 is restarted (and renumbered) between our show and our ``--op delete --tid N``, the
 delete can hit whatever target now has tid N.  The window is two consecutive tgtadm
 calls, while a restart is four tgt-admin/tgtadm commands plus a daemon start.  It is
-narrowed further: after every delete a second show checks that our IQN is gone; if
-it is still live (at another tid), the deleted tid belonged to someone else, so every
-target with a conf file that is not live is re-created at once (:meth:`restore`) and
-the delete is retried by IQN.  A target of another tool (no conf file here) hit in that
-window is not brought back; that is logged.  The same window exists inside add_target
-between ``--op new`` and the LUN/ACL calls on that tid: a renumbering there makes the
-LUN call fail on the neighbour (its LUN 1 exists), and only a renumbering between the
-LUN call and the binds could add our initiator to a neighbour's ACL.  A show after the
-last call checks that our IQN has our tid and backing store, and otherwise removes ours
-and fails; a neighbour's extra ACL entry is not undone (it goes at its next reload).
+narrowed further: after every delete a show checks that our IQN is gone (for
+remove_target that is the show it makes anyway once tgtd is ready again, which also
+catches a restart that re-made the target from its conf file: tgt_sync._confirm_removed);
+if it is still live (at another tid), the deleted tid may have belonged to someone else,
+so every target with a conf file that is not live is re-created at once (:meth:`restore`)
+and the delete is retried by IQN, each retry confirmed by its own show.  A target of
+another tool (no conf file here) hit in that window is not brought back; that is logged.
+The same window exists inside add_target between ``--op new`` and the LUN/ACL calls on
+that tid: a renumbering there makes the LUN call fail on the neighbour (its LUN 1
+exists), and only a renumbering between the LUN call and the binds could add our
+initiator to a neighbour's ACL.  The show after the last call (once tgtd is ready,
+tgt_sync._settle_added) checks that our IQN is live with our backing store, and
+otherwise makes ours again; a neighbour's extra ACL entry is not undone (it goes at its
+next reload).
+
+tgtadm forks per call: add_target 7 (ready check, new, LUN, LUN update, bind, ready check,
+show; +1 per initiator name, +2 with CHAP), remove_target 5 (ready check, show, delete,
+ready check, show; +1 account delete with CHAP).
 
 How tgtadm 1.0.85 reports things (checked by hand, the code relies on it):
   * a duplicate tid *and* a duplicate target name both exit 22 with
@@ -42,7 +50,6 @@ last known tid for operators and lets :meth:`TgtTarget.restore` re-create target
 """
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import time
@@ -63,15 +70,16 @@ from ims.einstein.iscsi.tgt_conf import (
     check_backing,
     check_chap,
     check_initiators,
-    parse_conf,
+    parse_conf,  # noqa: F401 - re-exported: tests and tools read conf files through this module
     parse_show,
     render_conf,
 )
+from ims.einstein.iscsi.tgt_files import TgtFiles
+from ims.einstein.iscsi.tgt_sync import TgtSync
 from ims.einstein.storage.base import Backing
 
 LOG = logging.getLogger(__name__)
 
-MAX_TID = 2**31 - 1
 TID_ATTEMPTS = 64
 # The SCSI caching mode page with WCE cleared: what tgt-admin sends for "write-cache off".
 WRITE_CACHE_OFF = "mode_page=8:0:18:0x10:0:0xff:0xff:0:0:0xff:0xff:0xff:0xff:0x80:0x14:0:0:0:0:0:0"
@@ -87,14 +95,13 @@ GONE_SECONDS = 2.0
 # missing from the configuration it parsed at its start: a target added meanwhile would vanish
 # after BMI confirmed it.  So targets are only added/removed while ready, and checked again after.
 SETTLE_SECONDS = 30.0
-SETTLE_ATTEMPTS = 3
 
 _EXISTS = "already exists"
 _NO_TARGET = "can't find the target"
 _NO_ACCOUNT = "can't find the account"
 
 
-class TgtTarget(TgtChap, IscsiTarget):
+class TgtTarget(TgtSync, TgtFiles, TgtChap, IscsiTarget):
     """tgt driver: one target per image, exported as LUN ``lun``.
 
     :param conf_dir: where the per-target conf files (and the tid counter) live.
@@ -123,9 +130,6 @@ class TgtTarget(TgtChap, IscsiTarget):
     # --- public API ------------------------------------------------------------
     def iqn(self, target: str) -> str:
         return self.iqn_prefix + validate_name(target, "target")
-
-    def conf_path(self, target: str) -> str:
-        return os.path.join(self.conf_dir, validate_name(target, "target") + ".conf")
 
     def add_target(self, target: str, backing: Backing, initiators: list[str] | None = None,
                    initiator_names: list[str] | None = None, chap: tuple[str, str] | None = None) -> None:
@@ -165,26 +169,6 @@ class TgtTarget(TgtChap, IscsiTarget):
         LOG.info("iSCSI target %s added (tid %s, %s %s%s)", spec.iqn, spec.tid, backing.bstype, backing.path,
                  f", CHAP user {spec.chap[0]}" if spec.chap else "")
 
-    def _settle_added(self, spec: TargetSpec, path: str) -> None:
-        """Once tgtd is ready, the new target must still be live (see SETTLE_SECONDS); if a
-        restart's ``tgt-admin -e`` deleted it, it is made again: its conf file now exists, so
-        any later ``tgt-admin -e`` keeps it."""
-        for _ in range(SETTLE_ATTEMPTS):
-            self._wait_ready()
-            live = self._show_all().get(spec.iqn)
-            if live is not None and live.backing_stores.get(spec.lun) == spec.backing.path \
-                    and (spec.chap is None or spec.chap[0] in live.accounts):
-                if live.tid != spec.tid:
-                    spec.tid = live.tid
-                    atomic_write(path, render_conf(spec, self._template), 0o600)
-                return
-            LOG.warning("iSCSI target %s vanished while tgtd was loading its conf files (a tgt restart); "
-                        "making it again", spec.iqn)
-            self._delete_by_iqn(spec.iqn, quiet=True)
-            self._create(spec)
-            atomic_write(path, render_conf(spec, self._template), 0o600)
-        raise IscsiError(f"iSCSI target {spec.iqn} kept vanishing while tgtd restarted; retry")
-
     def remove_target(self, target: str) -> None:
         """Delete the target carrying ``iqn(target)`` (even with live sessions) and its conf file.
 
@@ -199,7 +183,7 @@ class TgtTarget(TgtChap, IscsiTarget):
         if spec is None and gone is not None and time.monotonic() - gone < GONE_SECONDS:
             raise TargetNotFound(f"iSCSI target {target} does not exist")
         self._wait_ready()
-        tid = self._delete_by_iqn(iqn)
+        tid = self._delete_live(iqn)
         if spec is None or spec.chap is not None:
             # tgt keeps accounts when their target goes: delete this target's own account (named
             # after the target, so without a conf file its name is still known).
@@ -207,14 +191,9 @@ class TgtTarget(TgtChap, IscsiTarget):
         if tid is None and spec is None:
             raise TargetNotFound(f"iSCSI target {target} does not exist")
         self._unlink_conf(path)
-        # A restart's `tgt-admin -e` that read the conf file before it went makes the target again.
-        # Best effort: the removal itself is done; reconcile reports a target left without owner.
-        try:
-            self._wait_ready()
-            if self._delete_by_iqn(iqn) is not None:
-                LOG.warning("iSCSI target %s came back from its conf file during a tgt restart; deleted again", iqn)
-        except IscsiError as exc:
-            LOG.warning("iSCSI target %s removed, but could not check it stayed removed: %s", iqn, exc)
+        # One show once tgtd is ready confirms the delete hit ours (and that a restart's `tgt-admin -e`
+        # that read the conf file before it went did not make it again); see _confirm_removed.
+        self._confirm_removed(iqn, tid)
         LOG.info("iSCSI target %s removed (tid %s)", iqn, tid if tid is not None else "none live")
 
     def target_exists(self, target: str) -> bool:
@@ -235,85 +214,6 @@ class TgtTarget(TgtChap, IscsiTarget):
     def live_target(self, target: str) -> LiveTarget | None:
         """What tgtd has right now under ``iqn(target)`` (tid, backing stores, ACL), or None."""
         return self._show_all().get(self.iqn(target))
-
-    def list_targets(self) -> list[str]:
-        try:
-            entries = os.listdir(self.conf_dir)
-        except FileNotFoundError:
-            return []
-        names = []
-        for entry in entries:
-            if entry.endswith(".conf") and not entry.startswith("."):
-                names.append(entry[:-len(".conf")])
-        return sorted(names)
-
-    def live_targets(self) -> list[str]:
-        """Conf files whose IQN is live in tgtd, from ONE full show (for reconcile); re-syncs tids."""
-        live = self._show_all()
-        names = []
-        for name in self.list_targets():
-            spec = self._read_spec_quietly(name)
-            if spec is not None and spec.iqn in live:
-                if live[spec.iqn].tid != spec.tid:
-                    self._rewrite_tid(name, live[spec.iqn].tid)
-                names.append(name)
-        return names
-
-    def resync(self) -> int:
-        """Rewrite every conf file whose tid line is stale, from one full show; returns how many.
-
-        After a Debian-style tgt restart the tids are numbered again; this makes the conf
-        files tell the truth again (operators read them; nothing trusts them blindly).
-        """
-        live = self._show_all()
-        changed = 0
-        for name in self.list_targets():
-            spec = self._read_spec_quietly(name)
-            if spec is not None and spec.iqn in live and live[spec.iqn].tid != spec.tid:
-                if self._rewrite_tid(name, live[spec.iqn].tid):
-                    changed += 1
-        return changed
-
-    def restore(self) -> int:
-        """Start-up sync: re-read every tid (:meth:`resync`), then re-create, from the conf
-        files, every target tgtd does not have; returns how many were re-created.
-
-        Idempotent (a second run re-creates nothing) and safe to run from two workers at
-        once: a target another run just made counts as live.  A target whose old tid is
-        taken gets a free tid and its conf file is rewritten.
-        """
-        self._wait_ready()
-        self.resync()
-        live = self._show_all()
-        restored = 0
-        for name in self.list_targets():
-            spec = self._read_spec_quietly(name)
-            if spec is None or spec.iqn in live:
-                continue
-            taken = {t.tid for t in live.values()}
-            wanted = spec.tid if spec.tid is not None and spec.tid not in taken else None
-            try:
-                self._create(spec, first=wanted)
-            except TargetExists:
-                continue   # made meanwhile (another worker's restore): it is live, which is the goal
-            except IscsiError as exc:
-                # One target that cannot be made (its backing store is gone: e.g. another host rolled its
-                # provision back while this one was down) must not keep the others, and Einstein, down.
-                self._wait_ready()  # ... but tgtd itself failing is everyone's problem: raise that
-                LOG.error("iSCSI target %s could not be restored from its conf file: %s (reconcile reports "
-                          "it; recovery or `bmi reconcile --repair` deals with it)", spec.iqn, exc)
-                continue
-            if not self._rewrite_tid(name, spec.tid):
-                # The conf file went away meanwhile (remove_target): do not resurrect the target.
-                self._delete_by_iqn(spec.iqn)
-                if spec.chap is not None:
-                    self._delete_account(spec.chap[0])
-                continue
-            assert spec.tid is not None
-            live[spec.iqn] = LiveTarget(tid=spec.tid, iqn=spec.iqn)
-            restored += 1
-            LOG.info("iSCSI target %s restored (tid %s)", spec.iqn, spec.tid)
-        return restored
 
     # --- tgtadm ---------------------------------------------------------------------
     def _run(self, *args: str, ok_missing: bool = False, ok_exists: bool = False) -> str | None:
@@ -357,26 +257,40 @@ class TgtTarget(TgtChap, IscsiTarget):
         return parse_show(self._run("--op", "show", "--mode", "target") or "")
 
     def _create(self, spec: TargetSpec, first: int | None = None) -> None:
-        """Create and configure ``spec`` under a free tid (sets ``spec.tid``), checked by a show.
+        """Create and configure ``spec`` under a free tid (sets ``spec.tid``); a half-made target
+        is deleted.  Not confirmed here: add_target confirms with one show once tgtd is ready
+        (:meth:`_settle_added`), restore with :meth:`_create_checked`.
 
         :raises TargetExists: tgtd already has ``spec.iqn`` (it is not touched).
         """
         spec.tid = self._new_target(spec.iqn, spec.name, first=first)
         try:
             self._configure(spec)
+        except BaseException:
+            self._discard(spec)
+            raise
+
+    def _create_checked(self, spec: TargetSpec, first: int | None = None) -> None:
+        """:meth:`_create`, then a show must find our IQN at our tid with our backing store."""
+        self._create(spec, first)
+        try:
             live = self._show_all().get(spec.iqn)
             if live is None or live.tid != spec.tid or live.backing_stores.get(spec.lun) != spec.backing.path \
                     or (spec.chap is not None and spec.chap[0] not in live.accounts):
                 raise IscsiError(f"iSCSI target {spec.iqn} changed while it was being added "
                                  "(tgtd restarted?); retry")
         except BaseException:
-            self._delete_by_iqn(spec.iqn, quiet=True)
-            if spec.chap is not None:
-                try:
-                    self._delete_account(spec.chap[0])
-                except IscsiError as exc:
-                    LOG.warning("could not delete the CHAP account of half-made target %s: %s", spec.iqn, exc)
+            self._discard(spec)
             raise
+
+    def _discard(self, spec: TargetSpec) -> None:
+        """Delete a half-made target (by IQN) and its CHAP account; failures are logged."""
+        self._delete_by_iqn(spec.iqn, quiet=True)
+        if spec.chap is not None:
+            try:
+                self._delete_account(spec.chap[0])
+            except IscsiError as exc:
+                LOG.warning("could not delete the CHAP account of half-made target %s: %s", spec.iqn, exc)
 
     def _new_target(self, iqn: str, name: str, first: int | None = None) -> int:
         """Create an empty target under a free tid; returns the tid.
@@ -424,6 +338,18 @@ class TgtTarget(TgtChap, IscsiTarget):
         if spec.chap is not None:
             self._bind_account(tid, *spec.chap)
 
+    def _delete_live(self, iqn: str) -> int | None:
+        """Delete the tid that carries ``iqn`` in a fresh show; returns it, None if none was live.
+
+        Trusts tgtadm's exit status: the caller confirms with a show afterwards
+        (:meth:`_confirm_removed`, which also repairs a delete that a renumbering made hit a
+        neighbour)."""
+        target = self._show_all().get(iqn)
+        if target is None:
+            return None
+        self._run("--op", "delete", "--mode", "target", "--tid", str(target.tid), "--force", ok_missing=True)
+        return target.tid
+
     def _delete_by_iqn(self, iqn: str, quiet: bool = False) -> int | None:
         """Delete the live target carrying ``iqn``; returns the tid deleted, None if none was live.
 
@@ -460,79 +386,3 @@ class TgtTarget(TgtChap, IscsiTarget):
                 raise
             LOG.warning("could not delete half-made tgt target %s: %s", iqn, exc)
             return None
-
-    # --- conf dir ----------------------------------------------------------------------
-    def _read_spec(self, target: str) -> TargetSpec | None:
-        try:
-            text = Path(self.conf_path(target)).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return None
-        return parse_conf(text, target)
-
-    def _read_spec_quietly(self, name: str) -> TargetSpec | None:
-        """For whole-dir passes: a malformed or foreign conf file is logged and skipped."""
-        try:
-            return self._read_spec(name)
-        except (InvalidInput, OSError) as exc:
-            LOG.warning("skipping tgt conf file for %s: %s", name, exc)
-            return None
-
-    def _rewrite_tid(self, target: str, tid: int | None, chap: tuple[str, str] | None = None) -> bool:
-        """Record ``tid`` (and ``chap`` when given) in the target's conf file; False if the file is gone.
-
-        Under an flock on the file, and only if the path still names the locked file, so
-        a concurrent :meth:`remove_target` (which unlinks under the same lock) is never
-        undone by a rewrite.
-        """
-        path = self.conf_path(target)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                if os.stat(path).st_ino != os.fstat(fd).st_ino:
-                    return False
-            except FileNotFoundError:
-                return False
-            with os.fdopen(os.dup(fd), encoding="utf-8") as handle:
-                spec = parse_conf(handle.read(), target)
-            if spec.tid != tid or (chap is not None and spec.chap != chap):
-                spec.tid = tid
-                if chap is not None:
-                    spec.chap = chap
-                    LOG.info("iSCSI target %s: incominguser rewritten (CHAP user %s)", spec.iqn, chap[0])
-                atomic_write(path, render_conf(spec, self._template), 0o600)
-                LOG.info("iSCSI target %s: tid line rewritten to %s", spec.iqn, tid)
-            return True
-        finally:
-            os.close(fd)
-
-    def _unlink_conf(self, path: str) -> None:
-        """Unlink under the same flock as :meth:`_rewrite_tid`."""
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            unlink_quietly(path)
-        finally:
-            os.close(fd)
-
-    def _next_tid(self, floor: int = 0) -> int:
-        """Bump the counter in ``<conf_dir>/.tid`` (to more than ``floor``) under an fcntl lock
-        shared by all workers."""
-        fd = os.open(os.path.join(self.conf_dir, ".tid"), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            raw = os.read(fd, 32).strip()
-            last = max(int(raw) if raw.isdigit() else 0, floor)
-            tid = last + 1 if last < MAX_TID else 1
-            os.lseek(fd, 0, os.SEEK_SET)
-            os.ftruncate(fd, 0)
-            os.write(fd, str(tid).encode())
-            return tid
-        finally:
-            os.close(fd)  # closing drops the lock

@@ -1,0 +1,157 @@
+"""Keeping tgtd and the conf dir in step across tgt restarts (mixed into
+:class:`ims.einstein.iscsi.tgt.TgtTarget`).
+
+Debian's ``tgt.service`` restart numbers the targets again and its ``tgt-admin -e`` (tgtd
+"offline" meanwhile) deletes every live target missing from the configuration it parsed at its
+start and re-creates every parsed one that is not live.  So an add is confirmed only once tgtd is
+"ready" again (:meth:`_settle_added`), a remove is checked to have stayed removed
+(:meth:`_confirm_removed`), and :meth:`resync` / :meth:`restore` re-read every tid and re-create
+what a restart or a crash lost.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from ims.common.errors import IscsiError, TargetExists
+from ims.common.fileutil import atomic_write
+from ims.einstein.iscsi.tgt_conf import LiveTarget, TargetSpec, render_conf
+
+LOG = logging.getLogger(__name__)
+
+SETTLE_ATTEMPTS = 3
+
+
+class TgtSync:
+    """Needs the driver's tgtadm helpers (``_wait_ready``, ``_show_all``, ``_create``,
+    ``_delete_by_iqn``, ``_delete_account``) and its conf dir (:class:`TgtFiles`)."""
+
+    if TYPE_CHECKING:
+        conf_dir: str
+        _template: str
+        _gone: dict[str, float]
+
+        def _wait_ready(self) -> None: ...
+        def _show_all(self) -> dict[str, LiveTarget]: ...
+        def _create(self, spec: TargetSpec, first: int | None = None) -> None: ...
+        def _create_checked(self, spec: TargetSpec, first: int | None = None) -> None: ...
+        def _delete_by_iqn(self, iqn: str, quiet: bool = False) -> int | None: ...
+        def _delete_account(self, user: str) -> None: ...
+        def list_targets(self) -> list[str]: ...
+        def _read_spec_quietly(self, name: str) -> TargetSpec | None: ...
+        def _rewrite_tid(self, target: str, tid: int | None, chap: tuple[str, str] | None = None) -> bool: ...
+
+    def _settle_added(self, spec: TargetSpec, path: str) -> None:
+        """Once tgtd is ready, the new target must be live with our backing store (and CHAP
+        account): the one show that confirms the add.  If a restart's ``tgt-admin -e`` deleted
+        it, it is made again: its conf file now exists, so any later ``tgt-admin -e`` keeps it.
+        A tid that moved (the restart re-created it from the conf file) is written down."""
+        for _ in range(SETTLE_ATTEMPTS):
+            self._wait_ready()
+            live = self._show_all().get(spec.iqn)
+            if live is not None and live.backing_stores.get(spec.lun) == spec.backing.path \
+                    and (spec.chap is None or spec.chap[0] in live.accounts):
+                if live.tid != spec.tid:
+                    spec.tid = live.tid
+                    atomic_write(path, render_conf(spec, self._template), 0o600)
+                return
+            LOG.warning("iSCSI target %s vanished while tgtd was loading its conf files (a tgt restart); "
+                        "making it again", spec.iqn)
+            self._delete_by_iqn(spec.iqn, quiet=True)
+            self._create(spec)
+            atomic_write(path, render_conf(spec, self._template), 0o600)
+        raise IscsiError(f"iSCSI target {spec.iqn} kept vanishing while tgtd restarted; retry")
+
+    def _confirm_removed(self, iqn: str, tid: int | None) -> None:
+        """After ``remove_target`` deleted tid ``tid`` (by tgtadm's exit status) and unlinked the
+        conf file: once tgtd is ready, ``iqn`` must be gone (the one show that confirms it).
+
+        Still live means a tgt restart came in between: it renumbered the tids between our show
+        and our delete (so the tid we deleted was a NEIGHBOUR's), or its ``tgt-admin -e`` read
+        our conf file before it went and made the target again.  Either way :meth:`restore`
+        brings back every target that has a conf file and is not live (ours has none now), then
+        ours is deleted by its IQN, each delete confirmed by a show.  Best effort: the remove
+        itself is done; a target left without owner is what reconcile reports.
+        """
+        try:
+            self._wait_ready()
+            live = self._show_all().get(iqn)
+            if live is None:
+                self._gone[iqn] = time.monotonic()
+                return
+            LOG.error("iSCSI target %s is live at tid %s after the delete of tid %s (a tgt restart renumbered "
+                      "or re-made it): re-creating every target of %s that is not live, then deleting it again",
+                      iqn, live.tid, tid, self.conf_dir)
+            self.restore()
+            self._delete_by_iqn(iqn)
+        except IscsiError as exc:
+            LOG.warning("iSCSI target %s removed, but could not check it stayed removed: %s", iqn, exc)
+
+    def live_targets(self) -> list[str]:
+        """Conf files whose IQN is live in tgtd, from ONE full show (for reconcile); re-syncs tids."""
+        live = self._show_all()
+        names = []
+        for name in self.list_targets():
+            spec = self._read_spec_quietly(name)
+            if spec is not None and spec.iqn in live:
+                if live[spec.iqn].tid != spec.tid:
+                    self._rewrite_tid(name, live[spec.iqn].tid)
+                names.append(name)
+        return names
+
+    def resync(self) -> int:
+        """Rewrite every conf file whose tid line is stale, from one full show; returns how many.
+
+        After a Debian-style tgt restart the tids are numbered again; this makes the conf
+        files tell the truth again (operators read them; nothing trusts them blindly).
+        """
+        live = self._show_all()
+        changed = 0
+        for name in self.list_targets():
+            spec = self._read_spec_quietly(name)
+            if spec is not None and spec.iqn in live and live[spec.iqn].tid != spec.tid:
+                if self._rewrite_tid(name, live[spec.iqn].tid):
+                    changed += 1
+        return changed
+
+    def restore(self) -> int:
+        """Start-up sync: re-read every tid (:meth:`resync`), then re-create, from the conf
+        files, every target tgtd does not have; returns how many were re-created.
+
+        Idempotent (a second run re-creates nothing) and safe to run from two workers at
+        once: a target another run just made counts as live.  A target whose old tid is
+        taken gets a free tid and its conf file is rewritten.
+        """
+        self._wait_ready()
+        self.resync()
+        live = self._show_all()
+        restored = 0
+        for name in self.list_targets():
+            spec = self._read_spec_quietly(name)
+            if spec is None or spec.iqn in live:
+                continue
+            taken = {t.tid for t in live.values()}
+            wanted = spec.tid if spec.tid is not None and spec.tid not in taken else None
+            try:
+                self._create_checked(spec, first=wanted)
+            except TargetExists:
+                continue   # made meanwhile (another worker's restore): it is live, which is the goal
+            except IscsiError as exc:
+                # One target that cannot be made (its backing store is gone: e.g. another host rolled its
+                # provision back while this one was down) must not keep the others, and Einstein, down.
+                self._wait_ready()  # ... but tgtd itself failing is everyone's problem: raise that
+                LOG.error("iSCSI target %s could not be restored from its conf file: %s (reconcile reports "
+                          "it; recovery or `bmi reconcile --repair` deals with it)", spec.iqn, exc)
+                continue
+            if not self._rewrite_tid(name, spec.tid):
+                # The conf file went away meanwhile (remove_target): do not resurrect the target.
+                self._delete_by_iqn(spec.iqn)
+                if spec.chap is not None:
+                    self._delete_account(spec.chap[0])
+                continue
+            assert spec.tid is not None
+            live[spec.iqn] = LiveTarget(tid=spec.tid, iqn=spec.iqn)
+            restored += 1
+            LOG.info("iSCSI target %s restored (tid %s)", spec.iqn, spec.tid)
+        return restored
