@@ -9,9 +9,9 @@ SERVICE is one of
                                   restart began and a heartbeat after that start
     tgtd, tgtd-hostK              host K's tgtd, restarted as Debian's tgt.service does
                                   (``scripts/tgtd-dev debian-restart``: same control port, portal
-                                  and namespace; the targets come back from BMI's conf files); back
-                                  once every target that has a conf file in the host's
-                                  ``[iscsi] conf_dir`` is live again
+                                  and namespace; the targets come back from BMI's conf files; a tgtd
+                                  that died is started the same way); back once every target that
+                                  has a conf file in the host's ``[iscsi] conf_dir`` is live again
 
 A restarted Einstein must register again within ``[host] dead_after_seconds`` of its last heartbeat
 (6 s in the stack), or another host takes its nodes over (safe, but not a plain restart): the
@@ -187,17 +187,62 @@ def live_targets(control_port: str) -> set[str] | None:
     return {iqn.rpartition(":")[2] for iqn in re.findall(r"^Target \d+: (\S+)$", proc.stdout, re.M)}
 
 
+def tgtd_running(tdir: Path, control_port: str) -> bool:
+    """Is DIR/tgtd.pid a live tgtd on ``control_port`` (not a reused pid)?"""
+    try:
+        pid = int((tdir / "tgtd.pid").read_text().strip())
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return False
+    return comm == "tgtd" and b"-C" in argv and argv[argv.index(b"-C") + 1:][:1] == [control_port.encode()]
+
+
+def start_stopped_tgtd(stack: Any, tdir: Path, conf_dir: Path) -> None:
+    """The start half of Debian's tgt.service for a tgtd that died: the same control port, portal and
+    namespace (DIR/env), then the targets from the conf files (scripts/tgtd-dev debian-restart's
+    ExecStart and ExecStartPost)."""
+    env = stack.read_env(tdir / "env")
+    port, portal, netns = env["TGT_CONTROL_PORT"], env["TGT_PORTAL"], env.get("TGT_NETNS") or None
+    for stale in (f"/var/run/tgtd/socket.{port}", f"/var/run/tgtd/socket.{port}.lock"):  # the dead one's
+        Path(stale).unlink(missing_ok=True)
+    argv = ["tgtd", "-f", "-C", port, "--iscsi", f"portal={portal}"]
+    with open(tdir / "tgtd.log", "ab") as logf:  # `ip netns exec` execs: the pid is tgtd's own
+        proc = subprocess.Popen(["ip", "netns", "exec", netns, *argv] if netns else argv, stdin=subprocess.DEVNULL,
+                                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+    (tdir / "tgtd.pid").write_text(f"{proc.pid}\n")
+    deadline = time.monotonic() + 30
+    while live_targets(port) is None:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            tail = (tdir / "tgtd.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"tgtd did not start on control port {port}, portal {portal}:\n{tail}")
+        time.sleep(0.1)
+    (tdir / "targets.conf").write_text(f"# written by scripts/bmi-stack restart\ninclude {conf_dir}/*.conf\n")
+    sysmode = ["tgtadm", "-C", port, "--op", "update", "--mode", "sys", "--name", "State", "-v"]
+    for argv in ([*sysmode, "offline"], ["tgt-admin", "-C", port, "-e", "-c", str(tdir / "targets.conf")],
+                 [*sysmode, "ready"]):
+        # A conf file whose clone went away meanwhile fails tgt-admin for that target only (as in
+        # tgtd-dev debian-restart): the caller's wait for the live targets decides.
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+        if done.returncode != 0:
+            stack.log(f"{' '.join(argv[:4])}: {done.stderr.strip()[-500:]}")
+
+
 def restart_tgtd(stack: Any, d: Path, host: str) -> None:
     parser = configparser.ConfigParser(interpolation=None)
     parser.read(config_of(d, host))
     conf_dir = Path(parser.get("iscsi", "conf_dir"))
     tdir = tgt_dir(d, host)
-    # tgtd-dev enters the daemon's namespace itself (TGT_NETNS in DIR/env); tgtadm needs none (unix socket).
-    proc = subprocess.run([str(stack.SCRIPTS / "tgtd-dev"), "debian-restart", str(tdir), str(conf_dir)],
-                          capture_output=True, text=True, timeout=300, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"tgtd of {host} did not restart:\n{proc.stdout}\n{proc.stderr}")
     port = stack.read_env(tdir / "env")["TGT_CONTROL_PORT"]
+    if tgtd_running(tdir, port):
+        # tgtd-dev enters the daemon's namespace itself (TGT_NETNS in DIR/env); tgtadm needs none (unix socket).
+        proc = subprocess.run([str(stack.SCRIPTS / "tgtd-dev"), "debian-restart", str(tdir), str(conf_dir)],
+                              capture_output=True, text=True, timeout=300, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"tgtd of {host} did not restart:\n{proc.stdout}\n{proc.stderr}")
+    else:
+        stack.log(f"tgtd of {host} is not running: starting it on its control port and portal")
+        start_stopped_tgtd(stack, tdir, conf_dir)
     deadline = time.monotonic() + 120
     missing: set[str] = set()
     while time.monotonic() < deadline:
