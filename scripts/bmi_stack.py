@@ -406,6 +406,9 @@ def main() -> int:
             restart(d, args.service)
         except stack_restart.UnknownService as exc:  # an unknown service or host: nothing was touched
             parser.error(str(exc))
+        except RuntimeError as exc:  # no stack, or the service did not come back (its log's tail is in exc)
+            log(f"restart {args.service} failed: {exc}")
+            return 1
         return 0
     if args.command == "up":
         if not 1 <= args.hosts <= 50:
