@@ -1,13 +1,13 @@
-"""``scripts/bmi-stack restart einstein-hostK | tgtd | tgtd-hostK`` on a ``--hosts 2`` stack.
+"""``scripts/bmi-stack restart einstein[-hostK] | tgtd[-hostK]`` on a ``--hosts 2`` stack.
 
-Nodes are provisioned on both hosts (the ring places them); then host 2's Einstein and host 2's tgtd
-(and host 1's tgtd, through the ``tgtd`` alias) are restarted with ``bmi-stack restart``.  Each
-restart returns only once the daemon answers again, in its host's namespace, on the same portal and
-control port.  Afterwards every node's target is live on the gateway recorded for it, nothing was
-taken over (the same ``provision.gateway`` values, no ``host.taken_over_at``), each boot script still
-names its gateway, and the guide's workflow (snap, dpro, pro) works through Picasso on both hosts.
-A tgtd that was SIGKILLed comes back the same way through ``restart tgtd-host2``.  A restart of a
-service or host the stack does not have is refused and touches nothing; ``down``
+Nodes are provisioned on both hosts (the ring places them); then host 2's Einstein and tgtd, and
+host 1's (through the ``einstein`` and ``tgtd`` aliases), are restarted with ``bmi-stack restart``.
+Each restart returns only once the daemon answers again, in its host's namespace, on the same
+portal and control port.  Afterwards every node's target is live on the gateway recorded for it,
+nothing was taken over (the same ``provision.gateway`` values, no ``host.taken_over_at``), each boot
+script still names its gateway, and the guide's workflow (snap, dpro, pro) works through Picasso on
+both hosts.  A tgtd that was SIGKILLed comes back the same way through ``restart tgtd-host2``.  A
+restart of a service or host the stack does not have is refused and touches nothing; ``down``
 leaves no namespace, veth, address or process.
 """
 from __future__ import annotations
@@ -112,6 +112,10 @@ def test_restart_of_each_hosts_einstein_and_tgtd_keeps_every_node_on_its_gateway
         rows = host_rows(stack)
         assert rows["host2"][0] > epochs["host2"][0] and rows["host2"][1] == "up"  # it registered again
 
+        einstein1 = pid(d / "pids" / "einstein.pid")
+        restart(stack, "einstein")  # host 1's (Picasso's name server), the alias of einstein-host1
+        assert pid(d / "pids" / "einstein.pid") != einstein1 and not Path(f"/proc/{einstein1}").exists()
+        assert host_rows(stack)["host1"][0] > epochs["host1"][0]
         restart(stack, "tgtd-host2")
         restart(stack, "tgtd")  # host 1's, the alias of tgtd-host1
         for tgt, old in (("tgt", tgtd1), ("tgt-host2", tgtd2)):
@@ -126,6 +130,10 @@ def test_restart_of_each_hosts_einstein_and_tgtd_keeps_every_node_on_its_gateway
         rows = host_rows(stack)
         assert all(r[1] == "up" and r[2] is None for r in rows.values()), rows
         assert_targets_where_recorded(stack, placed)
+        status = subprocess.run([STACK, "status", "--dir", str(d)], capture_output=True, text=True, check=False)
+        assert status.returncode == 0 and ".old" not in status.stdout, status.stdout  # every daemon runs
+        for k in (1, 2):
+            assert re.search(rf"^host{k} .* present, .*einstein running, tgtd running", status.stdout, re.M)
 
         # A tgtd that died is started again the same way (same control port, portal, namespace).
         dead = pid(d / "tgt-host2" / "tgtd.pid")
