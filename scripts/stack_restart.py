@@ -106,7 +106,7 @@ def parse(service: str, net: dict | None) -> tuple[str, str]:
     m = SERVICE_RE.fullmatch(service)
     if not m:
         raise UnknownService(f"unknown service {service!r}: use einstein, einstein-hostK, tgtd, tgtd-hostK, "
-                         "picasso or hil-simulator")
+                             "picasso or hil-simulator")
     kind, k = m.group(1), m.group(2)
     if k and kind in ("picasso", "hil-simulator"):
         raise UnknownService(f"{kind} runs once per stack, not per host: restart {kind}")
@@ -133,9 +133,12 @@ def probe(stack: Any, d: Path, host: str, netns: str | None) -> dict[str, Any]:
     argv = [stack.PY, "-c", _PROBE, str(stack.REPO), str(config_of(d, host))]
     argv = ["ip", "netns", "exec", netns, *argv] if netns else stack.nsx(argv)
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
-    if proc.returncode != 0:
-        return {"probe_error": proc.stderr.strip()[-500:]}
-    return json.loads(proc.stdout)
+    try:
+        if proc.returncode == 0:
+            return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        pass
+    return {"probe_error": (proc.stderr.strip() or proc.stdout.strip())[-500:]}
 
 
 def restart_einstein(stack: Any, d: Path, host: str, net: dict | None, env: dict[str, str]) -> None:
