@@ -12,10 +12,13 @@
     scripts/bmi-stack down [--dir DIR]          stop exactly what `up` started
     scripts/bmi-stack env [--dir DIR]           print the path of the env file to `source`
     scripts/bmi-stack restart SERVICE [--dir DIR]
-                                                stop (if running) and start again one of einstein, picasso,
-                                                hil-simulator, with the same config and ports; returns once it
-                                                answers (the HIL simulator's state is in memory: it restarts
-                                                from the inventory)
+                                                stop (if running) and start again one of picasso, hil-simulator,
+                                                einstein-hostK (K = 1..N; einstein = einstein-host1) or
+                                                tgtd-hostK (tgtd = tgtd-host1; as Debian's tgt.service restarts:
+                                                scripts/tgtd-dev debian-restart), with the same config, ports
+                                                and namespace; returns once it answers (scripts/stack_restart.py;
+                                                the HIL simulator's state is in memory: it restarts from the
+                                                inventory)
 
 With --boot the stack also creates a private boot network (a network namespace with a
 bridge, dnsmasq for DHCP+TFTP) with tgtd's portal on that bridge, and nodes backed by
@@ -45,6 +48,7 @@ SCRIPTS = REPO / "scripts"
 if str(SCRIPTS) not in sys.path:  # stack_hosts.py, also when this file is loaded by path (tests/unit)
     sys.path.insert(0, str(SCRIPTS))
 import stack_hosts  # noqa: E402
+import stack_restart  # noqa: E402
 from stack_config import ADMIN, UID, free_port, inventory, read_env, read_env_ini, write_config  # noqa: E402,F401
 
 TENANT = ("haas", "secret")
@@ -263,33 +267,13 @@ def service_argv(name: str, d: Path, cfg: Path | None = None, hil_port: int | No
     return [PY, str(SCRIPTS / script), "--config", str(cfg)]
 
 
-SERVICES = ("einstein", "picasso", "hil-simulator")
-
-
 def restart(d: Path, service: str) -> None:
-    """Stop ``service`` if it runs, start it again as `up` did (same config, same ports), wait until it answers."""
-    if not (d / "env").exists() or not (d / "state").exists():
+    """`restart SERVICE` (scripts/stack_restart.py), in the stack's namespace if it has one."""
+    if not (d / "state").exists():
         raise RuntimeError(f"no stack in {d}: run `scripts/bmi-stack up` first")
-    state = json.loads((d / "state").read_text())
     global NETNS
-    NETNS = state.get("netns")
-    env_file = read_env(d / "env")
-    cfg = Path(env_file["BMI_CONFIG"])
-    env = dict(os.environ, BMI_CONFIG=str(cfg), CEPH_CONF=env_file["CEPH_CONF"])
-    stop_pid(d / "pids" / f"{service}.pid")
-    if service == "hil-simulator":
-        hil_ip = str(state.get("hil_ip") or "127.0.0.1")
-        spawn(service, service_argv(service, d, hil_port=int(state["hil_port"]), hil_ip=hil_ip), d)
-        wait_http(f"http://{hil_ip}:{state['hil_port']}/v0/nodes/free", 30, service, d)
-        return
-    net = state.get("net")  # --hosts N: `einstein` is host1's, in host1's namespace
-    spawn(service, service_argv(service, d, cfg=cfg), d, env,
-          netns=net["hosts"]["host1"]["netns"] if net and service == "einstein" else None)
-    if service == "picasso":
-        wait_http(env_file["BMI_URL"] + "/v1/openapi.json", 60, service, d)
-    else:
-        wait_ready(dict(env, BMI_URL=env_file["BMI_URL"], HIL_USERNAME=ADMIN[0], HIL_PASSWORD=ADMIN[1]))
-    log(f"{service} restarted")
+    NETNS = json.loads((d / "state").read_text()).get("netns")
+    stack_restart.restart(stack(), d, service)
 
 
 def wait_ready(env: dict[str, str]) -> None:
@@ -396,7 +380,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="bmi-stack", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["up", "down", "status", "env", "restart"])
-    parser.add_argument("service", nargs="?", choices=SERVICES, help="for restart: the service to restart")
+    parser.add_argument("service", nargs="?", help="for restart: einstein[-hostK], tgtd[-hostK], picasso or "
+                        "hil-simulator")
     parser.add_argument("--dir", default=os.environ.get("BMI_STACK_DIR", str(REPO / "run" / "stack")))
     parser.add_argument("--boot", action="store_true", help="also start the boot network and qemu-backed nodes")
     parser.add_argument("--http-boot", action="store_true",
@@ -412,11 +397,18 @@ def main() -> int:
     uefi = frozenset({"*"} if args.uefi == "all" else {n for n in args.uefi.split(",") if n})
     d = Path(args.dir).resolve()
     if (args.service is None) == (args.command == "restart"):
-        parser.error("restart needs a SERVICE (einstein, picasso, hil-simulator); other commands take none")
+        parser.error("restart needs a SERVICE (einstein[-hostK], tgtd[-hostK], picasso, hil-simulator); "
+                     "other commands take none")
     if args.workers < 1:
         parser.error("--workers must be 1 or more")
     if args.command == "restart":
-        restart(d, args.service)
+        try:
+            restart(d, args.service)
+        except stack_restart.UnknownService as exc:  # an unknown service or host: nothing was touched
+            parser.error(str(exc))
+        except RuntimeError as exc:  # no stack, or the service did not come back (its log's tail is in exc)
+            log(f"restart {args.service} failed: {exc}")
+            return 1
         return 0
     if args.command == "up":
         if not 1 <= args.hosts <= 50:
