@@ -170,7 +170,8 @@ PHASE_MARKS = (
 PHASE_NAMES = ("syslinux", "kernel", "iscsi-login", "userspace", "up")
 
 
-def timed_debian_boot(vm: QemuNode, timeout: float) -> tuple[float, dict[str, float | None], list[str]]:
+def timed_debian_boot(vm: QemuNode, timeout: float, linger_until: str | None = None
+                      ) -> tuple[float, dict[str, float | None], list[str]]:
     """Power the VM on; (seconds to the marker, phase times, stamped console); then power it off.
 
     Phase times, all seconds since qemu's start: ``syslinux`` (first line of the disk's loader),
@@ -182,6 +183,12 @@ def timed_debian_boot(vm: QemuNode, timeout: float) -> tuple[float, dict[str, fl
     try:
         line = vm.wait_for_console(DEBIAN_MARKER, timeout=timeout)
         elapsed = time.monotonic() - (vm.started_at or 0.0)
+        if linger_until:
+            # Debugging: keep the VM up until it printed what it reports after the boot.
+            try:
+                vm.wait_for_console(linger_until, timeout=timeout)
+            except TimeoutError as exc:
+                print(f"--linger-until: {exc}", flush=True)
     finally:
         clock.stop()
         vm.power_off()
@@ -258,7 +265,7 @@ def run_debian(args: argparse.Namespace) -> int:
     The modes alternate within each run (local, tftp, http, local, ...): on a shared box a burst
     of load from elsewhere then hits every mode alike instead of one mode's whole series.
     """
-    image = build_debian_image()
+    image = args.debian_image or build_debian_image()
     modes = ["local", *[m.strip() for m in args.modes.split(",") if m.strip()]]
     work = tempfile.mkdtemp(prefix="bmi-bench-debian-")
     results: dict[str, list[float]] = {m: [] for m in modes}
@@ -271,7 +278,7 @@ def run_debian(args: argparse.Namespace) -> int:
             for bed in beds:
                 assert bed.vm is not None
                 try:
-                    t, ph, stamped = timed_debian_boot(bed.vm, args.timeout)
+                    t, ph, stamped = timed_debian_boot(bed.vm, args.timeout, args.linger_until)
                 except Exception:
                     print(f"{bed.mode}: boot failed; console tail:\n{bed.vm.console_tail()}", flush=True)
                     raise
@@ -323,6 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="tftp,http", help="--image debian: boot modes (default tftp,http)")
     parser.add_argument("--pxelinux-timeout", type=int, default=0,
                         help="--image debian: [tftp] pxelinux_timeout to render (tenths of a second; default 0)")
+    parser.add_argument("--debian-image", default=None,
+                        help="--image debian: boot this raw image instead of build/debian12.img (e.g. a debug copy)")
+    parser.add_argument("--linger-until", default=None,
+                        help="--image debian, debugging: after the marker, keep the VM up until a console line "
+                             "matches this regex (e.g. an analysis a debug image prints), then power it off")
     parser.add_argument("--console-dir", default=None,
                         help="--image debian: write each boot's console, lines stamped with seconds since qemu's start")
     parser.add_argument("--memory", type=int, default=None, help="guest MiB (default: $BMI_VM_MEMORY or 1024)")
