@@ -54,6 +54,9 @@ from tests.support.bootnet import BootNet, BootTgtd, build_test_image
 DEBIAN_IMAGE = os.path.join(REPO, "build", "debian12.img")
 DEBIAN_MARKER = r"BMI-DEBIAN-UP "
 HTTP_BOOT_PORT = 8089
+# Network boot modes: BMI's TFTP mode (PXELINUX -> ipxe.lkrn), the same files with the boot network
+# sending iPXE ROMs straight to by-mac/<mac>.ipxe (scripts/bootnet BOOTNET_IPXE_DIRECT=1), HTTP mode.
+DEBIAN_MODES = ("tftp", "tftp-ipxe", "http")
 
 NODE_MACS = {"bios": "52:54:00:be:0c:01", "uefi": "52:54:00:be:0c:11"}
 LOCAL_MACS = {"bios": "52:54:00:be:0c:02", "uefi": "52:54:00:be:0c:12"}
@@ -211,7 +214,8 @@ class _DebianBed:
         self.tgtd: BootTgtd | None = None
         self.http: _HttpBootServer | None = None
         self.vm: QemuNode | None = None
-        env = {"BOOTNET_HTTP_BOOT_PORT": str(HTTP_BOOT_PORT)} if mode == "http" else None
+        env = {"http": {"BOOTNET_HTTP_BOOT_PORT": str(HTTP_BOOT_PORT)},
+               "tftp-ipxe": {"BOOTNET_IPXE_DIRECT": "1"}}.get(mode)
         self.net = BootNet.up(os.path.join(work, f"net-{mode}"), extra_env=env)
         try:
             self._setup(image, work, args)
@@ -221,7 +225,7 @@ class _DebianBed:
 
     def _setup(self, image: str, work: str, args: argparse.Namespace) -> None:
         mode, net = self.mode, self.net
-        mac = "52:54:00:de:b1:" + {"local": "01", "tftp": "02", "http": "03"}[mode]
+        mac = "52:54:00:de:b1:" + {"local": "01", "tftp": "02", "http": "03", "tftp-ipxe": "04"}[mode]
         node = f"debian-{mode}"
         common = {"netns": net.netns, "bridge": net.bridge, "boot_timeout": args.timeout, "firmware": "bios",
                   "console_log": os.path.join(work, f"{node}-console.log"), "memory_mb": args.memory,
@@ -242,7 +246,7 @@ class _DebianBed:
         net.fixed_address(mac, node, 30)
         boot = BootFiles(os.path.join(net.tftp_root, "pxelinux.cfg"), net.tftp_root, net.ip,
                          pxelinux_timeout=args.pxelinux_timeout)
-        if mode == "tftp":
+        if mode in ("tftp", "tftp-ipxe"):
             boot.write(node, mac, "debian12", target, initiator)
         else:
             self.http = _HttpBootServer(net, os.path.join(work, "http"))
@@ -284,7 +288,7 @@ def run_debian(args: argparse.Namespace) -> int:
                     raise
                 results[bed.mode].append(t)
                 phases[bed.mode].append(ph)
-                print(f"debian {bed.mode:5} run {i + 1}: {t:6.2f} s  ({_phase_text(ph)})", flush=True)
+                print(f"debian {bed.mode:9} run {i + 1}: {t:6.2f} s  ({_phase_text(ph)})", flush=True)
                 if args.console_dir:
                     os.makedirs(args.console_dir, exist_ok=True)
                     with open(os.path.join(args.console_dir, f"{bed.mode}-run{i + 1}.log"), "w",
@@ -303,7 +307,7 @@ def run_debian(args: argparse.Namespace) -> int:
     print(f"{'':40}{'median':>10}{'min':>10}{'ratio med':>11}{'ratio min':>11}")
     print(f"{'(a) local disk':40}{med['local']:10.2f}{low['local']:10.2f}")
     for mode in modes[1:]:
-        print(f"{'(b) ' + mode + ' boot -> iPXE -> iSCSI':40}{med[mode]:10.2f}{low[mode]:10.2f}"
+        print(f"{'(b) ' + mode + ' -> iPXE -> iSCSI':40}{med[mode]:10.2f}{low[mode]:10.2f}"
               f"{med[mode] / med['local']:11.3f}{low[mode] / low['local']:11.3f}")
     print("\nmedian phase ends (s since qemu start): " + ", ".join(PHASE_NAMES))
     for mode in modes:
@@ -311,7 +315,7 @@ def run_debian(args: argparse.Namespace) -> int:
         for name in PHASE_NAMES:
             values = [p[name] for p in phases[mode] if p.get(name) is not None]
             cells.append(f"{statistics.median(values):8.2f}" if values else f"{'-':>8}")
-        print(f"{mode:8}" + "".join(cells))
+        print(f"{mode:10}" + "".join(cells))
     return 0
 
 
@@ -327,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--firmware", default="bios,uefi", help="comma-separated: bios, uefi (default both)")
     parser.add_argument("--image", choices=("test", "debian"), default="test",
                         help="test: the busybox test image (default); debian: Debian 12 (BIOS)")
-    parser.add_argument("--modes", default="tftp,http", help="--image debian: boot modes (default tftp,http)")
+    parser.add_argument("--modes", default="tftp,http",
+                        help=f"--image debian: boot modes, a subset of {', '.join(DEBIAN_MODES)} (default tftp,http)")
     parser.add_argument("--pxelinux-timeout", type=int, default=0,
                         help="--image debian: [tftp] pxelinux_timeout to render (tenths of a second; default 0)")
     parser.add_argument("--debian-image", default=None,
@@ -340,8 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory", type=int, default=None, help="guest MiB (default: $BMI_VM_MEMORY or 1024)")
     args = parser.parse_args(argv)
     if args.image == "debian":
-        if any(m not in ("tftp", "http") for m in args.modes.split(",")):
-            parser.error("--modes: a comma-separated subset of tftp, http")
+        if any(m not in DEBIAN_MODES for m in args.modes.split(",")):
+            parser.error(f"--modes: a comma-separated subset of {', '.join(DEBIAN_MODES)}")
         return run_debian(args)
     firmwares = [f.strip() for f in args.firmware.split(",") if f.strip()]
     if not firmwares or any(f not in FIRMWARES for f in firmwares):
