@@ -14,18 +14,24 @@ Each run is timed from qemu's start to the ``BMI-BOOT-OK`` console line. Prints 
 of medians (BIOS and UEFI columns) with the ratio (b)/(a). No thresholds. Runs are sequential (TCG on
 a small box). Needs root.
 
-    .venv/bin/python benchmarks/boot_time.py --image debian [--runs N] [--modes tftp,http]
-                                             [--pxelinux-timeout T] [--memory MB]
+    .venv/bin/python benchmarks/boot_time.py --image debian [--runs N] [--modes tftp,tftp-ipxe,http]
+                                             [--pxelinux-timeout T] [--memory MB] [--console-dir DIR]
 
 ``--image debian`` boots a real distribution instead: Debian 12 (systemd, open-iscsi's initramfs with
 ISCSI_AUTO logging in from the iBFT, root filesystem on the LUN; ``scripts/build-debian-image``,
 cached in build/debian12.img), BIOS only, timed from qemu's start to the ``BMI-DEBIAN-UP`` line its
 bmi-up.service writes when systemd reaches multi-user.target. (a) is the same image as a local IDE
 disk; (b) is network boot with the boot files BMI renders (ims.einstein.boot.BootFiles, so the
-PXELINUX wait and the iPXE script are exactly BMI's), in TFTP mode (pxelinux.0 -> ipxe.lkrn -> the
-node script) and HTTP mode (the ROM's iPXE -> static boot.ipxe -> GET /boot/<mac> from a small HTTP
-server on the boot network, as Picasso's [boot_http] serves it). ``--pxelinux-timeout 30`` renders the
-original 3 s PXELINUX wait, to measure what it cost.
+PXELINUX wait and the iPXE script are exactly BMI's) and the LUN parameters BMI sets, in TFTP mode
+(pxelinux.0 -> ipxe.lkrn -> the node script), ``tftp-ipxe`` (the same files, the boot network sending
+iPXE ROMs straight to by-mac/<mac>.ipxe: scripts/bootnet BOOTNET_IPXE_DIRECT=1) and HTTP mode (the
+ROM's iPXE -> static boot.ipxe -> GET /boot/<mac> from a small HTTP server on the boot network, as
+Picasso's [boot_http] serves it). The modes alternate within each run (local, tftp, http, local, ...)
+so load from elsewhere on a shared box hits them alike; medians and minima are printed. Each boot is
+split into phases read off the console (first line of the disk's syslinux, kernel start = marker
+time - guest uptime, the initramfs' iSCSI login, up); ``--console-dir`` keeps every console with its
+lines stamped. ``--pxelinux-timeout 30`` renders the original 3 s PXELINUX wait, to measure what it
+cost. ``--debian-image`` and ``--linger-until`` are for debugging with an instrumented copy.
 """
 from __future__ import annotations
 
