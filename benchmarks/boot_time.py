@@ -175,8 +175,8 @@ PHASE_MARKS = (
     ("iscsi-login", r"iscsistart: Logging into"),             # the initramfs logs in from the iBFT
     ("up", DEBIAN_MARKER),
 )
-# Printed in boot order; "kernel" and "userspace" come from the marker line (see timed_debian_boot).
-PHASE_NAMES = ("syslinux", "kernel", "iscsi-login", "userspace", "up")
+# Printed in boot order; "kernel" comes from the marker line (see timed_debian_boot).
+PHASE_NAMES = ("syslinux", "kernel", "iscsi-login", "up")
 
 
 def timed_debian_boot(vm: QemuNode, timeout: float, linger_until: str | None = None
@@ -184,8 +184,8 @@ def timed_debian_boot(vm: QemuNode, timeout: float, linger_until: str | None = N
     """Power the VM on; (seconds to the marker, phase times, stamped console); then power it off.
 
     Phase times, all seconds since qemu's start: ``syslinux`` (first line of the disk's loader),
-    ``kernel`` (the marker's time minus the guest's uptime it reports), ``iscsi-login``,
-    ``userspace`` (systemd started after the initramfs, when the image reports it) and ``up``.
+    ``kernel`` (the marker's time minus the guest's uptime it reports; the kernel's decompression
+    counts before it), ``iscsi-login`` (network modes) and ``up``.
     """
     vm.power_cycle()
     clock = _ConsoleClock(vm)
@@ -205,9 +205,6 @@ def timed_debian_boot(vm: QemuNode, timeout: float, linger_until: str | None = N
     phases["up"] = elapsed
     uptime = re.search(r"uptime=([0-9.]+)", line)
     phases["kernel"] = elapsed - float(uptime.group(1)) if uptime else None
-    userspace = re.search(r"userspace=([0-9.]+)", line)
-    phases["userspace"] = (phases["kernel"] + float(userspace.group(1))
-                           if userspace and phases["kernel"] is not None else None)
     stamped = [f"{t:7.2f} {text}" for t, text in clock.lines]
     return elapsed, phases, stamped
 
