@@ -62,6 +62,9 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         # CHAP: each node's target gets a random secret (tgt incominguser) that only the node's
         # boot script carries; a login without it is refused.  Applies to targets made while on.
         "chap": (bool, True),
+        # Several hosts: the node's iPXE script names its gateway AND the host a take-over would
+        # move it to (sanboot URI1 URI2).  Off by default: docs/deployment.md "Open problem".
+        "multipath_boot": (bool, False),
         "conf_dir": ("path", "/etc/tgt/conf.d"),
         "control_port": (int, 0),
         "tgtadm": (str, "tgtadm"),

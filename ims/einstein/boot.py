@@ -105,9 +105,21 @@ class BootFiles:
 
     # --- rendering --------------------------------------------------------------
     def render_ipxe(self, target_iqn: str, initiator_iqn: str | None = None,
-                    chap: tuple[str, str] | None = None) -> str:
-        """The node's iPXE script; ``chap`` ``(user, secret)`` makes it log in with CHAP."""
+                    chap: tuple[str, str] | None = None, secondary: str | None = None) -> str:
+        """The node's iPXE script; ``chap`` ``(user, secret)`` makes it log in with CHAP.
+
+        ``secondary`` (``"ip:port"``, ``[iscsi] multipath_boot``): a second portal for the same
+        target, named after this gateway's (``sanboot --keep URI_here URI_secondary``, see
+        ims/einstein/multipath.py); None renders the single-URI line.
+        """
         _check_iqn(target_iqn, "target")
+        secondary_uri = ""
+        if secondary is not None:
+            from ims.einstein.multipath import Portal, sanboot_uris  # (imports rados: only when asked)
+
+            # Validated there (allow-list; not this gateway's own portal): a newline would inject commands.
+            uris = sanboot_uris(Portal(self.iscsi_ip, self.iscsi_port), secondary, target_iqn, self.lun)
+            secondary_uri = " " + uris[1]
         account = check_chap(chap)  # allow-listed: a newline or "$" would inject iPXE commands
         chap_lines = ""
         if account is not None:
@@ -119,7 +131,8 @@ class BootFiles:
             initiator_line = f"      set initiator-iqn {initiator_iqn}\n"
         return self._ipxe_template.substitute(
             interface=self.interface, initiator_line=initiator_line, chap_lines=chap_lines, iscsi_ip=self.iscsi_ip,
-            iscsi_port=self.iscsi_port, lun=self.lun, target_name=target_iqn)
+            iscsi_port=self.iscsi_port, lun=f"{self.lun:x}", target_name=target_iqn,
+            secondary_uri=secondary_uri)
 
     def render_pxelinux(self, node: str, label: str) -> str:
         validate_name(node, "node")
@@ -136,7 +149,7 @@ class BootFiles:
 
     # --- files ------------------------------------------------------------------
     def write(self, node: str, mac: str, label: str, target_iqn: str, initiator_iqn: str | None = None,
-              chap: tuple[str, str] | None = None) -> list[str]:
+              chap: tuple[str, str] | None = None, secondary: str | None = None) -> list[str]:
         """Write (or replace) the boot files; returns their paths (see :meth:`paths`).
 
         Everything is validated and rendered before the first file is touched, so bad
@@ -147,7 +160,7 @@ class BootFiles:
         """
         normalize_mac(mac)
         ipxe_file, mac_ipxe_file, pxe_file = self.paths(node, mac)
-        ipxe_text = self.render_ipxe(target_iqn, initiator_iqn, chap)
+        ipxe_text = self.render_ipxe(target_iqn, initiator_iqn, chap, secondary)
         pxe_text = self.render_pxelinux(node, label)
         atomic_write(ipxe_file, ipxe_text, 0o644)
         os.makedirs(os.path.dirname(mac_ipxe_file), mode=0o755, exist_ok=True)

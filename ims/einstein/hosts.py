@@ -188,6 +188,18 @@ class Hosts:
         """The live host whose gateway should export ``key``'s target; None when no host is registered."""
         return self.ring().get(key)
 
+    def secondary_for(self, key: str, primary: str | None = None, fresh: bool = False) -> str | None:
+        """The host a take-over would move ``key``'s target to if ``primary`` (default: this host) died.
+
+        That is the ring over the live hosts minus ``primary`` (what :meth:`HostAgent.elect` builds:
+        the live hosts but the dead one); on a consistent ring it is the next host after the primary
+        on ``key``'s walk, so every other node keeps its owner.  None when no other host is live.
+        """
+        primary = primary or self.name
+        now = datetime.now(UTC)
+        others = [name for name, info in self.rows(fresh).items() if name != primary and self.is_live(info, now)]
+        return HashRing(others).get(key)
+
     def multi(self) -> bool:
         """True when another host than this one is registered (routing matters)."""
         return any(name != self.name for name in self.rows())
@@ -229,6 +241,25 @@ def _stamp_gateway(_mapper: Any, _conn: Any, target: Provision) -> None:
     hosts = _CURRENT.get("hosts")
     if target.gateway is None and hosts is not None:
         target.gateway = hosts.name  # the target is made here: routing sent the call to this host
+
+
+def secondary_portal(cfg: Any, key: str) -> str | None:
+    """``[iscsi] multipath_boot``: the portal (``ip:port``) the node's iPXE script names second, or None.
+
+    None (today's single-URI script) when the option is off, in a process without a host registry,
+    or with no other live host.  The boot files are written by the node's gateway host (provision
+    and boot_script are routed there, a take-over adopts here), so the primary is this host.
+    """
+    if not getattr(cfg.iscsi, "multipath_boot", False):
+        return None
+    hosts = _CURRENT.get("hosts")
+    if hosts is None:
+        return None
+    secondary = hosts.secondary_for(key, fresh=True)
+    info = hosts.rows().get(secondary) if secondary is not None else None
+    if info is None or info.portal == hosts.portal:
+        return None  # hosts sharing one portal: a second URI would be the same path
+    return info.portal
 
 
 def install(cfg: Any, sessions: sessionmaker[Session], engine: Any) -> Hosts:

@@ -25,6 +25,9 @@ iPXE's retry (it re-opens every URI when the SAN target fails) attaches there.
 :func:`sanboot_line` renders that line; :func:`san_uri` one RFC 4173 URI.  Caveat (docs/deployment.md,
 "Open problem"): on the boot bed a node's initramfs re-login from the iBFT (``iscsistart -b``) did not
 finish with a two-URI script, so an OS that does that should get ``sanboot_line(primary, None, ...)``.
+That is why the product renders two URIs only with ``[iscsi] multipath_boot = true`` (default off):
+``ims.einstein.hosts.secondary_portal`` picks the secondary, ``BootFiles.render_ipxe(secondary=)``
+writes it.
 """
 from __future__ import annotations
 

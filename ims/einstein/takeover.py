@@ -19,7 +19,8 @@ Each Einstein supervisor runs one :class:`HostAgent` thread.  Every ``[host] hea
    rolls back its half-made provision, so the row may vanish), it fences the clone's other Ceph
    clients (the old gateway's LUN: a hung tgtd must never deliver a late write; :meth:`HostAgent.fence`),
    adds the target for the clone (the clone lives in Ceph: the disk survives) and rewrites the
-   node's boot files, which now name this host's portal.
+   node's boot files, which now name this host's portal (and, with ``[iscsi] multipath_boot``, the
+   next host on the ring second: where a further take-over would go).
 4. **Fence sweep**: a local target whose provision is recorded on ANOTHER gateway is removed
    (with its conf file, so a tgtd restart does not bring it back): a host that comes back after
    being taken over never exports a node twice, and never fights for it.

@@ -150,6 +150,8 @@ def test_nodes_spread_over_hosts_survive_a_killed_host_and_the_returning_host_is
     for node in NODES:  # each node's own data on its disk, through its own gateway
         host = c.hosts[0 if node in on1 else 1]
         assert c.host_of_portal((c.base / "tftp" / f"{node}.ipxe").read_text()) == host.index
+        # [iscsi] multipath_boot off (the default): one URI, as before (tests/integration/test_multipath_boot_real.py)
+        assert (c.base / "tftp" / f"{node}.ipxe").read_text().count("iscsi:") == 1, node
         iscsi_rw.write_lun(host.tgtd.portal, iqn[node], 1, 0, node_data(node), initiator=INITIATOR + node,
                          chap=node_chap(c, node))
 

@@ -68,12 +68,14 @@ class HostProc:
 
 class Cluster:
     def __init__(self, base: Path, hosts: int, ceph: Any, hil_url: str, workers: int = 2,
-                 heartbeat: float = 0.5, dead_after: float = 3.0, service_user: tuple[str, str] | None = None) -> None:
+                 heartbeat: float = 0.5, dead_after: float = 3.0, service_user: tuple[str, str] | None = None,
+                 multipath_boot: bool = False) -> None:
         self.base = Path(base)
         self.ceph = ceph
         self.hil_url = hil_url
         self.heartbeat, self.dead_after = heartbeat, dead_after
         self.service_user = service_user
+        self.multipath_boot = multipath_boot  # [iscsi] multipath_boot: two-URI boot scripts
         (self.base / "tftp" / "pxelinux.cfg").mkdir(parents=True, exist_ok=True)
         self.db_path = self.base / "bmi.db"
         self.hosts = [HostProc(i, f"host{i + 1}", self.base / f"host{i + 1}", f"127.0.0.{i + 1}", workers)
@@ -101,6 +103,7 @@ class Cluster:
             port = {host.tgtd.portal_port}
             conf_dir = {host.conf_dir}
             control_port = {host.tgtd.control_port}
+            multipath_boot = {str(self.multipath_boot).lower()}
             [net_isolator]
             url = {self.hil_url}
             auth_cache_seconds = 0

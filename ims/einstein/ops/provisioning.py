@@ -27,6 +27,7 @@ from ims.common.errors import (
     WrongKind,
 )
 from ims.database.models import Image, Provision
+from ims.einstein import hosts
 from ims.einstein.journal import RecoveryContext, Tx
 from ims.einstein.ops.core import Auth, Core
 from ims.einstein.ops.hil_steps import settled
@@ -62,9 +63,10 @@ def recovery_ctx(core: Core, net: Any) -> RecoveryContext:
 def boot_params(core: Core, node: str, mac: str, label: str, clone: str, owner: str) -> dict[str, Any]:
     """The parameters of a write/remove-boot-files step."""
     _, _, initiator = core.initiators(owner)
-    # "target": the clone, whose row holds the CHAP secret the script gets (never a parameter itself)
+    # "target": the clone, whose row holds the CHAP secret the script gets (never a parameter itself);
+    # "secondary": [iscsi] multipath_boot's second portal (the take-over host), None = one URI
     return {"node": node, "mac": mac, "label": label, "iqn": core.iscsi.iqn(clone), "initiator": initiator,
-            "target": clone}
+            "target": clone, "secondary": hosts.secondary_portal(core.cfg, node)}
 
 
 def export_and_boot(core: Core, steps: Steps, tx: Tx, node: str, mac: str, label: str, clone: str, owner: str,
@@ -214,7 +216,8 @@ class Provisioning:
                 raise NodeNotProvisioned(f"no node with MAC {mac} is provisioned")
             row = session.get(Image, prov.image_id)
             owner = prov.node if row is not None and row.kind == "node" else (row.name if row else prov.node)
-            clone = core.ceph_name(prov.image_id)
+            clone, node = core.ceph_name(prov.image_id), prov.node
         _, _, initiator = core.initiators(owner)
         # CHAP: the script carries the target's secret (never logged; /boot/ is on the provisioning network)
-        return core.boot.render_ipxe(core.iscsi.iqn(clone), initiator, chap_of(core, clone))
+        return core.boot.render_ipxe(core.iscsi.iqn(clone), initiator, chap_of(core, clone),
+                                     hosts.secondary_portal(core.cfg, node))

@@ -284,16 +284,17 @@ def write_boot(core: Core, params: dict[str, Any]) -> list[str]:
     their scripts are written without CHAP, as they were.
     """
     return core.boot.write(params["node"], params["mac"], params["label"], params["iqn"],
-                           params.get("initiator"), chap=chap_of(core, params.get("target")))
+                           params.get("initiator"), chap=chap_of(core, params.get("target")),
+                           secondary=params.get("secondary"))
 
 
 class WriteBoot(Step):
     name, undo_name = "boot.write", "boot.remove"
 
     def execute(self, node: str, mac: str, label: str, iqn: str, initiator: str | None = None,
-                target: str | None = None) -> None:
+                target: str | None = None, secondary: str | None = None) -> None:
         write_boot(self.core, {"node": node, "mac": mac, "label": label, "iqn": iqn, "initiator": initiator,
-                               "target": target})
+                               "target": target, "secondary": secondary})
 
     def revert(self, params: dict[str, Any], ctx: RecoveryContext) -> None:
         self.core.boot.remove(params["node"], params["mac"])
@@ -303,7 +304,7 @@ class RemoveBoot(Step):
     name, undo_name = "boot.remove", "boot.write"
 
     def execute(self, node: str, mac: str, label: str, iqn: str, initiator: str | None = None,
-                target: str | None = None) -> None:
+                target: str | None = None, secondary: str | None = None) -> None:
         self.core.boot.remove(node, mac)
 
     def revert(self, params: dict[str, Any], ctx: RecoveryContext) -> None:
