@@ -120,8 +120,8 @@ def start_stack(d: Path, max_gib: float) -> dict[str, str]:
     # The HIL simulator with no action delay: what is measured is BMI, not a simulated switch.
     orig = bmi_stack.service_argv
 
-    def argv(name: str, dd: Path, cfg: Path | None = None, hil_port: int | None = None) -> list[str]:
-        out = orig(name, dd, cfg=cfg, hil_port=hil_port)
+    def argv(name: str, dd: Path, cfg: Path | None = None, **kwargs: Any) -> list[str]:
+        out = orig(name, dd, cfg=cfg, **kwargs)  # hil_port, hil_ip, ...
         return [*out, "--action-delay", "0"] if name == "hil-simulator" else out
 
     bmi_stack.service_argv = argv
