@@ -54,10 +54,19 @@ def _proc_start_time(pid: int) -> str:
 HOST: dict[str, Any] = {"name": socket.gethostname(), "alive": None}
 
 
+_OWNER: dict[tuple[int, str], str] = {}
+
+
 def current_owner() -> str:
     """``host:pid:starttime`` of this process (start time guards against pid reuse)."""
     pid = os.getpid()
-    return f"{HOST['name']}:{pid}:{_proc_start_time(pid)}"
+    # perf: read /proc once per (pid, host name), not on every lock and journal row (a forked
+    # child has another pid; [host] name may be set after start)
+    key = (pid, HOST["name"])
+    owner = _OWNER.get(key)
+    if owner is None:
+        owner = _OWNER[key] = f"{key[1]}:{pid}:{_proc_start_time(pid)}"
+    return owner
 
 
 def owner_alive(owner: str) -> bool:
