@@ -310,6 +310,8 @@ def measure(d: Path, env: dict[str, str], runs: int, sizes: list[float], parts: 
         cpu1 = stack_cpu(d.resolve(), int(cfg.iscsi.control_port))
         res["batch_cpu"] = {k: (v - cpu0.get(k, 0.0)) / len(batch) for k, v in cpu1.items()}
         res["batch_n"] = len(batch)
+        log("batch CPU per provision: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in
+                                                    sorted(res["batch_cpu"].items(), key=lambda kv: -kv[1])))
         res["batch_done"] = states.count("done")
         rows["batch of 100 (whole batch)"] = [res["batch_s"]]
         with ThreadPoolExecutor(8) as pool:  # clean up in parallel (not measured)
