@@ -120,8 +120,8 @@ def start_stack(d: Path, max_gib: float) -> dict[str, str]:
     # The HIL simulator with no action delay: what is measured is BMI, not a simulated switch.
     orig = bmi_stack.service_argv
 
-    def argv(name: str, dd: Path, cfg: Path | None = None, hil_port: int | None = None) -> list[str]:
-        out = orig(name, dd, cfg=cfg, hil_port=hil_port)
+    def argv(name: str, dd: Path, cfg: Path | None = None, **kwargs: Any) -> list[str]:
+        out = orig(name, dd, cfg=cfg, **kwargs)  # hil_port, hil_ip, ...
         return [*out, "--action-delay", "0"] if name == "hil-simulator" else out
 
     bmi_stack.service_argv = argv
@@ -310,6 +310,8 @@ def measure(d: Path, env: dict[str, str], runs: int, sizes: list[float], parts: 
         cpu1 = stack_cpu(d.resolve(), int(cfg.iscsi.control_port))
         res["batch_cpu"] = {k: (v - cpu0.get(k, 0.0)) / len(batch) for k, v in cpu1.items()}
         res["batch_n"] = len(batch)
+        log("batch CPU per provision: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in
+                                                    sorted(res["batch_cpu"].items(), key=lambda kv: -kv[1])))
         res["batch_done"] = states.count("done")
         rows["batch of 100 (whole batch)"] = [res["batch_s"]]
         with ThreadPoolExecutor(8) as pool:  # clean up in parallel (not measured)

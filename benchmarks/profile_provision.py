@@ -12,6 +12,8 @@ up; PROFILE_DIR (default <repo>/run/profile) is the stack's directory.
 PROFILE_BATCH=N profiles one batch of N nodes (POST /v1/provisions, as `make bench` does) instead:
 on-CPU samples only (no --idle) of every thread, to see what the Einstein worker running the batch
 spends its CPU on (the batch is bound by that one process's CPU on a small machine).
+py-spy counts a thread blocked in some calls (a socket read, a lock) as active; PROFILE_GIL=1
+keeps only samples of threads holding the GIL, i.e. the Python CPU itself.
 """
 from __future__ import annotations
 
@@ -54,6 +56,8 @@ def main() -> int:
             user.do("POST", f"/projects/{bench.PROJECT}/nodes/{node}/deprovision", dep)
         batch = int(os.environ.get("PROFILE_BATCH", "0"))
         idle = [] if batch else ["--idle"]
+        if os.environ.get("PROFILE_GIL") == "1":
+            idle = ["--gil"]  # only samples of threads holding the GIL: the Python CPU itself
         spy = [str(REPO / ".venv/bin/py-spy"), "record", *idle, "--subprocesses", "--format", "raw", "-r", "200"]
         procs = [subprocess.Popen([*spy, "-p", str(pid), "-o", str(d / f"spy-{pid}.txt")],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

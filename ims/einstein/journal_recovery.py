@@ -54,10 +54,19 @@ def _proc_start_time(pid: int) -> str:
 HOST: dict[str, Any] = {"name": socket.gethostname(), "alive": None}
 
 
+_OWNER: dict[tuple[int, str], str] = {}
+
+
 def current_owner() -> str:
     """``host:pid:starttime`` of this process (start time guards against pid reuse)."""
     pid = os.getpid()
-    return f"{HOST['name']}:{pid}:{_proc_start_time(pid)}"
+    # perf: read /proc once per (pid, host name), not on every lock and journal row (a forked
+    # child has another pid; [host] name may be set after start)
+    key = (pid, HOST["name"])
+    owner = _OWNER.get(key)
+    if owner is None:
+        owner = _OWNER[key] = f"{key[1]}:{pid}:{_proc_start_time(pid)}"
+    return owner
 
 
 def owner_alive(owner: str) -> bool:
@@ -146,9 +155,17 @@ class JournalRecovery:
             rows = session.execute(select(Operation.id, Operation.args, Operation.state, Operation.owner)
                                    .where(Operation.state.in_(("running", "failed")))).all()
         pending = []
+        # perf: under a batch every lock taken meets the batch's other running rows: judge each
+        # owner once (a /proc read) and parse a row's locks only when it is one to finish
+        alive: dict[str, bool] = {}
         for op_id, args, state, op_owner in rows:
+            if state != "failed":
+                if op_owner not in alive:
+                    alive[op_owner] = _alive(op_owner)
+                if alive[op_owner]:
+                    continue
             locks = set(_locks_of(args))
-            if locks & wanted and (state == "failed" or not _alive(op_owner)):
+            if locks & wanted:
                 pending.append((op_id, sorted(locks - wanted)))
         if not pending:
             return

@@ -69,6 +69,9 @@ MAX_BATCH = 200
 # How often a worker with queued tasks re-checks admission (other workers' tasks free slots
 # without telling it); its own tasks' ends wake it at once.
 POLL_SECONDS = 0.05
+# While this worker's own running tasks fill the bounds, their ends wake the scheduler; this is
+# only a safety net.
+BLOCKED_WAIT_SECONDS = 1.0
 NOT_STARTED = "the back-end stopped before it started; nothing was done"
 
 
@@ -86,6 +89,7 @@ class Tasks(TaskRecords):
         # This worker's tasks: queued ones with their credentials (memory only), and running ids.
         self._pending: dict[int, tuple[str, Auth, dict[str, Any]]] = {}
         self._running: set[int] = set()
+        self._running_gw: set[int] = set()  # those of them on the gateway (GATEWAY_VERBS)
         self._cond = threading.Condition()
         self._admit_lock = threading.Lock()
         self._scheduler: threading.Thread | None = None
@@ -189,6 +193,15 @@ class Tasks(TaskRecords):
                     self._cond.wait()
                 if self._closing:
                     return
+            with self._cond:
+                # perf: while this worker's own running tasks already fill the bounds every queued
+                # task of its needs, no admission pass can start one (the global counts include
+                # them): wait for one of them to end (it notifies) instead of a database pass
+                # (a write transaction) every POLL_SECONDS.  Other workers' ends cannot free a
+                # slot here, so nothing is missed; the timeout is only a safety net.
+                if self._blocked_by_own():
+                    self._cond.wait(BLOCKED_WAIT_SECONDS)
+                    continue
             try:
                 started = self._start(self._claim())
             except Exception:  # noqa: BLE001 - e.g. the database is briefly locked: try again
@@ -197,6 +210,19 @@ class Tasks(TaskRecords):
             if not started:
                 with self._cond:
                     self._cond.wait(POLL_SECONDS)
+
+    def _blocked_by_own(self) -> bool:
+        """True when this worker's running tasks alone reach the bound each of its queued tasks
+        needs (call with ``_cond`` held): an admission pass would start none of them.  All of this
+        worker's tasks are on its cluster; the gateway verbs' also on its gateway."""
+        if not self._pending:
+            return False
+        max_gw, max_cl = self._limits()
+        if len(self._running) >= max_cl:
+            return True
+        if len(self._running_gw) < max_gw:
+            return False
+        return all(verb in GATEWAY_VERBS for verb, _auth, _kwargs in self._pending.values())
 
     def _claim(self) -> list[tuple[int, str, Auth, dict[str, Any]]]:
         """Mark running this worker's queued tasks that the bounds and the fair order let start now."""
@@ -241,6 +267,8 @@ class Tasks(TaskRecords):
                 for task_id in to_start:
                     verb, auth, kwargs = self._pending.pop(task_id)
                     self._running.add(task_id)
+                    if verb in GATEWAY_VERBS:
+                        self._running_gw.add(task_id)
                     claimed.append((task_id, verb, auth, kwargs))
         return claimed
 
@@ -252,9 +280,11 @@ class Tasks(TaskRecords):
 
     def _link(self, task_id: int, session: Session, op_id: int) -> None:
         """Record that the call of task ``task_id`` opened journal row ``op_id`` (same transaction)."""
-        task = session.get(Task, task_id)
-        if task is not None:
-            task.journal_ops = json.dumps([*json.loads(task.journal_ops or "[]"), op_id])
+        # perf: Core statements (no ORM load and flush of the whole row), the same SQL effect
+        linked = session.execute(select(Task.journal_ops).where(Task.id == task_id)).first()
+        if linked is not None:
+            session.execute(update(Task).where(Task.id == task_id).values(
+                journal_ops=json.dumps([*json.loads(linked[0] or "[]"), op_id])))
 
     def _run(self, task_id: int, verb: str, auth: Auth, kwargs: dict[str, Any]) -> None:
         token = OPERATION_STARTED.set(lambda session, op_id: self._link(task_id, session, op_id))
@@ -276,6 +306,7 @@ class Tasks(TaskRecords):
         finally:
             with self._cond:
                 self._running.discard(task_id)
+                self._running_gw.discard(task_id)
                 self._cond.notify_all()
         LOG.info("operation %d (%s) %s in %.0f ms%s", task_id, verb, "failed" if error else "done",
                  (time.monotonic() - started) * 1000, f": {error['message']}" if error else "")
