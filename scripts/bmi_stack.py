@@ -238,6 +238,8 @@ def up(d: Path, boot_net: bool, http_boot: bool = False, workers: int = 2, nodes
         wait_ready(admin_env)
         run(str(REPO / ".venv" / "bin" / "bmi"), "project", "create", "bmi_infra", "bmi_network", env=admin_env)
         run(str(REPO / ".venv" / "bin" / "bmi"), "project", "create", "other_project", env=admin_env)
+        for name, host in (net["hosts"].items() if net else [("host1", {})]):
+            stack_restart.wait_workers(stack(), d, name, host.get("netns"))
         log(f"up in {time.monotonic() - t0:.1f}s; now: source {d / 'env'}")
     except BaseException:
         log("start-up failed; stopping what was started")

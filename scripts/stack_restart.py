@@ -141,6 +141,20 @@ def probe(stack: Any, d: Path, host: str, netns: str | None) -> dict[str, Any]:
     return {"probe_error": (proc.stderr.strip() or proc.stdout.strip())[-500:]}
 
 
+def wait_workers(stack: Any, d: Path, host: str, netns: str | None, timeout: float = 120.0) -> None:
+    """Until ``host``'s name server lists every worker its config asks for.  `up` returns only then:
+    Picasso answers as soon as ONE worker serves, and callers counting the workers (the chaos run's
+    worker kills, its tests) must find them all."""
+    deadline = time.monotonic() + timeout
+    seen: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        seen = probe(stack, d, host, netns)
+        if seen.get("workers", 0) >= seen.get("expected", 1):
+            return
+        time.sleep(0.3)
+    raise RuntimeError(f"{host}'s Einstein did not register all its workers within {timeout:.0f} s ({seen})")
+
+
 def restart_einstein(stack: Any, d: Path, host: str, net: dict | None, env: dict[str, str]) -> None:
     netns = net["hosts"][host]["netns"] if net else None
     cfg = config_of(d, host)
