@@ -51,12 +51,29 @@ def report(res: dict[str, Any], write_docs: bool = True) -> None:
         return
     docs = REPO / "docs"
     plots(res, docs)
+    cpu_rows = "\n".join(f"| {k} | {v * 1000:.0f} ms |" for k, v in sorted(res.get("batch_cpu", {}).items(),
+                                                                        key=lambda kv: -kv[1]))
+    conc_rows = "\n".join(f"| {c} | {fmt(statistics.median(v))} | {fmt(pct(v, 95))} | {fmt(res['conc_wall'][c])} |"
+                           for c, v in res["conc"].items())
+    when = time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())
+    header = (f"Written by `make bench` (benchmarks/bench.py) on {when}, in\n{res['wall_s'] / 60:.1f} minutes: "
+              "one throwaway stack (`scripts/bmi-stack up --nodes 100`, bluestore Ceph on a\nsparse file, a private "
+              "tgtd, the HIL simulator with no action delay, 2 Einstein workers) on\n"
+              f"{os.cpu_count()} CPU cores.  Regenerate with `make bench`; the numbers below are from that one run.")
+    blocks = {"header": header, "table": text + "\n\n" + res.get("size_note", ""), "cpu": cpu_rows,
+              "concurrency": conc_rows}
+    path = docs / "performance.md"
+    if path.exists() and update_blocks(path, blocks):
+        log(f"updated the generated parts of {path} (the prose around them is kept)")
+        return
     (docs / "performance.md").write_text(f"""# Performance
 
+<!-- bench:header -->
 Written by `make bench` (benchmarks/bench.py) on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, in
 {res['wall_s'] / 60:.1f} minutes: one throwaway stack (`scripts/bmi-stack up --nodes 100`, bluestore Ceph on a
 sparse file, a private tgtd, the HIL simulator with no action delay, 2 Einstein workers) on
 {os.cpu_count()} CPU cores.  Regenerate with `make bench`; the numbers below are from that one run.
+<!-- /bench:header -->
 
 **Floor**: the bare work BMI must do, timed on the same Ceph and tgtd with no checks: a librbd
 clone of the golden image's snapshot, the tgtadm calls that make the same target as BMI's (new
@@ -69,9 +86,11 @@ synchronous form API (`PUT /provision/` answering `Success`).  × floor compares
 floor's p50 (provision rows with the provision floor, deprovision rows with the deprovision floor;
 the batch with {res['batch_n']} × the provision floor, i.e. doing the bare work serially).
 
+<!-- bench:table -->
 {text}
 
 {res.get("size_note", "")}
+<!-- /bench:table -->
 Snapshot and import return once the new image exists as a copy-on-write clone, usable at once;
 a worker flattens it in the background (docs/operations.md).  "sync flatten" is the old way on
 the same node data: clone + `rbd flatten` before answering — it grows with the data written.
@@ -109,8 +128,9 @@ two cores are shared with everything else on the machine):
 
 | process | CPU per provision |
 |---|---|
-""" + "\n".join(f"| {k} | {v * 1000:.0f} ms |" for k, v in sorted(res.get("batch_cpu", {}).items(),
-                                                                key=lambda kv: -kv[1])) + """
+<!-- bench:cpu -->
+""" + cpu_rows + """
+<!-- /bench:cpu -->
 
 Why provision stays above 1.3 × the floor here: on two shared cores latency follows CPU, and
 BMI's extra work is CPU the floor does not spend — the HIL simulator's password hash on each
@@ -132,8 +152,9 @@ most of the floor's deprovision and of BMI's.
 
 | concurrent provisions | p50 | p95 | wall |
 |---|---|---|---|
-""" + "\n".join(f"| {c} | {fmt(statistics.median(v))} | {fmt(pct(v, 95))} | {fmt(res['conc_wall'][c])} |"
-                for c, v in res["conc"].items()) + """
+<!-- bench:concurrency -->
+""" + conc_rows + """
+<!-- /bench:concurrency -->
 
 ![latency vs concurrency](performance-concurrency.png)
 
@@ -142,6 +163,22 @@ most of the floor's deprovision and of BMI's.
 ![snapshot time vs written GiB](performance-snapshot.png)
 """)
     log(f"wrote {docs / 'performance.md'}")
+
+
+def update_blocks(path: Path, blocks: dict[str, str]) -> bool:
+    """Replace each ``<!-- bench:NAME -->`` ... ``<!-- /bench:NAME -->`` block of ``path`` with ``blocks[NAME]``
+    and keep everything else (the hand-written explanations).  False, and nothing written, unless every
+    block's markers are there once (then the caller writes the whole page from its template)."""
+    doc = path.read_text(encoding="utf-8")
+    for name, body in blocks.items():
+        start, end = f"<!-- bench:{name} -->\n", f"<!-- /bench:{name} -->"
+        if doc.count(start) != 1 or doc.count(end) != 1 or doc.index(start) > doc.index(end):
+            return False
+        head, rest = doc.split(start)
+        _old, tail = rest.split(end)
+        doc = head + start + body.rstrip("\n") + "\n" + end + tail
+    path.write_text(doc, encoding="utf-8")
+    return True
 
 
 def plots(res: dict[str, Any], docs: Path) -> None:
