@@ -162,7 +162,8 @@ def stack_cpu(d: Path, tgt_port: int) -> dict[str, float]:
     out: dict[str, float] = {}
     for pid in ours:
         cmd, st = procs[pid]
-        kind = next((k for k, m in (("Picasso", "picasso"), ("HIL simulator", "hil-simulator"), ("HIL simulator", "hilsim"), ("ceph-osd", "ceph-osd"),
+        kind = next((k for k, m in (("Picasso", "picasso"), ("HIL simulator", "hil-simulator"),
+                                    ("HIL simulator", "hilsim"), ("ceph-osd", "ceph-osd"),
                                     ("ceph-mon", "ceph-mon"), ("tgtd", "tgtd ")) if m in cmd), "Einstein")
         mine = (int(st[11]) + int(st[12])) / hz
         children = (int(st[13]) + int(st[14])) / hz
