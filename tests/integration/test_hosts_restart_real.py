@@ -25,6 +25,7 @@ import pytest
 
 from ims.einstein.hosts import HashRing
 from tests.integration.test_hosts_stack_real import gateways, in_netns, live, netns_inode
+from tests.support.procs import alive
 from tests.support.stack import STACK, Stack, running_stack
 
 NODES = ["node-01", "node-02", "node-03", "node-04"]
@@ -107,20 +108,20 @@ def test_restart_of_each_hosts_einstein_and_tgtd_keeps_every_node_on_its_gateway
 
         restart(stack, "einstein-host2")
         new_einstein = pid(d / "pids" / "einstein-host2.pid")
-        assert new_einstein != einstein2 and not Path(f"/proc/{einstein2}").exists()
+        assert new_einstein != einstein2 and not alive(einstein2)
         assert os.stat(f"/proc/{new_einstein}/ns/net").st_ino == netns_inode(stack.env["BMI_HOST2_NETNS"])
         rows = host_rows(stack)
         assert rows["host2"][0] > epochs["host2"][0] and rows["host2"][1] == "up"  # it registered again
 
         einstein1 = pid(d / "pids" / "einstein.pid")
         restart(stack, "einstein")  # host 1's (Picasso's name server), the alias of einstein-host1
-        assert pid(d / "pids" / "einstein.pid") != einstein1 and not Path(f"/proc/{einstein1}").exists()
+        assert pid(d / "pids" / "einstein.pid") != einstein1 and not alive(einstein1)
         assert host_rows(stack)["host1"][0] > epochs["host1"][0]
         restart(stack, "tgtd-host2")
         restart(stack, "tgtd")  # host 1's, the alias of tgtd-host1
         for tgt, old in (("tgt", tgtd1), ("tgt-host2", tgtd2)):
             new = pid(d / tgt / "tgtd.pid")
-            assert new != old and not Path(f"/proc/{old}").exists(), tgt
+            assert new != old and not alive(old), tgt
             assert tgt_env(d, tgt) == ports[tgt]  # same control port, portal and namespace
             netns = ports[tgt]["TGT_NETNS"]
             assert os.stat(f"/proc/{new}/ns/net").st_ino == netns_inode(netns), tgt

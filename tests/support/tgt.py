@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from ims.einstein.iscsi.tgt import TgtTarget
+from tests.support import procs
 
 REPO = Path(__file__).resolve().parents[2]
 TGTD_DEV = str(REPO / "scripts" / "tgtd-dev")
@@ -56,8 +57,8 @@ class TgtdInstance:
         return path
 
     def alive(self) -> bool:
-        try:
-            return Path(f"/proc/{self.pid}/comm").read_text().strip() == "tgtd"
+        try:  # a zombie (PID 1 may reap orphans late) has stopped: not alive
+            return Path(f"/proc/{self.pid}/comm").read_text().strip() == "tgtd" and procs.alive(self.pid)
         except FileNotFoundError:
             return False
 
