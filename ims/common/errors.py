@@ -153,6 +153,10 @@ class IscsiError(ServiceUnavailable):
     """tgtd failed or cannot be reached."""
 
 
+class TgtdRestarted(IscsiError):
+    """tgtd was replaced (restarted) while a target was being made: nothing more went to that tid."""
+
+
 class HILUnavailable(ServiceUnavailable):
     pass
 

@@ -27,12 +27,17 @@ so every target with a conf file that is not live is re-created at once (:meth:`
 and the delete is retried by IQN, each retry confirmed by its own show.  A target of
 another tool (no conf file here) hit in that window is not brought back; that is logged.
 The same window exists inside add_target between ``--op new`` and the LUN/ACL calls on
-that tid: a renumbering there makes the LUN call fail on the neighbour (its LUN 1
-exists), and only a renumbering between the LUN call and the binds could add our
-initiator to a neighbour's ACL.  The show after the last call (once tgtd is ready,
-tgt_sync._settle_added) checks that our IQN is live with our backing store, and
-otherwise makes ours again; a neighbour's extra ACL entry is not undone (it goes at its
-next reload).
+that tid: after a renumbering our LUN, our initiator addresses/names and our CHAP account
+could land on a NEIGHBOUR's target (giving our node its disk).  So the daemon's identity
+(its control socket's inode and change time: a restarted tgtd makes a new socket) is
+taken before ``--op new`` and compared, by one stat and no fork, before every later call
+on that tid: a different daemon stops the add before anything is bound (it is retried on
+the new daemon).  What no stat can see (a ``tgt-admin -e`` run by hand on the SAME daemon
+re-using our tid) is caught by the show after the last call (once tgtd is ready,
+tgt_sync._settle_added): if our IQN is not live at the tid we configured, whatever of
+ours is on the target now at that tid (our LUN, our initiators, our account) is removed
+from it (a neighbour BMI owns is compared with its conf file, and re-made from it if its
+LUN was touched), then ours is made again.
 
 tgtadm forks per call: add_target 7 (ready check, new, LUN, LUN update, bind, ready check,
 show; +1 per initiator name, +2 with CHAP), remove_target 5 (ready check, show, delete,
@@ -55,7 +60,14 @@ import os
 import time
 from pathlib import Path
 
-from ims.common.errors import CommandFailed, InvalidInput, IscsiError, TargetExists, TargetNotFound
+from ims.common.errors import (
+    CommandFailed,
+    InvalidInput,
+    IscsiError,
+    TargetExists,
+    TargetNotFound,
+    TgtdRestarted,
+)
 from ims.common.fileutil import atomic_write, unlink_quietly
 from ims.common.names import IQN_PREFIX_RE, validate_name
 from ims.common.process import execute
@@ -75,7 +87,7 @@ from ims.einstein.iscsi.tgt_conf import (
     render_conf,
 )
 from ims.einstein.iscsi.tgt_files import TgtFiles
-from ims.einstein.iscsi.tgt_sync import TgtSync
+from ims.einstein.iscsi.tgt_sync import SETTLE_ATTEMPTS, TgtSync
 from ims.einstein.storage.base import Backing
 
 LOG = logging.getLogger(__name__)
@@ -95,6 +107,9 @@ GONE_SECONDS = 2.0
 # missing from the configuration it parsed at its start: a target added meanwhile would vanish
 # after BMI confirmed it.  So targets are only added/removed while ready, and checked again after.
 SETTLE_SECONDS = 30.0
+
+# tgtadm -C N talks to this unix socket; a (re)started tgtd makes it anew.
+CONTROL_SOCKET = "/var/run/tgtd/socket.{port}"
 
 _EXISTS = "already exists"
 _NO_TARGET = "can't find the target"
@@ -152,8 +167,15 @@ class TgtTarget(TgtSync, TgtFiles, TgtChap, IscsiTarget):
         if os.path.exists(path):
             raise TargetExists(f"iSCSI target {target} already exists")
         self._gone.pop(spec.iqn, None)
-        self._wait_ready()
-        self._create(spec)
+        for attempt in range(1, SETTLE_ATTEMPTS + 1):
+            self._wait_ready()
+            try:
+                self._create(spec)
+                break
+            except TgtdRestarted as exc:
+                if attempt == SETTLE_ATTEMPTS:
+                    raise
+                LOG.warning("%s: making it again on the new tgtd", exc)
         try:
             atomic_write(path, render_conf(spec, self._template), 0o600)
             self._settle_added(spec, path)
@@ -263,9 +285,10 @@ class TgtTarget(TgtSync, TgtFiles, TgtChap, IscsiTarget):
 
         :raises TargetExists: tgtd already has ``spec.iqn`` (it is not touched).
         """
+        daemon = self._daemon()
         spec.tid = self._new_target(spec.iqn, spec.name, first=first)
         try:
-            self._configure(spec)
+            self._configure(spec, daemon)
         except BaseException:
             self._discard(spec)
             raise
@@ -284,7 +307,12 @@ class TgtTarget(TgtSync, TgtFiles, TgtChap, IscsiTarget):
             raise
 
     def _discard(self, spec: TargetSpec) -> None:
-        """Delete a half-made target (by IQN) and its CHAP account; failures are logged."""
+        """Delete a half-made target (by IQN) and its CHAP account; failures are logged.  If tgtd
+        renumbered meanwhile, what reached a neighbour at our tid is taken back first (_scrub_tid)."""
+        try:
+            self._scrub_tid(spec, spec.tid, self._show_all())
+        except IscsiError as exc:
+            LOG.warning("could not check the target at tid %s after %s failed there: %s", spec.tid, spec.iqn, exc)
         self._delete_by_iqn(spec.iqn, quiet=True)
         if spec.chap is not None:
             try:
@@ -317,25 +345,45 @@ class TgtTarget(TgtSync, TgtFiles, TgtChap, IscsiTarget):
             candidate = None
         raise IscsiError(f"could not find a free tgt tid for {name} after {TID_ATTEMPTS} attempts")
 
-    def _configure(self, spec: TargetSpec) -> None:
-        """LUN, write cache off, ACLs for a target that exists but is empty."""
+    def _daemon(self) -> tuple[int, int] | None:
+        """Which tgtd answers on our control port: its socket's (inode, change time), None if absent."""
+        try:
+            st = os.stat(CONTROL_SOCKET.format(port=self.control_port))
+        except OSError:
+            return None
+        return st.st_ino, st.st_ctime_ns
+
+    def _same_daemon(self, daemon: tuple[int, int] | None, spec: TargetSpec) -> None:
+        """Raise TgtdRestarted if tgtd is no longer the one that made ``spec.tid`` (a restart renumbers
+        tids: the next call by tid could hit a neighbour)."""
+        if self._daemon() != daemon:
+            raise TgtdRestarted(f"tgtd restarted while iSCSI target {spec.iqn} was being made at tid {spec.tid}")
+
+    def _configure(self, spec: TargetSpec, daemon: tuple[int, int] | None) -> None:
+        """LUN, write cache off, ACLs for a target that exists but is empty, each call only while the
+        tgtd that made the target still answers (``daemon``, see :meth:`_daemon`)."""
         assert spec.tid is not None
         tid = str(spec.tid)
+        self._same_daemon(daemon, spec)
         lun_args = ["--op", "new", "--mode", "logicalunit", "--tid", tid, "--lun", str(spec.lun),
                     "--bstype", spec.backing.bstype, "--backing-store", spec.backing.path]
         if spec.backing.bsopts:
             lun_args += ["--bsopts", spec.backing.bsopts]
         self._run(*lun_args)
         # One update: write cache off and the physical block size a disk reports (see LUN_LBPPBE).
+        self._same_daemon(daemon, spec)
         self._run("--op", "update", "--mode", "logicalunit", "--tid", tid, "--lun", str(spec.lun),
                   "--params", f"{WRITE_CACHE_OFF},lbppbe={LUN_LBPPBE}")
         # Exactly what tgt-admin binds for the conf file, so a target reloaded by Debian's
         # tgt.service looks the same as one BMI made (NO_ADDRESS for names-only targets).
         for address in spec.initiators or [NO_ADDRESS]:
+            self._same_daemon(daemon, spec)
             self._run("--op", "bind", "--mode", "target", "--tid", tid, "-I", address)
         for name in spec.initiator_names:
+            self._same_daemon(daemon, spec)
             self._run("--op", "bind", "--mode", "target", "--tid", tid, "-Q", name)
         if spec.chap is not None:
+            self._same_daemon(daemon, spec)
             self._bind_account(tid, *spec.chap)
 
     def _delete_live(self, iqn: str) -> int | None:

@@ -14,9 +14,9 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from ims.common.errors import IscsiError, TargetExists
+from ims.common.errors import IscsiError, TargetExists, TgtdRestarted
 from ims.common.fileutil import atomic_write
-from ims.einstein.iscsi.tgt_conf import LiveTarget, TargetSpec, render_conf
+from ims.einstein.iscsi.tgt_conf import NO_ADDRESS, LiveTarget, TargetSpec, render_conf
 
 LOG = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class TgtSync:
         def list_targets(self) -> list[str]: ...
         def _read_spec_quietly(self, name: str) -> TargetSpec | None: ...
         def _rewrite_tid(self, target: str, tid: int | None, chap: tuple[str, str] | None = None) -> bool: ...
+        def _run(self, *args: str, ok_missing: bool = False, ok_exists: bool = False) -> str | None: ...
 
     def _settle_added(self, spec: TargetSpec, path: str) -> None:
         """Once tgtd is ready, the new target must be live with our backing store (and CHAP
@@ -49,19 +50,61 @@ class TgtSync:
         A tid that moved (the restart re-created it from the conf file) is written down."""
         for _ in range(SETTLE_ATTEMPTS):
             self._wait_ready()
-            live = self._show_all().get(spec.iqn)
+            everything = self._show_all()
+            live = everything.get(spec.iqn)
             if live is not None and live.backing_stores.get(spec.lun) == spec.backing.path \
                     and (spec.chap is None or spec.chap[0] in live.accounts):
                 if live.tid != spec.tid:
+                    # Made again from its conf file by a restart after our calls (they all reached the
+                    # daemon that made it: _create compared its socket), or by tgt-admin on this daemon.
+                    self._scrub_tid(spec, spec.tid, everything)
                     spec.tid = live.tid
                     atomic_write(path, render_conf(spec, self._template), 0o600)
                 return
             LOG.warning("iSCSI target %s vanished while tgtd was loading its conf files (a tgt restart); "
                         "making it again", spec.iqn)
+            self._scrub_tid(spec, spec.tid, everything)
             self._delete_by_iqn(spec.iqn, quiet=True)
-            self._create(spec)
+            try:
+                self._create(spec)
+            except TgtdRestarted:
+                continue  # the next round waits for the new tgtd and looks again
             atomic_write(path, render_conf(spec, self._template), 0o600)
         raise IscsiError(f"iSCSI target {spec.iqn} kept vanishing while tgtd restarted; retry")
+
+    def _scrub_tid(self, spec: TargetSpec, tid: int | None, live: dict[str, LiveTarget]) -> None:
+        """Take back from the target that is at ``tid`` now, if it is not ours, what our calls by that
+        tid may have put on it after a renumbering (``live`` is a fresh full show): a LUN on our backing
+        store, our initiator addresses and names, our CHAP account.  A neighbour with a conf file here
+        keeps what its conf file lists, and if our LUN was on it, it is deleted and made again from its
+        conf file.  Called only when ours is not where we made it (a rare path: no tgtadm call unless
+        something of ours is found)."""
+        other = next((t for t in live.values() if t.tid == tid and t.iqn != spec.iqn), None)
+        if other is None:
+            return
+        own = next((s for s in map(self._read_spec_quietly, self.list_targets())
+                    if s is not None and s.iqn == other.iqn), None)
+        keep = {NO_ADDRESS, *(own.initiators + own.initiator_names if own is not None else [])}
+        luns = [lun for lun, path in other.backing_stores.items() if path == spec.backing.path]
+        acl = [("-Q" if entry in spec.initiator_names else "-I", entry)
+               for entry in [*spec.initiators, *spec.initiator_names] if entry in other.acl and entry not in keep]
+        account = spec.chap[0] if spec.chap is not None and spec.chap[0] in other.accounts else None
+        if not (luns or acl or account):
+            return
+        LOG.error("iSCSI target %s (tid %s) got calls meant for %s after tgtd renumbered its targets: removing "
+                  "from it LUNs %s, initiators %s%s", other.iqn, tid, spec.iqn, luns, [a for _f, a in acl],
+                  f", CHAP account {account}" if account else "")
+        for lun in luns:
+            self._run("--op", "delete", "--mode", "logicalunit", "--tid", str(tid), "--lun", str(lun),
+                      ok_missing=True)
+        for flag, entry in acl:
+            self._run("--op", "unbind", "--mode", "target", "--tid", str(tid), flag, entry, ok_missing=True)
+        if account is not None:
+            self._run("--op", "unbind", "--mode", "account", "--tid", str(tid), "--user", account, ok_missing=True)
+        if luns and own is not None:
+            # Its own LUN could not be made while ours sat there: make it again from its conf file.
+            self._delete_by_iqn(other.iqn, quiet=True)
+            self.restore()
 
     def _confirm_removed(self, iqn: str, tid: int | None) -> None:
         """After ``remove_target`` deleted tid ``tid`` (by tgtadm's exit status) and unlinked the
