@@ -5,9 +5,13 @@ Brings up a throwaway stack (scripts/bmi-stack up --nodes 100, bluestore Ceph, H
 with no action delay), then measures and prints a table (operation, p50, p95, x floor):
 
   floor provision     bare librbd clone of the golden snapshot + the tgtadm calls that make the same
-                      target (new target, LUN, write cache off, bind address, bind initiator name)
-                      + two boot files written
-  floor deprovision   tgtadm delete (by the tid it made) + librbd remove + the two boot files removed
+                      target (new target, LUN, write cache off + block size, bind address, bind initiator
+                      name; with [iscsi] chap, the default, its CHAP account made and bound, as BMI's
+                      target has) + two boot files written
+  floor deprovision   tgtadm delete (by the tid it made; and the CHAP account) + librbd remove + the two
+                      boot files removed
+  floor ... (tgtd socket)  the same floors with each tgtadm request written to tgtd's control socket, as
+                      BMI sends them ([iscsi] control = socket): the floor without a process per call
   provision /v1       POST .../provision (202) -> operation done: what a user waits for
   deprovision /v1     likewise
   provision legacy    PUT /provision/ (synchronous ``Success``); DELETE /deprovision/ likewise
@@ -54,7 +58,8 @@ from bench_report import report  # noqa: E402
 from ims.common import config  # noqa: E402
 from ims.common.process import execute  # noqa: E402
 from ims.einstein.iscsi.tgt import WRITE_CACHE_OFF  # noqa: E402
-from ims.einstein.iscsi.tgt_conf import NO_ADDRESS  # noqa: E402
+from ims.einstein.iscsi.tgt_conf import LUN_LBPPBE, NO_ADDRESS  # noqa: E402
+from ims.einstein.iscsi.tgt_ipc import TgtIpc  # noqa: E402
 from ims.einstein.operations import Operations  # noqa: E402
 
 GiB = 1 << 30
@@ -245,40 +250,55 @@ def measure(d: Path, env: dict[str, str], runs: int, sizes: list[float], parts: 
     tftp = Path(cfg.tftp.pxelinux_path)
 
     log(f"floor and REST provision/deprovision, {runs} runs each, interleaved")
-    for k in ("floor provision", "floor deprovision", "provision /v1", "deprovision /v1",
-              "provision legacy", "deprovision legacy"):
+    for k in ("floor provision", "floor deprovision", "floor provision (tgtd socket)",
+              "floor deprovision (tgtd socket)", "provision /v1", "deprovision /v1", "provision legacy",
+              "deprovision legacy"):
         rows[k] = []
     iqn_init = "iqn.2017-10.org.bench:n"
     ioctx = st._ioctx()  # the floor: bare librbd and tgtadm calls, no checks
 
-    def tgtadm(*args: str) -> None:
+    ipc = TgtIpc(int(cfg.iscsi.control_port))
+
+    def tgtadm_cli(*args: str) -> None:
         execute("tgtadm", "-C", str(cfg.iscsi.control_port), "--lld", "iscsi", *args, timeout=30)
-    for i in range(runs if "rest" in parts else 0):
+
+    def tgtadm_socket(*args: str) -> None:  # the same requests, written to tgtd's socket as BMI does
+        ipc.run("--lld", "iscsi", *args)
+    for i in range((runs if "rest" in parts else 0) * 2):
         raw = f"bench-raw{i}"
-
         tid = str(900000 + i)  # far above BMI's tid counter
+        via_socket = i % 2 == 1  # the floor with the tgtadm binary (the floor), then through the socket
+        tgtadm = tgtadm_socket if via_socket else tgtadm_cli
 
-        def floor_up(raw: str = raw, tid: str = tid) -> None:
+        def floor_up(raw: str = raw, tid: str = tid, tgtadm: Callable[..., None] = tgtadm) -> None:
             rbd.RBD().clone(ioctx, golden_ceph, snap, ioctx, raw, features=1)
             tgtadm("--op", "new", "--mode", "target", "--tid", tid, "-T", f"iqn.2017-10.org.bench:{raw}")
             b = st.backing(raw)
             tgtadm("--op", "new", "--mode", "logicalunit", "--tid", tid, "--lun", "1", "--bstype", b.bstype,
                    "--backing-store", b.path, "--bsopts", b.bsopts)
             tgtadm("--op", "update", "--mode", "logicalunit", "--tid", tid, "--lun", "1", "--params",
-                   WRITE_CACHE_OFF)
+                   f"{WRITE_CACHE_OFF},lbppbe={LUN_LBPPBE}")
             tgtadm("--op", "bind", "--mode", "target", "--tid", tid, "-I", NO_ADDRESS)
             tgtadm("--op", "bind", "--mode", "target", "--tid", tid, "-Q", iqn_init)
+            if cfg.iscsi.chap:  # BMI's target has its own CHAP account: the same target has it too
+                tgtadm("--op", "new", "--mode", "account", "--user", raw, "--password", "BenchFloorSecret0")
+                tgtadm("--op", "bind", "--mode", "account", "--tid", tid, "--user", raw)
             (tftp / f"{raw}.pxe").write_text("boot file\n")
             (tftp.parent / f"{raw}.ipxe").write_text("#!ipxe\n")
 
-        def floor_down(raw: str = raw, tid: str = tid) -> None:
+        def floor_down(raw: str = raw, tid: str = tid, tgtadm: Callable[..., None] = tgtadm) -> None:
             tgtadm("--op", "delete", "--mode", "target", "--tid", tid, "--force")
+            if cfg.iscsi.chap:
+                tgtadm("--op", "delete", "--mode", "account", "--user", raw)
             rbd.RBD().remove(ioctx, raw)
             (tftp / f"{raw}.pxe").unlink()
             (tftp.parent / f"{raw}.ipxe").unlink()
 
-        rows["floor provision"].append(timed(floor_up))
-        rows["floor deprovision"].append(timed(floor_down))
+        suffix = " (tgtd socket)" if via_socket else ""
+        rows["floor provision" + suffix].append(timed(floor_up))
+        rows["floor deprovision" + suffix].append(timed(floor_down))
+        if via_socket:
+            continue
         prov = {"image": "bench-golden", "network": NETWORK, "nic": nic}
         rows["provision /v1"].append(timed(lambda b=prov: user.do(
             "POST", f"/projects/{PROJECT}/nodes/{node}/provision", b)))

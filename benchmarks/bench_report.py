@@ -35,7 +35,7 @@ def report(res: dict[str, Any], write_docs: bool = True) -> None:
         if not samples:
             continue
         p50, p95 = statistics.median(samples), pct(samples, 95)
-        if name.startswith("deprovision") or name == "floor deprovision":
+        if name.startswith(("deprovision", "floor deprovision")):
             ratio = f"{p50 / fd:.2f}"
         elif name.startswith(("provision", "floor provision", "50 concurrent legacy (each)")):
             ratio = f"{p50 / fp:.2f}"

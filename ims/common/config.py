@@ -68,6 +68,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any]]] = {
         "conf_dir": ("path", "/etc/tgt/conf.d"),
         "control_port": (int, 0),
         "tgtadm": (str, "tgtadm"),
+        "control": (str, "socket"),
         "timeout": (float, 30.0),
     },
     "net_isolator": {

@@ -87,6 +87,7 @@ from ims.einstein.iscsi.tgt_conf import (
     render_conf,
 )
 from ims.einstein.iscsi.tgt_files import TgtFiles
+from ims.einstein.iscsi.tgt_ipc import TgtIpc, Unsupported, socket_path
 from ims.einstein.iscsi.tgt_sync import SETTLE_ATTEMPTS, TgtSync
 from ims.einstein.storage.base import Backing
 
@@ -108,9 +109,6 @@ GONE_SECONDS = 2.0
 # after BMI confirmed it.  So targets are only added/removed while ready, and checked again after.
 SETTLE_SECONDS = 30.0
 
-# tgtadm -C N talks to this unix socket; a (re)started tgtd makes it anew.
-CONTROL_SOCKET = "/var/run/tgtd/socket.{port}"
-
 _EXISTS = "already exists"
 _NO_TARGET = "can't find the target"
 _NO_ACCOUNT = "can't find the account"
@@ -122,12 +120,14 @@ class TgtTarget(TgtSync, TgtFiles, TgtChap, IscsiTarget):
     :param conf_dir: where the per-target conf files (and the tid counter) live.
     :param control_port: tgtd's ``-C`` port; 0 means tgtd's default socket.
     :param iqn_prefix: prepended to target names (``""`` keeps the original's bare names).
+    :param direct: send tgtadm's requests straight to tgtd's control socket (no fork+exec per call);
+        None = yes unless ``tgtadm`` names another binary than ``tgtadm``.
     """
 
     name = "tgt"
 
     def __init__(self, conf_dir: str, control_port: int = 0, iqn_prefix: str = "", lun: int = 1,
-                 tgtadm: str = "tgtadm", timeout: float = 30.0) -> None:
+                 tgtadm: str = "tgtadm", timeout: float = 30.0, direct: bool | None = None) -> None:
         if not IQN_PREFIX_RE.fullmatch(iqn_prefix):
             raise InvalidInput(f"invalid iSCSI IQN prefix {iqn_prefix!r}")
         if int(lun) < 1:
@@ -138,6 +138,8 @@ class TgtTarget(TgtSync, TgtFiles, TgtChap, IscsiTarget):
         self.lun = int(lun)
         self.tgtadm = tgtadm
         self.timeout = timeout
+        # Direct to tgtd's socket unless told otherwise or given another tgtadm binary (a wrapper).
+        self._ipc = TgtIpc(self.control_port, timeout) if (tgtadm == "tgtadm" if direct is None else direct) else None
         self._template = Path(DEFAULT_TEMPLATES_DIR, "tgt_target.temp").read_text(encoding="utf-8")
         self._gone: dict[str, float] = {}  # IQN -> when our own delete's show confirmed it gone
         os.makedirs(conf_dir, exist_ok=True)
@@ -239,12 +241,21 @@ class TgtTarget(TgtSync, TgtFiles, TgtChap, IscsiTarget):
 
     # --- tgtadm ---------------------------------------------------------------------
     def _run(self, *args: str, ok_missing: bool = False, ok_exists: bool = False) -> str | None:
-        """Run tgtadm; returns stdout, or None when an allowed "missing"/"exists" error happened."""
+        """Run tgtadm; returns stdout, or None when an allowed "missing"/"exists" error happened.
+
+        With ``direct`` (the default) the request goes straight to tgtd's control socket
+        (:mod:`ims.einstein.iscsi.tgt_ipc`: tgtadm's own protocol, no fork+exec); the results and
+        errors are the CLI's."""
         argv = [self.tgtadm]
         if self.control_port:
             argv += ["-C", str(self.control_port)]
         argv += ["--lld", "iscsi", *args]
         try:
+            if self._ipc is not None:
+                try:
+                    return self._ipc.run("--lld", "iscsi", *args)
+                except Unsupported:
+                    pass
             out, _ = execute(*argv, timeout=self.timeout)
             return out
         except CommandFailed as exc:
@@ -348,7 +359,7 @@ class TgtTarget(TgtSync, TgtFiles, TgtChap, IscsiTarget):
     def _daemon(self) -> tuple[int, int] | None:
         """Which tgtd answers on our control port: its socket's (inode, change time), None if absent."""
         try:
-            st = os.stat(CONTROL_SOCKET.format(port=self.control_port))
+            st = os.stat(socket_path(self.control_port))
         except OSError:
             return None
         return st.st_ino, st.st_ctime_ns
