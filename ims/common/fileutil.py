@@ -5,11 +5,18 @@ import os
 import tempfile
 
 
-def atomic_write(path: str, text: str, mode: int = 0o644) -> None:
+def atomic_write(path: str, text: str, mode: int = 0o644, durable_rename: bool = False) -> None:
     """Replace ``path`` with ``text``: temp file in the same directory, fsync, rename.
 
     A reader sees the old or the new content, never a partial file; a crash leaves at
-    most a hidden ``.<name>.*.tmp`` file behind.
+    most a hidden ``.<name>.*.tmp`` file behind.  The data is on disk before the rename, so
+    after a power loss the file is the old or the new one, never empty or torn.
+
+    Durability is the database's (SQLite WAL with ``synchronous = NORMAL``): a process that dies
+    loses nothing, and a power loss may undo the last changes but never corrupts.  So the rename
+    itself is not forced to disk (a directory fsync: it made every boot file and tgt conf file
+    cost a second journal commit, shared with whatever else writes to that filesystem, e.g. a
+    Ceph OSD) unless ``durable_rename``.
     """
     directory = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
@@ -26,6 +33,8 @@ def atomic_write(path: str, text: str, mode: int = 0o644) -> None:
         except FileNotFoundError:
             pass
         raise
+    if not durable_rename:
+        return
     # Make the rename itself durable.
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
