@@ -113,17 +113,17 @@ class Clone(Step):
         purge(self.core, params["image"])
 
 
-def purge(core: Core, image: str) -> None:
-    """Remove ``image`` with its target and snapshots (idempotent).
+def purge(core: Core, image: str) -> bool:
+    """Remove ``image`` with its target and snapshots (idempotent); True once it is gone.
 
     Its pending flatten is cancelled first.  A snapshot something is still cloned from (a copy
-    awaiting its flatten, a node provisioned from it) is left, and so is the image: once its row
-    is gone it is *doomed* and :func:`flatten.collect` removes it when its last clone leaves.
+    awaiting its flatten, a node provisioned from it) is left, and so is the image (False): once
+    its row is gone it is *doomed* and :func:`flatten.collect` removes it when its last clone leaves.
     """
     st = core.storage
     flatten.cancel(core, image)
     try:
-        _purge_storage(core, image)
+        return _purge_storage(core, image)
     except NotFound as exc:
         # A removal cut short (a SIGKILLed worker) can leave an image that still opens but whose
         # snapshots, children or parent link no longer read back; `rbd remove` finishes such a
@@ -132,14 +132,15 @@ def purge(core: Core, image: str) -> None:
         _quietly(lambda: st.remove_image(image))
         if st.image_exists(image):
             raise
+        return True
 
 
-def _purge_storage(core: Core, image: str) -> None:
+def _purge_storage(core: Core, image: str) -> bool:
     st = core.storage
     info = st.describe(image)  # perf: existence, snapshots and parent from one image open
     if info is None:
         st.finish_removal(image)  # a removal cut short may leave it listed though it no longer opens
-        return
+        return True
     snaps, parent = info
     with contextlib.suppress(TargetNotFound):
         if core.iscsi.target_exists(image):
@@ -153,10 +154,11 @@ def _purge_storage(core: Core, image: str) -> None:
         _quietly(lambda s=snap: st.remove_snapshot(image, s))
     if kept:
         LOG.info("%s still has clones of %s: removed once they are gone", image, ", ".join(kept))
-        return
-    _quietly(lambda: st.remove_image(image))
+        return False
+    _quietly(lambda: st.remove_image(image))  # raises unless it is gone (NotFound: gone already)
     if parent is not None:
         flatten.collect(core, parent[0], parent[1])
+    return True
 
 
 class Flatten(Step):
@@ -433,9 +435,10 @@ class Steps:
             if args.get("node"):
                 core.boot.remove(args["node"], args["mac"])
             _quietly(lambda: core.iscsi.remove_target(args["image"]))
-            purge(core, args["image"])
+            gone = purge(core, args["image"])
             delete_image_row(core, args["image_id"])
-            flatten.collect(core, args["image"])  # if purge had to leave it: its clones may be gone now
+            if not gone:  # purge had to leave it (clones of its snapshots): they may be gone by now
+                flatten.collect(core, args["image"])
 
         def finish_unprovision(args: dict[str, Any], _ctx: RecoveryContext) -> None:
             core.boot.remove(args["node"], args["mac"])
