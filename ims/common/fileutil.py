@@ -50,3 +50,21 @@ def unlink_quietly(path: str) -> bool:
         return True
     except FileNotFoundError:
         return False
+
+
+def remove_temp_leftovers(path: str) -> list[str]:
+    """Remove the hidden temp files an :func:`atomic_write` of ``path`` killed mid-way left behind
+    (``.<name>.*.tmp`` beside it); returns them.  Call it only where no other writer of ``path``
+    can be running (under the lock that guards ``path``)."""
+    directory, name = os.path.split(path)
+    prefix = f".{name}."
+    removed = []
+    try:
+        with os.scandir(directory or ".") as entries:
+            leftovers = [e.path for e in entries if e.name.startswith(prefix) and e.name.endswith(".tmp")]
+    except FileNotFoundError:
+        return []
+    for leftover in leftovers:
+        if unlink_quietly(leftover):
+            removed.append(leftover)
+    return removed

@@ -36,7 +36,7 @@ import string
 from pathlib import Path
 
 from ims.common.errors import InvalidInput
-from ims.common.fileutil import atomic_write, unlink_quietly
+from ims.common.fileutil import atomic_write, remove_temp_leftovers, unlink_quietly
 from ims.common.names import normalize_mac, pxe_mac_filename, validate_name
 from ims.einstein.iscsi.chap import check_chap
 
@@ -173,6 +173,8 @@ class BootFiles:
         """Remove the files (per-MAC ones first, so a booting node falls back cleanly); returns the removed ones."""
         ipxe_file, mac_ipxe_file, pxe_file = self.paths(node, mac)
         removed = [p for p in (pxe_file, mac_ipxe_file, ipxe_file) if unlink_quietly(p)]
+        for path in (pxe_file, mac_ipxe_file, ipxe_file):  # a write killed mid-way (the node's lock is held)
+            removed += remove_temp_leftovers(path)
         if removed:
             LOG.info("removed boot files for node %s: %s", node, ", ".join(removed))
         return removed

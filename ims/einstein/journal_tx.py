@@ -50,7 +50,8 @@ class Tx:
         if result.rowcount != 1:
             raise InternalError(f"journal row {self.op_id} vanished")
 
-    def step(self, name: str, do: Callable[[], T], undo: tuple[str, dict[str, Any]] | None = None) -> T:
+    def step(self, name: str, do: Callable[[], T], undo: tuple[str, dict[str, Any]] | None = None,
+             background: bool = False) -> T:
         """Record ``name`` (with its undo) durably, then run ``do``.
 
         One journal write per step: the record before ``do`` is what recovery needs (it undoes
@@ -64,7 +65,8 @@ class Tx:
             self._save(conn)
         self.journal.fault(name, "before")
         result = do()
-        self.journal.fault(name, "after")
+        if not background:  # a background step's work has only started: its "after" comes when it ends
+            self.journal.fault(name, "after")
         entry["state"] = "done"
         return result
 

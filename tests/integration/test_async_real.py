@@ -175,7 +175,8 @@ def test_batch_of_ten_under_a_gateway_bound_of_two(ops: Operations, tgtd: Any) -
 
 
 # An Einstein worker in miniature: it accepts a batch of 3 provisions (bound 1: one runs, two wait)
-# and is SIGKILLed right after the running one wrote its node's boot files.
+# and is SIGKILLed right after the running one made its node's target (its last step; its boot files
+# are written alongside, done or not).
 CHILD = """
 import json, os, signal, sys, time
 from ims.common import config
@@ -183,7 +184,7 @@ from ims.einstein.operations import Operations
 ops = Operations.from_config(config.parse(sys.argv[1]))
 auth = {"username": "haas", "password": "secret"}
 def hook(name, phase):
-    if (name, phase) == ("boot.write", "after"):
+    if (name, phase) == ("iscsi.add_target", "after"):
         os.kill(os.getpid(), signal.SIGKILL)
 ops.journal.fault_hook = hook
 items = [json.loads(a) for a in sys.argv[2:]]
@@ -205,7 +206,7 @@ def test_worker_killed_mid_task_recovery_settles_its_tasks(ops: Operations, tgtd
     ids = json.loads(proc.stdout.strip().splitlines()[0])
     before = {i: ops.operation_show(USER, i)["state"] for i in ids}
     assert before == {ids[0]: "running", ids[1]: "queued", ids[2]: "queued"}
-    assert ops.operation_show(USER, ids[0])["step"] == "boot.write"
+    assert ops.operation_show(USER, ids[0])["step"] == "iscsi.add_target"
     summary = ops.recover()  # what Einstein's supervisor runs before it respawns the dead worker
     assert summary["tasks"]["not_started"] == ids[1:] and summary["tasks"]["failed"] == ids[:1]
     after = {i: ops.operation_show(USER, i) for i in ids}

@@ -1,6 +1,6 @@
 """Recovery under the lock on REAL parts (Ceph, tgtd, HIL simulator, SQLite on disk or PostgreSQL).
 
-A process provisioning bmi_node is SIGKILLed right after it wrote the node's boot files.
+A process provisioning bmi_node is SIGKILLed once its clone, target and boot files exist.
 A NEW provision of the same node, by another process, must first roll the dead one back
 under the node's lock, then succeed; a later full recovery (an Einstein restart) must
 leave the newer provision intact: boot files, target, clone and rows.
@@ -29,8 +29,14 @@ from ims.einstein.operations import Operations
 ops = Operations.from_config(config.parse(sys.argv[1]))
 auth = {"username": "haas", "password": "secret"}
 if sys.argv[2] == "killed-provision":
+    import time
     def hook(name, phase):
-        if (name, phase) == ("boot.write", "after"):
+        # once the target is made and the boot files (written alongside, ims/einstein/ops/steps.py
+        # Step.start) are on disk: the last moment before the operation would end
+        if (name, phase) == ("iscsi.add_target", "after"):
+            deadline = time.monotonic() + 30
+            while not all(os.path.exists(p) for p in sys.argv[3:]) and time.monotonic() < deadline:
+                time.sleep(0.005)
             os.kill(os.getpid(), signal.SIGKILL)
     ops.journal.fault_hook = hook
     ops.provision(auth, "bmi_infra", "bmi_node", "bmi-test-image", "bmi_network", "bmi_port")
@@ -42,9 +48,9 @@ ops.close()
 """
 
 
-def run_child(env: RealEnv, what: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", CHILD, str(env.cfg_path), what], capture_output=True, text=True,
-                          timeout=300, cwd=str(ROOT), check=False)
+def run_child(env: RealEnv, what: str, *wait_for: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", CHILD, str(env.cfg_path), what, *map(str, wait_for)],
+                          capture_output=True, text=True, timeout=300, cwd=str(ROOT), check=False)
 
 
 @pytest.fixture()
@@ -59,7 +65,7 @@ def test_new_provision_recovers_the_killed_one_under_the_lock_and_restart_keeps_
     boot_file = env.tmp / "tftp" / f"{NODE}.ipxe"
     pxe_file = env.tmp / "tftp" / "pxelinux.cfg" / ("01-" + MAC.replace(":", "-"))
 
-    killed = run_child(env, "killed-provision")
+    killed = run_child(env, "killed-provision", boot_file, pxe_file)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     with env.ops.journal.session() as s:
         dead = s.scalars(select(Operation).order_by(Operation.id)).all()[-1]

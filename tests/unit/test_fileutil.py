@@ -41,3 +41,12 @@ def test_durable_rename_also_syncs_the_directory(tmp_path: Path, monkeypatch) ->
     events = traced(monkeypatch)
     fileutil.atomic_write(str(tmp_path / "f"), "x\n", durable_rename=True)
     assert events == [("fsync", "x\n"), ("replace", "f"), ("fsync", "dir")]
+
+
+def test_leftovers_of_a_killed_write_are_removed_and_nothing_else(tmp_path: Path) -> None:
+    for name in (".f.abc123.tmp", ".f.zz.tmp", ".g.abc.tmp", "f", ".f.keep", "x.f.1.tmp"):
+        (tmp_path / name).write_text("x")
+    removed = fileutil.remove_temp_leftovers(str(tmp_path / "f"))
+    assert sorted(os.path.basename(p) for p in removed) == [".f.abc123.tmp", ".f.zz.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".f.keep", ".g.abc.tmp", "f", "x.f.1.tmp"]
+    assert fileutil.remove_temp_leftovers(str(tmp_path / "missing-dir" / "f")) == []

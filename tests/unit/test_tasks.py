@@ -73,7 +73,8 @@ def test_submit_returns_a_record_and_runs_to_done(world: World) -> None:
     assert rec["state"] in ("queued", "running") and rec["error"] is None
     done = wait_all(world, [rec])[0]
     assert done["state"] == "done", done
-    assert done["progress"] == 100 and done["steps_done"] >= 4 and done["step"] == "boot.write"  # connect overlaps
+    # the last step recorded: the connect and the boot files are recorded first and overlap clone and target
+    assert done["progress"] == 100 and done["steps_done"] >= 4 and done["step"] == "iscsi.add_target"
     assert done["started_at"] and done["finished_at"] and done["queue_position"] is None
     assert ["a1", "golden"] in world.ops.list_provisioned(ALICE, "proj1")
     with world.ops.journal.session() as s:

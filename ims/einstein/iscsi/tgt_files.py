@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from ims.common.errors import InvalidInput
-from ims.common.fileutil import atomic_write, unlink_quietly
+from ims.common.fileutil import atomic_write, remove_temp_leftovers, unlink_quietly
 from ims.common.names import validate_name
 from ims.einstein.iscsi.tgt_conf import TargetSpec, parse_conf, render_conf
 
@@ -97,6 +97,7 @@ class TgtFiles:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             unlink_quietly(path)
+            remove_temp_leftovers(path)  # of a write killed mid-way (rewrites hold this flock; adds the lock)
         finally:
             os.close(fd)
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from typing import Any
 
 from ims.common.errors import AuthenticationFailed, Conflict, Forbidden, InvalidInput, NotFound
 from ims.einstein.journal import RecoveryContext, Tx
-from ims.einstein.ops.steps import Step
+from ims.einstein.ops.steps import Step, start_step
 
 
 # --- HIL -------------------------------------------------------------------------
@@ -33,37 +33,20 @@ class _HilStep(Step):
 
 
     def start(self, tx: Tx, /, **params: Any) -> Future[Any]:
-        """Like :meth:`run`, but the HIL call runs in a background thread once its journal record is
-        written, so it overlaps the operation's next steps (HIL round trips are independent of the
-        storage/iSCSI/boot-file work).  The caller must wait for the future before the operation ends
-        (:func:`settled`): its error then rolls the operation back like any step's, and a roll-back
-        starts only after the call has ended, so the undo sees what the call did.
-        """
+        """:meth:`Step.start` for a HIL call (HIL round trips are independent of the storage,
+        iSCSI and boot-file work they overlap)."""
         net = params.pop("net")
         undo = (self.undo_name, params) if self.undo_name else None
-        started: list[Future[Any]] = []
-
-        def submit() -> Future[Any]:
-            started.append(_BACKGROUND.submit(self.execute, net, **params))
-            return started[0]
-
-        try:
-            return tx.step(self.name, submit, undo=undo)
-        except BaseException:  # e.g. an injected fault after the submit: let the call end first
-            wait_futures(started)
-            raise
-
-
-# HIL calls running while an operation does its other steps (Step.start); one per running operation.
-_BACKGROUND = ThreadPoolExecutor(max_workers=64, thread_name_prefix="hil-step")
+        return start_step(tx, self.name, undo, lambda: self.execute(net, **params))
 
 
 @contextlib.contextmanager
 def settled(call: Future[Any] | None) -> Iterator[None]:
-    """Run the block while ``call`` (from :meth:`_HilStep.start`) proceeds; then wait for it.
+    """Run the block while ``call`` (from :meth:`Step.start`; None = none) proceeds; then wait for it.
 
     The block's error wins (after the call has ended); otherwise the call's error is raised.
-    Either way the journal rolls back every recorded step, the call's included.
+    Either way the journal rolls back every recorded step, the call's included.  Start the next
+    background step INSIDE this block: its own start can fail, and this call must end first.
     """
     if call is None:
         yield

@@ -70,10 +70,10 @@ def boot_params(core: Core, node: str, mac: str, label: str, clone: str, owner: 
 
 
 def export_and_boot(core: Core, steps: Steps, tx: Tx, node: str, mac: str, label: str, clone: str, owner: str,
-                    add_target: bool = True) -> None:
+                    add_target: bool = True, boot_files: bool = True) -> None:
     if add_target:
         steps.add_target.run(tx, **core.target_params(clone, owner))
-    if core.cfg.tftp.boot_mode == "http":
+    if core.cfg.tftp.boot_mode == "http" or not boot_files:
         return  # nodes fetch their script from GET /boot/<mac> (boot_script): no per-node files
     steps.write_boot.run(tx, **boot_params(core, node, mac, label, clone, owner))
 
@@ -137,9 +137,14 @@ class Provisioning:
                 # are made; a failure of either side rolls back both, after the connect has ended.
                 connecting = None if attached else steps.connect.start(tx, net=net, node=node, nic=nic,
                                                                         network=network)
-                with settled(connecting), core.bmi_names({clone: node, parent_ceph: img}):
-                    steps.clone.run(tx, parent=parent_ceph, snap=core.snap, image=clone)
-                    export_and_boot(core, steps, tx, node, mac, img, clone, node)
+                with settled(connecting):
+                    # perf: the boot files (recorded next) are written and synced meanwhile too: they only
+                    # name the target; a node that boots before the target is live just fails to attach.
+                    booting = None if core.cfg.tftp.boot_mode == "http" else \
+                        steps.write_boot.start(tx, **boot_params(core, node, mac, img, clone, node))
+                    with settled(booting), core.bmi_names({clone: node, parent_ceph: img}):
+                        steps.clone.run(tx, parent=parent_ceph, snap=core.snap, image=clone)
+                        export_and_boot(core, steps, tx, node, mac, img, clone, node, boot_files=False)
 
     def deprovision(self, auth: Auth, project: str, node: str, network: str, nic: str) -> None:
         """Undo a provision: detach the NIC (if provision attached it), remove boot files, target, clone, rows."""

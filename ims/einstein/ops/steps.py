@@ -18,6 +18,8 @@ import contextlib
 import json
 import logging
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from typing import Any
 
 from sqlalchemy import select
@@ -48,6 +50,30 @@ def _quietly(fn: Callable[[], Any]) -> None:
         fn()
 
 
+# Steps running while their operation goes on with its next ones (Step.start); one or two per operation.
+_BACKGROUND = ThreadPoolExecutor(max_workers=64, thread_name_prefix="bg-step")
+
+
+def start_step(tx: Tx, name: str, undo: tuple[str, dict[str, Any]] | None, fn: Callable[[], Any]) -> Future[Any]:
+    """Record step ``name`` (with ``undo``), then run ``fn`` in the background; see :meth:`Step.start`."""
+    started: list[Future[Any]] = []
+
+    def work() -> Any:
+        result = fn()
+        tx.journal.fault(name, "after")  # the step's "after" point: its work is done
+        return result
+
+    def submit() -> Future[Any]:
+        started.append(_BACKGROUND.submit(work))
+        return started[0]
+
+    try:
+        return tx.step(name, submit, undo=undo, background=True)
+    except BaseException:  # e.g. an injected fault after the submit: let the call end first
+        wait_futures(started)
+        raise
+
+
 class Step:
     """One kind of journaled step. Subclasses set ``name``/``undo_name`` and implement both halves."""
 
@@ -71,6 +97,15 @@ class Step:
         except self.made_nothing:
             self._disarm(tx)
             raise
+
+    def start(self, tx: Tx, /, **params: Any) -> Future[Any]:
+        """Like :meth:`run`, but ``execute`` runs in a background thread once its journal record is
+        written, so it overlaps the operation's next steps (for work independent of them: a HIL
+        call, boot files).  The caller waits for the future before the operation ends
+        (ims/einstein/ops/hil_steps.py ``settled``): its error then rolls the operation back like any
+        step's, and a roll-back starts only after it has ended, so the undo sees what it did."""
+        undo = (self.undo_name, params) if self.undo_name else None
+        return start_step(tx, self.name, undo, lambda: self.execute(**params))
 
     def _disarm(self, tx: Tx) -> None:
         """The step failed because its object was already there: it made nothing, so undo nothing."""
