@@ -27,6 +27,9 @@ class RecoveryContext:
 
     net: Any = None
     notes: list[str] = field(default_factory=list)
+    # Storage reads an operation started early (image name -> Future of Storage.describe), for its
+    # forward step to use instead of reading again (deprovision; a recovery has none and reads).
+    described: dict[str, Any] = field(default_factory=dict)
 
 
 class Tx:

@@ -31,7 +31,7 @@ from ims.einstein import hosts
 from ims.einstein.journal import RecoveryContext, Tx
 from ims.einstein.ops.core import Auth, Core
 from ims.einstein.ops.hil_steps import settled
-from ims.einstein.ops.steps import Steps, chap_of
+from ims.einstein.ops.steps import Steps, chap_of, in_background
 
 
 def node_mac(net: Any, project: str, node: str, nic: str) -> str:
@@ -166,6 +166,9 @@ class Provisioning:
                     attached = False  # HIL took the node back: nothing to detach, clean up BMI's side anyway
             args = {"project": project, "node": node, "mac": prov.mac, "image": clone, "image_id": row.id}
             with core.journal.operation("deprovision", args, RecoveryContext(net=net)) as tx:
+                # perf: the clone's snapshots and parent, read while the boot files and target go, for
+                # the removal after the commit point (we hold the image's lock: no snapshot can appear)
+                tx.ctx.described[clone] = in_background(core.storage.describe, clone)
                 # perf: the HIL detach (recorded first) runs while the boot files and the target go;
                 # all of it ends before the commit point, after which the clone is removed for good.
                 detaching = steps.detach.start(tx, net=net, node=node, nic=nic, network=network) if attached \

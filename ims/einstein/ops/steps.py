@@ -54,6 +54,11 @@ def _quietly(fn: Callable[[], Any]) -> None:
 _BACKGROUND = ThreadPoolExecutor(max_workers=64, thread_name_prefix="bg-step")
 
 
+def in_background(fn: Callable[..., Any], *args: Any) -> Future[Any]:
+    """Run ``fn(*args)`` in the step pool: a read an operation needs later (see RecoveryContext.described)."""
+    return _BACKGROUND.submit(fn, *args)
+
+
 def start_step(tx: Tx, name: str, undo: tuple[str, dict[str, Any]] | None, fn: Callable[[], Any]) -> Future[Any]:
     """Record step ``name`` (with ``undo``), then run ``fn`` in the background; see :meth:`Step.start`."""
     started: list[Future[Any]] = []
@@ -148,7 +153,7 @@ class Clone(Step):
         purge(self.core, params["image"])
 
 
-def purge(core: Core, image: str) -> bool:
+def purge(core: Core, image: str, described: Future[Any] | None = None) -> bool:
     """Remove ``image`` with its target and snapshots (idempotent); True once it is gone.
 
     Its pending flatten is cancelled first.  A snapshot something is still cloned from (a copy
@@ -158,7 +163,7 @@ def purge(core: Core, image: str) -> bool:
     st = core.storage
     flatten.cancel(core, image)
     try:
-        return _purge_storage(core, image)
+        return _purge_storage(core, image, described)
     except NotFound as exc:
         # A removal cut short (a SIGKILLed worker) can leave an image that still opens but whose
         # snapshots, children or parent link no longer read back; `rbd remove` finishes such a
@@ -170,9 +175,12 @@ def purge(core: Core, image: str) -> bool:
         return True
 
 
-def _purge_storage(core: Core, image: str) -> bool:
+def _purge_storage(core: Core, image: str, described: Future[Any] | None = None) -> bool:
     st = core.storage
-    info = st.describe(image)  # perf: existence, snapshots and parent from one image open
+    # perf: existence, snapshots and parent from one image open, maybe started earlier by the
+    # operation (``described``: read while it held the image's lock, so nothing could add a snapshot
+    # since; one removed meanwhile by a flatten's collect is NotFound below, handled like any)
+    info = described.result() if described is not None else st.describe(image)
     if info is None:
         st.finish_removal(image)  # a removal cut short may leave it listed though it no longer opens
         return True
@@ -466,11 +474,11 @@ class Steps:
                 return  # something is still cloned from it; flatten.collect removes it later
             remove_snapshot(core, src, snap)
 
-        def finish_removal(args: dict[str, Any], _ctx: RecoveryContext) -> None:
+        def finish_removal(args: dict[str, Any], ctx: RecoveryContext) -> None:
             if args.get("node"):
                 core.boot.remove(args["node"], args["mac"])
             _quietly(lambda: core.iscsi.remove_target(args["image"]))
-            gone = purge(core, args["image"])
+            gone = purge(core, args["image"], ctx.described.pop(args["image"], None))
             delete_image_row(core, args["image_id"])
             if not gone:  # purge had to leave it (clones of its snapshots): they may be gone by now
                 flatten.collect(core, args["image"])
