@@ -77,9 +77,13 @@ sparse file, a private tgtd, the HIL simulator with no action delay, 2 Einstein 
 
 **Floor**: the bare work BMI must do, timed on the same Ceph and tgtd with no checks: a librbd
 clone of the golden image's snapshot, the tgtadm calls that make the same target as BMI's (new
-target, LUN, write cache off, bind the address rule, bind the initiator name) and two boot files
-written; for deprovision one `tgtadm --op delete` by the tid it made, a librbd remove and the
-two files removed.  The floor talks to no HIL; BMI also connects/detaches the node's NIC.
+target, LUN, write cache off and block size, bind the address rule, bind the initiator name, and —
+`[iscsi] chap` being on by default — make and bind the target's CHAP account) and two boot files
+written; for deprovision one `tgtadm --op delete` by the tid it made, the account deleted, a
+librbd remove and the two files removed.  The floor talks to no HIL; BMI also connects/detaches
+the node's NIC.  The "(tgtd socket)" floors send the same tgtadm requests straight to tgtd's
+control socket, as BMI does by default (`[iscsi] control = socket`); × floor is always against the
+tgtadm-binary floor the issue defines.
 **/v1** times are what a user waits for:
 the `POST` that answers `202 Accepted` until its operation is `done`.  **legacy** times are the
 synchronous form API (`PUT /provision/` answering `Success`).  × floor compares the p50 with the

@@ -39,9 +39,11 @@ ours is on the target now at that tid (our LUN, our initiators, our account) is 
 from it (a neighbour BMI owns is compared with its conf file, and re-made from it if its
 LUN was touched), then ours is made again.
 
-tgtadm forks per call: add_target 7 (ready check, new, LUN, LUN update, bind, ready check,
+tgtadm requests per call: add_target 7 (ready check, new, LUN, LUN update, bind, ready check,
 show; +1 per initiator name, +2 with CHAP), remove_target 5 (ready check, show, delete,
-ready check, show; +1 account delete with CHAP).
+ready check, show; +1 account delete with CHAP).  By default each is written straight to tgtd's
+control socket in tgtadm's own format (:mod:`ims.einstein.iscsi.tgt_ipc`), not a fork+exec of
+the CLI: ``[iscsi] control``.
 
 How tgtadm 1.0.85 reports things (checked by hand, the code relies on it):
   * a duplicate tid *and* a duplicate target name both exit 22 with
