@@ -15,23 +15,13 @@ import pytest
 from ims.einstein.iscsi.tgt import TgtTarget
 from ims.einstein.storage.base import Backing
 from tests.support import iscsi_rw
-from tests.support.tgt import TgtdInstance, debian_restart, start_tgtd, stop_tgtd
+from tests.support.tgt import TgtdInstance, debian_restart, lun_file, start_tgtd, stop_tgtd
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
-MiB = 1 << 20
 PREFIX = "iqn.2026-01.org.bmi.test:"
 C_ADDRESS = "10.9.9.9"  # c-node's address ACL entry (bound, never connects): the first bind by tid
 INIT = {name: f"iqn.2026-01.org.bmi.test.node:{name}" for name in ("x-node", "a-node", "b-node", "c-node")}
-
-
-def lun_file(directory: Path, name: str, byte: int) -> tuple[str, bytes]:
-    path = directory / f"{name}.img"
-    data = bytes([byte]) * 4096
-    with open(path, "wb") as handle:
-        handle.truncate(2 * MiB)
-        handle.write(data)
-    return str(path), data
 
 
 def can_read(instance: TgtdInstance, iqn: str, initiator: str) -> bytes | None:

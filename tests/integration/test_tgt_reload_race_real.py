@@ -21,22 +21,12 @@ from ims.common.errors import IscsiError
 from ims.einstein.iscsi.tgt import TgtTarget
 from ims.einstein.storage.base import Backing
 from tests.support import iscsi_rw
-from tests.support.tgt import TgtdInstance, start_tgtd, stop_tgtd
+from tests.support.tgt import TgtdInstance, lun_file, start_tgtd, stop_tgtd
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
-MiB = 1 << 20
 PREFIX = "iqn.2026-01.org.bmi.test:"
 INITIATOR = "iqn.2026-01.org.bmi.test.node:node-1"
-
-
-def lun_file(directory: Path, name: str, byte: int) -> tuple[str, bytes]:
-    path = directory / f"{name}.img"
-    data = bytes([byte]) * 4096
-    with open(path, "wb") as handle:
-        handle.truncate(2 * MiB)
-        handle.write(data)
-    return str(path), data
 
 
 def set_state(instance: TgtdInstance, state: str) -> None:

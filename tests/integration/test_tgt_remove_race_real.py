@@ -12,21 +12,11 @@ import pytest
 from ims.einstein.iscsi.tgt import TgtTarget
 from ims.einstein.storage.base import Backing
 from tests.support import iscsi_rw
-from tests.support.tgt import debian_restart, start_tgtd, stop_tgtd
+from tests.support.tgt import debian_restart, lun_file, start_tgtd, stop_tgtd
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
-MiB = 1 << 20
 PREFIX = "iqn.2026-01.org.bmi.test:"
-
-
-def lun_file(directory: Path, name: str, byte: int) -> tuple[str, bytes]:
-    path = directory / f"{name}.img"
-    data = bytes([byte]) * 4096
-    with open(path, "wb") as handle:
-        handle.truncate(2 * MiB)
-        handle.write(data)
-    return str(path), data
 
 
 def test_remove_renumbered_between_show_and_delete_restores_the_neighbour(tmp_path: Path, monkeypatch) -> None:

@@ -122,3 +122,13 @@ def tgtd() -> Iterator[TgtdInstance]:
         finally:
             signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def lun_file(directory: Path, name: str, byte: int) -> tuple[str, bytes]:
+    """A 2 MiB LUN file ``<directory>/<name>.img`` whose first 4 KiB are ``byte``; ``(path, those 4 KiB)``."""
+    path = directory / f"{name}.img"
+    data = bytes([byte]) * 4096
+    with open(path, "wb") as handle:
+        handle.truncate(2 << 20)
+        handle.write(data)
+    return str(path), data
