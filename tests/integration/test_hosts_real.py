@@ -24,8 +24,7 @@ from ims.database.models import Host, Image, Lock, Operation, Provision, Task
 from ims.einstein.hosts import HashRing
 from tests.support import iscsi_rw
 from tests.support.ceph import ceph_cluster  # noqa: F401 - fixture
-from tests.support.hil import HILSimulatorError, start_hil_simulator
-from tests.support.multihost import NET, NIC, PROJECT, UID, Cluster, inventory
+from tests.support.multihost import NET, NIC, PROJECT, UID, Cluster, running_cluster
 
 USER = {"username": "haas", "password": "secret"}
 ADMIN = {"username": "haasadmin", "password": "admin1234"}
@@ -56,39 +55,8 @@ def wait_for(what: str, check: Any, timeout: float = 90.0) -> Any:
 
 @pytest.fixture()
 def cluster(tmp_path: Path, ceph_cluster) -> Iterator[Cluster]:  # noqa: F811 - the fixture
-    try:
-        hil = start_hil_simulator(inventory(NODES + EXTRA), tmp_path / "hil", action_delay=0.0)
-    except HILSimulatorError as exc:
-        pytest.fail(f"cannot start the HIL simulator: {exc}", pytrace=False)
-    storage = ceph_cluster.storage()
-    c = Cluster(tmp_path, 2, ceph_cluster, hil.url, service_user=("haasadmin", "admin1234"))
-    try:
-        if not storage.image_exists(GOLDEN_NAME):
-            storage.create_image(GOLDEN_NAME, SIZE)
-            storage.write(GOLDEN_NAME, 0, b"G" * 4096)
-        c.start_all()
+    with running_cluster(tmp_path, ceph_cluster, 2, NODES + EXTRA, GOLDEN_NAME, SIZE, b"G" * 4096) as c:
         yield c
-    finally:
-        c.stop_all()
-        hil.stop()
-        purge(storage)
-        storage.close()
-
-
-def purge(storage: Any) -> None:
-    """Remove the test's images; a SIGKILLed tgtd's watch on a clone lingers up to 30 s (Ceph's timeout)."""
-    from ims.common.errors import BMIError
-    from tests.support.ceph import purge_images
-
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            purge_images(storage, UID + "img")
-            return
-        except BMIError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(2)
 
 
 def unfinished(sessions: Any) -> list[tuple[int, str, str]]:

@@ -24,7 +24,7 @@ import psycopg2
 import pytest
 
 from ims.einstein.hosts import HashRing
-from tests.integration.test_hosts_stack_real import gateways, in_netns, live, netns_inode
+from tests.integration.test_hosts_stack_real import assert_nothing_left, gateways, live, netns_inode
 from tests.support.procs import alive
 from tests.support.stack import STACK, Stack, running_stack
 
@@ -170,13 +170,4 @@ def test_restart_of_each_hosts_einstein_and_tgtd_keeps_every_node_on_its_gateway
         for node in by_host.values():
             assert stack.bmi("dpro", "bmi_infra", node, "bmi_network", "eth0").stdout.strip() == "Success"
         assert live(d, "tgt") == [] and live(d, "tgt-host2") == []
-    # `down` (running_stack also checked that no process names the directory any more)
-    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
-    assert not [n for n in made if re.search(rf"^{re.escape(n)}\b", left, re.M)], left
-    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
-    assert "vb-host" not in links, links
-    addrs = subprocess.run(["ip", "-o", "addr", "show"], capture_output=True, text=True, check=True).stdout
-    assert subnet not in addrs, addrs
-    assert not d.exists()
-    inside = [p for p in os.listdir("/proc") if p.isdigit() and in_netns(int(p), inodes)]
-    assert inside == [], f"processes left in the stack's namespaces: {inside}"
+    assert_nothing_left(d, made, inodes, subnet)

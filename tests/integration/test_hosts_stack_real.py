@@ -176,7 +176,12 @@ def test_stack_with_two_hosts_in_namespaces_places_nodes_by_the_ring_and_survive
         while gateways(stack) and time.monotonic() < deadline:
             time.sleep(1)
         assert gateways(stack) == {}, answers
-    # `down` (running_stack also checked that no process names the directory any more)
+    assert_nothing_left(d, made, inodes, subnet)
+
+
+def assert_nothing_left(d: Path, made: list[str], inodes: set[int], subnet: str) -> None:
+    """After `down` (running_stack also checked that no process names the directory any more): no
+    namespace, veth, address, directory or process of the stack is left."""
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     assert not [n for n in made if re.search(rf"^{re.escape(n)}\b", left, re.M)], left
     links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout

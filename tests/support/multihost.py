@@ -10,6 +10,7 @@ NFS export would be shared) and one HIL simulator.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -17,9 +18,12 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from ims.common import config
 from ims.rpc.client import EinsteinClient
@@ -248,3 +252,46 @@ class Cluster:
                     f":{host.tgtd.portal_port}:" in text:
                 return host.index
         return None
+
+
+@contextlib.contextmanager
+def running_cluster(tmp_path: Path, ceph_cluster: Any, hosts: int, nodes: list[str], golden: str, size: int,
+                    golden_data: bytes | None = None, **cluster_kw: Any) -> Iterator[Cluster]:
+    """``hosts`` BMI hosts on one Ceph (``ceph_cluster``) and a HIL simulator with ``nodes``; ``golden`` made
+    if missing (its first bytes ``golden_data``).  Everything stopped and the test's images removed after."""
+    from tests.support.hil import HILSimulatorError, start_hil_simulator
+
+    try:
+        hil = start_hil_simulator(inventory(nodes), tmp_path / "hil", action_delay=0.0)
+    except HILSimulatorError as exc:
+        pytest.fail(f"cannot start the HIL simulator: {exc}", pytrace=False)
+    storage = ceph_cluster.storage()
+    c = Cluster(tmp_path, hosts, ceph_cluster, hil.url, service_user=("haasadmin", "admin1234"), **cluster_kw)
+    try:
+        if not storage.image_exists(golden):
+            storage.create_image(golden, size)
+            if golden_data:
+                storage.write(golden, 0, golden_data)
+        c.start_all()
+        yield c
+    finally:
+        c.stop_all()
+        hil.stop()
+        purge_test_images(storage)
+        storage.close()
+
+
+def purge_test_images(storage: Any) -> None:
+    """Remove the test's images; a SIGKILLed tgtd's watch on a clone lingers up to 30 s (Ceph's timeout)."""
+    from ims.common.errors import BMIError
+    from tests.support.ceph import purge_images
+
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            purge_images(storage, UID + "img")
+            return
+        except BMIError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2)
