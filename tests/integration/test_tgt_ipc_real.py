@@ -142,3 +142,43 @@ def test_the_driver_sends_no_tgtadm_process_by_default(tmp_path: Path, monkeypat
         assert drv.live_target("x") is None
     finally:
         stop_tgtd(instance)
+
+
+def test_a_tgtd_that_answers_otherwise_turns_the_socket_off(tmp_path: Path, monkeypatch, caplog) -> None:
+    """A tgt whose protocol differs (here: a socket that answers "success" with other text) is not
+    trusted: the driver checks once and runs the real tgtadm from then on, against the real tgtd."""
+    instance = start_tgtd(tempfile.mkdtemp(prefix="tgtd-", dir=tmp_path))
+    odd = str(tmp_path / "odd.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(odd)
+    server.listen(4)
+
+    def answer() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                head = conn.recv(tgt_ipc._REQ.size, socket.MSG_WAITALL)
+                length = tgt_ipc._REQ.unpack(head)[3]
+                if length > len(head):
+                    conn.recv(length - len(head), socket.MSG_WAITALL)
+                text = b"something else\0"
+                conn.sendall(tgt_ipc._RSP.pack(0, tgt_ipc._RSP.size + len(text)) + text)
+
+    threading.Thread(target=answer, daemon=True).start()
+    try:
+        monkeypatch.setattr(tgt_ipc, "socket_path", lambda port: odd)
+        drv = TgtTarget(str(tmp_path / "conf.d"), control_port=instance.control_port, iqn_prefix=PREFIX)
+        lun = tmp_path / "x.img"
+        lun.write_bytes(b"\0" * (1 << 20))
+        with caplog.at_level("WARNING"):
+            drv.add_target("x", Backing("rdwr", str(lun)), ["ALL"])
+        assert drv._ipc is None and "using the tgtadm binary instead" in caplog.text
+        live = drv.live_target("x")  # made by the binary on the real tgtd
+        assert live is not None and live.backing_stores == {1: str(lun)}
+        drv.remove_target("x")
+    finally:
+        server.close()
+        stop_tgtd(instance)

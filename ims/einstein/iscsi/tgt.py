@@ -141,7 +141,9 @@ class TgtTarget(TgtSync, TgtFiles, TgtChap, IscsiTarget):
         self.tgtadm = tgtadm
         self.timeout = timeout
         # Direct to tgtd's socket unless told otherwise or given another tgtadm binary (a wrapper).
-        self._ipc = TgtIpc(self.control_port, timeout) if (tgtadm == "tgtadm" if direct is None else direct) else None
+        self._ipc: TgtIpc | None = TgtIpc(self.control_port, timeout) \
+            if (tgtadm == "tgtadm" if direct is None else direct) else None
+        self._ipc_checked = False
         self._template = Path(DEFAULT_TEMPLATES_DIR, "tgt_target.temp").read_text(encoding="utf-8")
         self._gone: dict[str, float] = {}  # IQN -> when our own delete's show confirmed it gone
         os.makedirs(conf_dir, exist_ok=True)
@@ -253,7 +255,7 @@ class TgtTarget(TgtSync, TgtFiles, TgtChap, IscsiTarget):
             argv += ["-C", str(self.control_port)]
         argv += ["--lld", "iscsi", *args]
         try:
-            if self._ipc is not None:
+            if self._ipc is not None and self._ipc_usable():
                 try:
                     return self._ipc.run("--lld", "iscsi", *args)
                 except Unsupported:
@@ -273,6 +275,25 @@ class TgtTarget(TgtSync, TgtFiles, TgtChap, IscsiTarget):
             if ok_exists and _EXISTS in err:
                 return None
             raise IscsiError(f"tgtadm {' '.join(args[:4])} failed: {err}") from exc
+
+    def _ipc_usable(self) -> bool:
+        """Once per driver: does tgtd answer our socket requests as a tgtd we know does?  A ``show sys``
+        must come back as tgtd's system status; anything else (a tgt whose protocol differs from the
+        1.0.x one tgt_ipc speaks) turns the socket off for good and tgtadm runs instead."""
+        if self._ipc_checked:
+            return self._ipc is not None
+        try:
+            out = self._ipc.run("--lld", "iscsi", "--op", "show", "--mode", "sys") if self._ipc else ""
+        except CommandFailed as exc:
+            if exc.exit_code == 107:
+                return True  # tgtd is not there now: the call reports that; check again next time
+            out = f"error: {exc.stderr.strip()}"
+        self._ipc_checked = True
+        if self._ipc is not None and not (out.startswith("System:") and "State:" in out):
+            LOG.warning("tgtd did not answer a request on its control socket as expected (%r): using the tgtadm "
+                        "binary instead ([iscsi] control = tgtadm)", out[:200])
+            self._ipc = None
+        return self._ipc is not None
 
     def _wait_ready(self) -> None:
         """Wait (up to SETTLE_SECONDS) for tgtd's system state to be "ready"."""
