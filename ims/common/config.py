@@ -261,6 +261,8 @@ def _validate(cfg: BMIConfig) -> None:
         raise ConfigError(f"{cfg.path}: invalid value {cfg.bmi.snapshot!r} for [bmi] snapshot")
     if cfg.fs.driver not in ("ceph", "file"):
         raise ConfigError(f"{cfg.path}: invalid value {cfg.fs.driver!r} for [fs] driver: use ceph or file")
+    if cfg.iscsi.control not in ("socket", "tgtadm"):
+        raise ConfigError(f"{cfg.path}: invalid value {cfg.iscsi.control!r} for [iscsi] control: use socket or tgtadm")
     if cfg.iscsi.driver not in ("tgt",):
         raise ConfigError(f"{cfg.path}: invalid value {cfg.iscsi.driver!r} for [iscsi] driver: use tgt")
     if cfg.net_isolator.driver not in ("hil",):

@@ -43,6 +43,8 @@ def test_invalid_values_are_reported():
         config.parse("c", MINIMAL.replace("ip = 10.0.0.1", "ip = 10.0.0.1\nlun = 0"))
     with pytest.raises(ConfigError, match="driver"):
         config.parse("c", MINIMAL + "[fs]\ndriver = nfs\n")
+    with pytest.raises(ConfigError, match=r"\[iscsi\] control"):
+        config.parse("c", MINIMAL.replace("ip = 10.0.0.1", "ip = 10.0.0.1\ncontrol = fork"))
     with pytest.raises(ConfigError, match="uid"):
         config.parse("c", MINIMAL.replace("uid = 5", "uid = ../x"))
 

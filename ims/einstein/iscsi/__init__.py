@@ -16,10 +16,7 @@ def from_config(cfg: BMIConfig) -> IscsiTarget:
     if cfg.iscsi.driver == "tgt":
         from ims.einstein.iscsi.tgt import TgtTarget
 
-        control = cfg.iscsi.values.get("control", "socket")
-        if control not in ("socket", "tgtadm"):
-            raise ConfigError(f"[iscsi] control must be socket or tgtadm, not {control!r}")
         return TgtTarget(conf_dir=cfg.iscsi.conf_dir, control_port=cfg.iscsi.control_port,
                          iqn_prefix=cfg.iscsi.iqn_prefix, lun=cfg.iscsi.lun,
-                         tgtadm=cfg.iscsi.tgtadm, timeout=cfg.iscsi.timeout, direct=control == "socket")
+                         tgtadm=cfg.iscsi.tgtadm, timeout=cfg.iscsi.timeout, direct=cfg.iscsi.control == "socket")
     raise ConfigError(f"unknown [iscsi] driver {cfg.iscsi.driver!r}; valid: tgt")
