@@ -32,7 +32,10 @@ from ims.database import make_engine, make_session_factory
 from ims.database.models import Operation
 from ims.rpc.client import EinsteinClient
 from ims.rpc.methods import NAME_PREFIX
-from tests.unit.test_rpc import ALICE, KEY, _alive, _children, _free_port
+from tests.support.procs import alive as _alive
+from tests.support.procs import children as _children
+from tests.support.procs import free_port as _free_port
+from tests.unit.test_rpc import ALICE, KEY
 
 ROOT = Path(__file__).resolve().parents[2]
 FACTORY = "tests.support.journal_ops:build"

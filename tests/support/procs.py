@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Any
 
 
 def free_port(consecutive: int = 1) -> int:
@@ -47,3 +48,14 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def load_script(filename: str, as_name: str) -> Any:
+    """Import ``scripts/<filename>`` (not a package module) under the name ``as_name``, afresh."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(as_name, Path(__file__).resolve().parents[2] / "scripts" / filename)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -6,7 +6,6 @@ import io
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -25,27 +24,13 @@ from ims.common import config as bmi_config
 from ims.picasso.app import create_app
 from ims.picasso.openapi import MAX_ID
 from tests.support.fake_ops import InProcessClient, World
+from tests.support.procs import free_port as _free_port
+from tests.support.web import rpc, world
+
+__all__ = ["rpc", "world"]  # fixtures (tests/support/web.py)
 
 CFG_TEXT = "[bmi]\nuid = fake\n[net_isolator]\nurl = http://127.0.0.1:1\n[iscsi]\nip = 127.0.0.1\n"
 BMI = str(ROOT / ".venv" / "bin" / "bmi")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture()
-def world(tmp_path: Path) -> Any:
-    w = World(directory=str(tmp_path / "world"))
-    yield w
-    w.close()
-
-
-@pytest.fixture()
-def rpc(world: World) -> InProcessClient:
-    return InProcessClient(world.ops)
 
 
 @pytest.fixture()

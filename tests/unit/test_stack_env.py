@@ -4,7 +4,6 @@ stand for HIL and obmd; the helper runs in bash, as a user's shell sources it.""
 from __future__ import annotations
 
 import http.server
-import importlib.util
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -13,15 +12,13 @@ from typing import Any
 
 import pytest
 
+from tests.support.procs import load_script
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _bmi_stack() -> Any:
-    spec = importlib.util.spec_from_file_location("bmi_stack_under_test", ROOT / "scripts" / "bmi_stack.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bmi_stack.py", "bmi_stack_under_test")
 
 
 class _Server:

@@ -2,23 +2,20 @@
 means, and that a service or host the stack does not have is refused before anything is touched."""
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.support.procs import load_script
+
 ROOT = Path(__file__).resolve().parents[2]
 NET2 = {"hosts": {"host1": {}, "host2": {}}}
 
 
 def _restart() -> Any:
-    spec = importlib.util.spec_from_file_location("stack_restart_under_test", ROOT / "scripts" / "stack_restart.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("stack_restart.py", "stack_restart_under_test")
 
 
 @pytest.mark.parametrize(("service", "net", "want"), [
