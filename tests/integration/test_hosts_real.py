@@ -22,7 +22,7 @@ from sqlalchemy import select
 from ims.database import make_engine, make_session_factory
 from ims.database.models import Host, Image, Lock, Operation, Provision, Task
 from ims.einstein.hosts import HashRing
-from tests.support import iscsi_rw
+from tests.support import iscsi_rw, multihost
 from tests.support.ceph import ceph_cluster  # noqa: F401 - fixture
 from tests.support.multihost import NET, NIC, PROJECT, UID, Cluster, running_cluster
 
@@ -44,13 +44,7 @@ def node_chap(c, node: str) -> tuple[str, str] | None:
     return (user.group(1), secret.group(1)) if user and secret else None
 
 def wait_for(what: str, check: Any, timeout: float = 90.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.25)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+    return multihost.wait_for(what, check, timeout)
 
 
 @pytest.fixture()

@@ -11,7 +11,6 @@ script named second, and the rewritten script names that survivor first and the 
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from ims.database import make_engine, make_session_factory
 from ims.database.models import Provision
 from ims.einstein.hosts import HashRing
 from tests.support.ceph import ceph_cluster  # noqa: F401 - fixture
-from tests.support.multihost import NET, NIC, PROJECT, UID, Cluster, running_cluster
+from tests.support.multihost import NET, NIC, PROJECT, UID, Cluster, running_cluster, wait_for
 
 USER = {"username": "haas", "password": "secret"}
 ADMIN = {"username": "haasadmin", "password": "admin1234"}
@@ -39,16 +38,6 @@ URI_RE = re.compile(r"^iscsi:([0-9.]+):tcp:(\d+):1:(\S+)$")
 def cluster(tmp_path: Path, ceph_cluster) -> Iterator[Cluster]:  # noqa: F811 - the fixture
     with running_cluster(tmp_path, ceph_cluster, 3, NODES, GOLDEN_NAME, SIZE, multipath_boot=True) as c:
         yield c
-
-
-def wait_for(what: str, check: Any, timeout: float = 120.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.25)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def provisions(sessions: Any) -> dict[str, tuple[str, str, str]]:

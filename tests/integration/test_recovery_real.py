@@ -31,7 +31,7 @@ auth = {"username": "haas", "password": "secret"}
 if sys.argv[2] == "killed-provision":
     import time
     def hook(name, phase):
-        # once the target is made and the boot files (written alongside, ims/einstein/ops/steps.py
+        # once the target is made and the boot files (written alongside, ims/einstein/ops/background.py
         # Step.start) are on disk: the last moment before the operation would end
         if (name, phase) == ("iscsi.add_target", "after"):
             deadline = time.monotonic() + 30

@@ -415,7 +415,7 @@ def test_ceph_connection_shared_and_renewed_after_fork(ceph_cluster: CephCluster
 
 
 def test_describe_reads_snapshots_and_parent_at_once(storage: Storage, names: Names) -> None:
-    """What a removal reads first (ims/einstein/ops/steps.py purge): None for a missing image."""
+    """What a removal reads first (ims/einstein/ops/purge.py): None for a missing image."""
     assert storage.describe(names("ghost")) is None
     golden(storage, names("g"))
     assert storage.describe(names("g")) == ([], None)

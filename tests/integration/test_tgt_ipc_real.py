@@ -126,12 +126,12 @@ def test_the_driver_sends_no_tgtadm_process_by_default(tmp_path: Path, monkeypat
     """A whole add and remove through the socket: not one tgtadm process (execute is never called)."""
     instance = start_tgtd(tempfile.mkdtemp(prefix="tgtd-", dir=tmp_path))
     try:
-        from ims.einstein.iscsi import tgt as tgt_module
+        from ims.einstein.iscsi import tgt_control
 
         def no_fork(*argv: str, **_kw: object) -> None:
             raise AssertionError(f"ran {argv[:6]}")
 
-        monkeypatch.setattr(tgt_module, "execute", no_fork)
+        monkeypatch.setattr(tgt_control, "execute", no_fork)
         drv = TgtTarget(str(tmp_path / "conf.d"), control_port=instance.control_port, iqn_prefix=PREFIX)
         lun = tmp_path / "x.img"
         lun.write_bytes(b"\0" * (1 << 20))

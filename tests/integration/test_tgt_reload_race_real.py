@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import ims.einstein.iscsi.tgt as tgt_module
+import ims.einstein.iscsi.tgt_control as tgt_control
 from ims.common.errors import IscsiError
 from ims.einstein.iscsi.tgt import TgtTarget
 from ims.einstein.storage.base import Backing
@@ -135,7 +136,7 @@ def test_remove_stays_removed_when_a_restart_recreates_it_from_its_conf(stack, t
 
 def test_add_while_tgtd_stays_offline_fails_cleanly(stack, tmp_path: Path, monkeypatch) -> None:
     instance, drv, keep_data = stack
-    monkeypatch.setattr(tgt_module, "SETTLE_SECONDS", 1.0)
+    monkeypatch.setattr(tgt_control, "SETTLE_SECONDS", 1.0)
     set_state(instance, "offline")
     path, _ = lun_file(tmp_path, "late", 0x4C)
     with pytest.raises(IscsiError, match="offline"):

@@ -295,3 +295,14 @@ def purge_test_images(storage: Any) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(2)
+
+
+def wait_for(what: str, check: Any, timeout: float = 120.0) -> Any:
+    """``check()``'s first truthy value within ``timeout`` s; FAILS the test naming ``what`` otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.25)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")

@@ -15,29 +15,26 @@ target's iSCSI parameters, not its name, so it cannot tell whose target tid N is
 full show is one tgtadm call whose output grows with the number of targets (about
 40 lines each; a few ms for hundreds).
 
-Remaining window: tgtadm has no "delete by name" and no compare-and-delete, so if tgtd
-is restarted (and renumbered) between our show and our ``--op delete --tid N``, the
-delete can hit whatever target now has tid N.  The window is two consecutive tgtadm
-calls, while a restart is four tgt-admin/tgtadm commands plus a daemon start.  It is
-narrowed further: after every delete a show checks that our IQN is gone (for
-remove_target that is the show it makes anyway once tgtd is ready again, which also
-catches a restart that re-made the target from its conf file: tgt_sync._confirm_removed);
-if it is still live (at another tid), the deleted tid may have belonged to someone else,
-so every target with a conf file that is not live is re-created at once (:meth:`restore`)
-and the delete is retried by IQN, each retry confirmed by its own show.  A target of
-another tool (no conf file here) hit in that window is not brought back; that is logged.
-The same window exists inside add_target between ``--op new`` and the LUN/ACL calls on
-that tid: after a renumbering our LUN, our initiator addresses/names and our CHAP account
-could land on a NEIGHBOUR's target (giving our node its disk).  So the daemon's identity
-(its control socket's inode and change time: a restarted tgtd makes a new socket) is
-taken before ``--op new`` and compared, by one stat and no fork, before every later call
-on that tid: a different daemon stops the add before anything is bound (it is retried on
-the new daemon).  What no stat can see (a ``tgt-admin -e`` run by hand on the SAME daemon
-re-using our tid) is caught by the show after the last call (once tgtd is ready,
-tgt_sync._settle_added): if our IQN is not live at the tid we configured, whatever of
-ours is on the target now at that tid (our LUN, our initiators, our account) is removed
-from it (a neighbour BMI owns is compared with its conf file, and re-made from it if its
-LUN was touched), then ours is made again.
+Every request by tid goes only to the tgtd that gave the tid (tgt_control ``_on_tid``): the
+daemon's identity (its control socket's inode and change time; a restarted tgtd makes a new
+socket) is taken before the show (or the ``--op new``) that gave the tid and compared, by one
+stat and no request, right before each request by that tid.  A restart in between means the tid
+is not sent: a delete looks again, an add stops before anything is bound (and is made again on
+the new tgtd), a CHAP repair answers "retry".  That covers deletes, adds, CHAP repairs and the
+scrub below.  Left: tgtadm has no "delete by name" nor compare-and-delete, so a restart landing
+between that stat and tgtd reading the request (microseconds, while a restart is a daemon start
+and four tgt-admin/tgtadm commands) is still caught only after the fact: after every delete a
+show checks that our IQN is gone (for remove_target that is the show it makes anyway once tgtd
+is ready again, which also catches a restart that re-made the target from its conf file:
+tgt_sync._confirm_removed); if it is still live (at another tid), every target with a conf file
+that is not live is re-created at once (:meth:`restore`) and the delete is retried by IQN.  A
+target of another tool (no conf file here) hit in that instant is not brought back; that is
+logged.  For an add, what no stat can see (a ``tgt-admin -e`` run by hand on the SAME daemon
+re-using our tid) is caught by the show after the last request (once tgtd is ready,
+tgt_sync._settle_added): if our IQN is not live at the tid we configured, whatever of ours is on
+the target now at that tid (our LUN, our initiators, our account) is taken back from it (a
+neighbour BMI owns is compared with its conf file, and re-made from it if its LUN was touched),
+then ours is made again.
 
 tgtadm requests per call: add_target 7 (ready check, new, LUN, LUN update, bind, ready check,
 show; +1 per initiator name, +2 with CHAP), remove_target 5 (ready check, show, delete,
@@ -63,7 +60,6 @@ import time
 from pathlib import Path
 
 from ims.common.errors import (
-    CommandFailed,
     InvalidInput,
     IscsiError,
     TargetExists,
@@ -72,7 +68,6 @@ from ims.common.errors import (
 )
 from ims.common.fileutil import atomic_write, unlink_quietly
 from ims.common.names import IQN_PREFIX_RE, validate_name
-from ims.common.process import execute
 from ims.einstein.boot import DEFAULT_TEMPLATES_DIR
 from ims.einstein.iscsi.base import IscsiTarget
 from ims.einstein.iscsi.tgt_chap import TgtChap
@@ -85,11 +80,12 @@ from ims.einstein.iscsi.tgt_conf import (
     check_chap,
     check_initiators,
     parse_conf,  # noqa: F401 - re-exported: tests and tools read conf files through this module
-    parse_show,
+    parse_show,  # noqa: F401 - re-exported, like parse_conf
     render_conf,
 )
+from ims.einstein.iscsi.tgt_control import Daemon, TgtControl
 from ims.einstein.iscsi.tgt_files import TgtFiles
-from ims.einstein.iscsi.tgt_ipc import TgtIpc, Unsupported, socket_path
+from ims.einstein.iscsi.tgt_ipc import TgtIpc
 from ims.einstein.iscsi.tgt_sync import SETTLE_ATTEMPTS, TgtSync
 from ims.einstein.storage.base import Backing
 
@@ -105,18 +101,9 @@ DELETE_ATTEMPTS = 3
 # TargetNotFound without another show for this long.  Only a "nothing to delete" answer is remembered,
 # never a tid: nothing is ever deleted or reported live without a fresh show.
 GONE_SECONDS = 2.0
-# How long a mutation waits for tgtd's system state to be "ready" again.  Debian's tgt.service keeps
-# it "offline" while `tgt-admin -e` loads the conf files, and that run DELETES every live target
-# missing from the configuration it parsed at its start: a target added meanwhile would vanish
-# after BMI confirmed it.  So targets are only added/removed while ready, and checked again after.
-SETTLE_SECONDS = 30.0
-
-_EXISTS = "already exists"
-_NO_TARGET = "can't find the target"
-_NO_ACCOUNT = "can't find the account"
 
 
-class TgtTarget(TgtSync, TgtFiles, TgtChap, IscsiTarget):
+class TgtTarget(TgtSync, TgtFiles, TgtChap, TgtControl, IscsiTarget):
     """tgt driver: one target per image, exported as LUN ``lun``.
 
     :param conf_dir: where the per-target conf files (and the tid counter) live.
@@ -243,75 +230,6 @@ class TgtTarget(TgtSync, TgtFiles, TgtChap, IscsiTarget):
         """What tgtd has right now under ``iqn(target)`` (tid, backing stores, ACL), or None."""
         return self._show_all().get(self.iqn(target))
 
-    # --- tgtadm ---------------------------------------------------------------------
-    def _run(self, *args: str, ok_missing: bool = False, ok_exists: bool = False) -> str | None:
-        """Run tgtadm; returns stdout, or None when an allowed "missing"/"exists" error happened.
-
-        With ``direct`` (the default) the request goes straight to tgtd's control socket
-        (:mod:`ims.einstein.iscsi.tgt_ipc`: tgtadm's own protocol, no fork+exec); the results and
-        errors are the CLI's."""
-        argv = [self.tgtadm]
-        if self.control_port:
-            argv += ["-C", str(self.control_port)]
-        argv += ["--lld", "iscsi", *args]
-        try:
-            if self._ipc is not None and self._ipc_usable():
-                try:
-                    return self._ipc.run("--lld", "iscsi", *args)
-                except Unsupported:
-                    pass
-            out, _ = execute(*argv, timeout=self.timeout)
-            return out
-        except CommandFailed as exc:
-            err = (exc.stderr or exc.stdout or str(exc)).strip()
-            if exc.exit_code is None:
-                raise IscsiError(f"cannot run tgtadm: {exc}") from exc
-            if exc.exit_code == 107 or "tgt daemon" in err:
-                raise IscsiError(
-                    f"tgtd is not running or not reachable (control port {self.control_port}): start tgtd "
-                    f"(e.g. 'systemctl start tgt' or scripts/tgtd-dev) and retry") from exc
-            if ok_missing and (_NO_TARGET in err or _NO_ACCOUNT in err):
-                return None
-            if ok_exists and _EXISTS in err:
-                return None
-            raise IscsiError(f"tgtadm {' '.join(args[:4])} failed: {err}") from exc
-
-    def _ipc_usable(self) -> bool:
-        """Once per driver: does tgtd answer our socket requests as a tgtd we know does?  A ``show sys``
-        must come back as tgtd's system status; anything else (a tgt whose protocol differs from the
-        1.0.x one tgt_ipc speaks) turns the socket off for good and tgtadm runs instead."""
-        if self._ipc_checked:
-            return self._ipc is not None
-        try:
-            out = self._ipc.run("--lld", "iscsi", "--op", "show", "--mode", "sys") if self._ipc else ""
-        except CommandFailed as exc:
-            if exc.exit_code == 107:
-                return True  # tgtd is not there now: the call reports that; check again next time
-            out = f"error: {exc.stderr.strip()}"
-        self._ipc_checked = True
-        if self._ipc is not None and not (out.startswith("System:") and "State:" in out):
-            LOG.warning("tgtd did not answer a request on its control socket as expected (%r): using the tgtadm "
-                        "binary instead ([iscsi] control = tgtadm)", out[:200])
-            self._ipc = None
-        return self._ipc is not None
-
-    def _wait_ready(self) -> None:
-        """Wait (up to SETTLE_SECONDS) for tgtd's system state to be "ready"."""
-        deadline = time.monotonic() + SETTLE_SECONDS
-        while True:
-            out = self._run("--op", "show", "--mode", "sys") or ""
-            state = next((line.split(":", 1)[1].strip() for line in out.splitlines()
-                          if line.strip().startswith("State:")), "ready")
-            if state == "ready":
-                return
-            if time.monotonic() >= deadline:
-                raise IscsiError(f"tgtd's state is {state!r} for more than {SETTLE_SECONDS:.0f} s (a tgt restart "
-                                 "loading its targets, or set by an operator); retry when it is ready")
-            time.sleep(0.1)
-
-    def _show_all(self) -> dict[str, LiveTarget]:
-        return parse_show(self._run("--op", "show", "--mode", "target") or "")
-
     def _create(self, spec: TargetSpec, first: int | None = None) -> None:
         """Create and configure ``spec`` under a free tid (sets ``spec.tid``); a half-made target
         is deleted.  Not confirmed here: add_target confirms with one show once tgtd is ready
@@ -379,46 +297,28 @@ class TgtTarget(TgtSync, TgtFiles, TgtChap, IscsiTarget):
             candidate = None
         raise IscsiError(f"could not find a free tgt tid for {name} after {TID_ATTEMPTS} attempts")
 
-    def _daemon(self) -> tuple[int, int] | None:
-        """Which tgtd answers on our control port: its socket's (inode, change time), None if absent."""
-        try:
-            st = os.stat(socket_path(self.control_port))
-        except OSError:
-            return None
-        return st.st_ino, st.st_ctime_ns
-
-    def _same_daemon(self, daemon: tuple[int, int] | None, spec: TargetSpec) -> None:
-        """Raise TgtdRestarted if tgtd is no longer the one that made ``spec.tid`` (a restart renumbers
-        tids: the next call by tid could hit a neighbour)."""
-        if self._daemon() != daemon:
-            raise TgtdRestarted(f"tgtd restarted while iSCSI target {spec.iqn} was being made at tid {spec.tid}")
-
-    def _configure(self, spec: TargetSpec, daemon: tuple[int, int] | None) -> None:
-        """LUN, write cache off, ACLs for a target that exists but is empty, each call only while the
-        tgtd that made the target still answers (``daemon``, see :meth:`_daemon`)."""
+    def _configure(self, spec: TargetSpec, daemon: Daemon) -> None:
+        """LUN, write cache off, ACLs for a target that exists but is empty, each request only while the
+        tgtd that made the target still answers (``daemon``: :meth:`_on_tid` raises TgtdRestarted)."""
         assert spec.tid is not None
         tid = str(spec.tid)
-        self._same_daemon(daemon, spec)
+        what = f"iSCSI target {spec.iqn} was being made at tid {tid}"
         lun_args = ["--op", "new", "--mode", "logicalunit", "--tid", tid, "--lun", str(spec.lun),
                     "--bstype", spec.backing.bstype, "--backing-store", spec.backing.path]
         if spec.backing.bsopts:
             lun_args += ["--bsopts", spec.backing.bsopts]
-        self._run(*lun_args)
+        self._on_tid(daemon, what, *lun_args)
         # One update: write cache off and the physical block size a disk reports (see LUN_LBPPBE).
-        self._same_daemon(daemon, spec)
-        self._run("--op", "update", "--mode", "logicalunit", "--tid", tid, "--lun", str(spec.lun),
-                  "--params", f"{WRITE_CACHE_OFF},lbppbe={LUN_LBPPBE}")
+        self._on_tid(daemon, what, "--op", "update", "--mode", "logicalunit", "--tid", tid, "--lun", str(spec.lun),
+                     "--params", f"{WRITE_CACHE_OFF},lbppbe={LUN_LBPPBE}")
         # Exactly what tgt-admin binds for the conf file, so a target reloaded by Debian's
         # tgt.service looks the same as one BMI made (NO_ADDRESS for names-only targets).
         for address in spec.initiators or [NO_ADDRESS]:
-            self._same_daemon(daemon, spec)
-            self._run("--op", "bind", "--mode", "target", "--tid", tid, "-I", address)
+            self._on_tid(daemon, what, "--op", "bind", "--mode", "target", "--tid", tid, "-I", address)
         for name in spec.initiator_names:
-            self._same_daemon(daemon, spec)
-            self._run("--op", "bind", "--mode", "target", "--tid", tid, "-Q", name)
+            self._on_tid(daemon, what, "--op", "bind", "--mode", "target", "--tid", tid, "-Q", name)
         if spec.chap is not None:
-            self._same_daemon(daemon, spec)
-            self._bind_account(tid, *spec.chap)
+            self._bind_account(tid, *spec.chap, daemon=daemon)
 
     def _delete_live(self, iqn: str) -> int | None:
         """Delete the tid that carries ``iqn`` in a fresh show; returns it, None if none was live.
@@ -426,11 +326,18 @@ class TgtTarget(TgtSync, TgtFiles, TgtChap, IscsiTarget):
         Trusts tgtadm's exit status: the caller confirms with a show afterwards
         (:meth:`_confirm_removed`, which also repairs a delete that a renumbering made hit a
         neighbour)."""
-        target = self._show_all().get(iqn)
-        if target is None:
-            return None
-        self._run("--op", "delete", "--mode", "target", "--tid", str(target.tid), "--force", ok_missing=True)
-        return target.tid
+        for _ in range(DELETE_ATTEMPTS):
+            daemon = self._daemon()
+            target = self._show_all().get(iqn)
+            if target is None:
+                return None
+            try:
+                self._on_tid(daemon, f"deleting iSCSI target {iqn}", "--op", "delete", "--mode", "target",
+                             "--tid", str(target.tid), "--force", ok_missing=True)
+            except TgtdRestarted:
+                continue  # that tid was the old tgtd's: look again
+            return target.tid
+        raise IscsiError(f"tgtd kept restarting while iSCSI target {iqn} was being deleted; retry")
 
     def _delete_by_iqn(self, iqn: str, quiet: bool = False) -> int | None:
         """Delete the live target carrying ``iqn``; returns the tid deleted, None if none was live.
@@ -441,14 +348,21 @@ class TgtTarget(TgtSync, TgtFiles, TgtChap, IscsiTarget):
         file, and the next attempt deletes ours by its new tid.
         """
         try:
+            daemon = self._daemon()
             live = self._show_all()
             deleted: int | None = None
             for _ in range(DELETE_ATTEMPTS):
                 target = live.get(iqn)
                 if target is None:
                     return deleted
-                self._run("--op", "delete", "--mode", "target", "--tid", str(target.tid), "--force",
-                          ok_missing=True)
+                try:
+                    self._on_tid(daemon, f"deleting iSCSI target {iqn}", "--op", "delete", "--mode", "target",
+                                 "--tid", str(target.tid), "--force", ok_missing=True)
+                except TgtdRestarted:  # nothing sent: that tid was the old tgtd's; look again
+                    daemon = self._daemon()
+                    live = self._show_all()
+                    continue
+                daemon = self._daemon()
                 live = self._show_all()
                 if iqn not in live:
                     self._gone[iqn] = time.monotonic()

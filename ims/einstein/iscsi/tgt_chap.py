@@ -15,7 +15,11 @@ from ims.common.names import validate_name
 from ims.einstein.iscsi.chap import check_chap
 from ims.einstein.iscsi.tgt_conf import LiveTarget, TargetSpec
 
+if TYPE_CHECKING:
+    from ims.einstein.iscsi.tgt_control import Daemon
+
 LOG = logging.getLogger(__name__)
+_ANY = object()  # _bind_account without a tgtd to compare with (the tid is not from a show)
 
 
 class TgtChap:
@@ -26,6 +30,8 @@ class TgtChap:
         def conf_path(self, target: str) -> str: ...
         def _run(self, *args: str, ok_missing: bool = False, ok_exists: bool = False) -> str | None: ...
         def _show_all(self) -> dict[str, LiveTarget]: ...
+        def _daemon(self) -> Daemon: ...
+        def _on_tid(self, daemon: Daemon, what: str, *args: str, ok_missing: bool = False) -> str | None: ...
         def _read_spec(self, target: str) -> TargetSpec | None: ...
         def _read_spec_quietly(self, name: str) -> TargetSpec | None: ...
         def _rewrite_tid(self, target: str, tid: int | None, chap: tuple[str, str] | None = None) -> bool: ...
@@ -71,15 +77,16 @@ class TgtChap:
         # while "ready", and checking the tid still carries our IQN after, keeps a neighbour's
         # account bound (an unbound target lets anyone log in).
         self._wait_ready()
+        daemon = self._daemon()
         live = self._show_all().get(self.iqn(target))
         # under the conf file's flock, like every rewrite (a concurrent remove is never undone)
         if spec is None or live is None or not self._rewrite_tid(target, live.tid, chap=account):
             raise TargetNotFound(f"iSCSI target {target} does not exist")
-        for user in live.accounts:
+        for user in live.accounts:  # by tid: only to the tgtd whose show gave it (TgtdRestarted: retry)
             if user != account[0]:
-                self._run("--op", "unbind", "--mode", "account", "--tid", str(live.tid), "--user", user,
-                          ok_missing=True)
-        self._bind_account(str(live.tid), *account)
+                self._on_tid(daemon, f"repairing the CHAP account of {live.iqn}", "--op", "unbind", "--mode",
+                             "account", "--tid", str(live.tid), "--user", user, ok_missing=True)
+        self._bind_account(str(live.tid), *account, daemon=daemon)
         after = self._show_all().get(spec.iqn)
         if after is not None and after.tid != live.tid:
             LOG.error("iSCSI target %s moved from tid %s while its CHAP account was repaired (tgtd restarted?): "
@@ -88,7 +95,7 @@ class TgtChap:
             raise IscsiError(f"iSCSI target {spec.iqn} changed while its CHAP account was repaired; retry")
         LOG.info("iSCSI target %s: CHAP user %s re-bound", spec.iqn, account[0])
 
-    def _bind_account(self, tid: str, user: str, secret: str) -> None:
+    def _bind_account(self, tid: str, user: str, secret: str, daemon: Daemon | object = _ANY) -> None:
         """Create the target's CHAP account and bind it as ``incominguser`` of ``tid``.
 
         The account is named after this target alone, so one that already exists is ours: a
@@ -100,7 +107,11 @@ class TgtChap:
                      ok_exists=True) is None:
             self._delete_account(user)
             self._run("--op", "new", "--mode", "account", "--user", user, "--password", secret)
-        self._run("--op", "bind", "--mode", "account", "--tid", tid, "--user", user)
+        bind = ("--op", "bind", "--mode", "account", "--tid", tid, "--user", user)
+        if daemon is _ANY:
+            self._run(*bind)
+        else:  # only to the tgtd that gave ``tid``
+            self._on_tid(daemon, f"binding CHAP user {user} to tid {tid}", *bind)
 
     def _delete_account(self, user: str) -> None:
         """Delete a CHAP account (tgtd unbinds it from every target first); absent is fine."""

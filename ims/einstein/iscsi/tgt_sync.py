@@ -18,6 +18,9 @@ from ims.common.errors import IscsiError, TargetExists, TgtdRestarted
 from ims.common.fileutil import atomic_write
 from ims.einstein.iscsi.tgt_conf import NO_ADDRESS, LiveTarget, TargetSpec, render_conf
 
+if TYPE_CHECKING:
+    from ims.einstein.iscsi.tgt_control import Daemon
+
 LOG = logging.getLogger(__name__)
 
 SETTLE_ATTEMPTS = 3
@@ -42,6 +45,8 @@ class TgtSync:
         def _read_spec_quietly(self, name: str) -> TargetSpec | None: ...
         def _rewrite_tid(self, target: str, tid: int | None, chap: tuple[str, str] | None = None) -> bool: ...
         def _run(self, *args: str, ok_missing: bool = False, ok_exists: bool = False) -> str | None: ...
+        def _daemon(self) -> Daemon: ...
+        def _on_tid(self, daemon: Daemon, what: str, *args: str, ok_missing: bool = False) -> str | None: ...
 
     def _settle_added(self, spec: TargetSpec, path: str) -> None:
         """Once tgtd is ready, the new target must be live with our backing store (and CHAP
@@ -72,16 +77,13 @@ class TgtSync:
             atomic_write(path, render_conf(spec, self._template), 0o600)
         raise IscsiError(f"iSCSI target {spec.iqn} kept vanishing while tgtd restarted; retry")
 
-    def _scrub_tid(self, spec: TargetSpec, tid: int | None, live: dict[str, LiveTarget]) -> None:
-        """Take back from the target that is at ``tid`` now, if it is not ours, what our calls by that
-        tid may have put on it after a renumbering (``live`` is a fresh full show): a LUN on our backing
-        store, our initiator addresses and names, our CHAP account.  A neighbour with a conf file here
-        keeps what its conf file lists, and if our LUN was on it, it is deleted and made again from its
-        conf file.  Called only when ours is not where we made it (a rare path: no tgtadm call unless
-        something of ours is found)."""
+    def _ours_at(self, spec: TargetSpec, tid: int | None, live: dict[str, LiveTarget]) -> tuple[
+            LiveTarget | None, TargetSpec | None, list[int], list[tuple[str, str]], str | None]:
+        """What of ``spec`` sits on the target that is at ``tid`` in ``live`` if that is not ours:
+        ``(it, its conf spec or None, LUNs on our backing store, our ACL entries, our account)``."""
         other = next((t for t in live.values() if t.tid == tid and t.iqn != spec.iqn), None)
         if other is None:
-            return
+            return None, None, [], [], None
         own = next((s for s in map(self._read_spec_quietly, self.list_targets())
                     if s is not None and s.iqn == other.iqn), None)
         keep = {NO_ADDRESS, *(own.initiators + own.initiator_names if own is not None else [])}
@@ -89,18 +91,39 @@ class TgtSync:
         acl = [("-Q" if entry in spec.initiator_names else "-I", entry)
                for entry in [*spec.initiators, *spec.initiator_names] if entry in other.acl and entry not in keep]
         account = spec.chap[0] if spec.chap is not None and spec.chap[0] in other.accounts else None
-        if not (luns or acl or account):
+        return other, own, luns, acl, account
+
+    def _scrub_tid(self, spec: TargetSpec, tid: int | None, live: dict[str, LiveTarget]) -> None:
+        """Take back from the target that is at ``tid`` now, if it is not ours, what our calls by that
+        tid may have put on it after a renumbering (``live`` is a recent full show): a LUN on our
+        backing store, our initiator addresses and names, our CHAP account.  A neighbour with a conf
+        file here keeps what its conf file lists, and if our LUN was on it, it is deleted and made
+        again from its conf file.  Called only when ours is not where we made it; no request unless
+        something of ours is found, and then by tid only to the tgtd of a fresh show (if tgtd restarts
+        meanwhile, what we put there went with the old tgtd: nothing is left to take back)."""
+        if not any(self._ours_at(spec, tid, live)[2:]):
+            return
+        daemon = self._daemon()
+        other, own, luns, acl, account = self._ours_at(spec, tid, self._show_all())
+        if other is None or not (luns or acl or account):
             return
         LOG.error("iSCSI target %s (tid %s) got calls meant for %s after tgtd renumbered its targets: removing "
                   "from it LUNs %s, initiators %s%s", other.iqn, tid, spec.iqn, luns, [a for _f, a in acl],
                   f", CHAP account {account}" if account else "")
-        for lun in luns:
-            self._run("--op", "delete", "--mode", "logicalunit", "--tid", str(tid), "--lun", str(lun),
-                      ok_missing=True)
-        for flag, entry in acl:
-            self._run("--op", "unbind", "--mode", "target", "--tid", str(tid), flag, entry, ok_missing=True)
-        if account is not None:
-            self._run("--op", "unbind", "--mode", "account", "--tid", str(tid), "--user", account, ok_missing=True)
+        what = f"taking {spec.iqn}'s bindings back from {other.iqn}"
+        try:
+            for lun in luns:
+                self._on_tid(daemon, what, "--op", "delete", "--mode", "logicalunit", "--tid", str(tid), "--lun",
+                             str(lun), ok_missing=True)
+            for flag, entry in acl:
+                self._on_tid(daemon, what, "--op", "unbind", "--mode", "target", "--tid", str(tid), flag, entry,
+                             ok_missing=True)
+            if account is not None:
+                self._on_tid(daemon, what, "--op", "unbind", "--mode", "account", "--tid", str(tid), "--user",
+                             account, ok_missing=True)
+        except TgtdRestarted:
+            LOG.warning("tgtd restarted while %s: those bindings went with the old tgtd", what)
+            return
         if luns and own is not None:
             # Its own LUN could not be made while ours sat there: make it again from its conf file.
             self._delete_by_iqn(other.iqn, quiet=True)

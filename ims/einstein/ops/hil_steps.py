@@ -7,16 +7,16 @@ back; :func:`settle_nic` undoes it even when a dead worker left the action pendi
 """
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future
-from concurrent.futures import wait as wait_futures
 from typing import Any
 
 from ims.common.errors import AuthenticationFailed, Conflict, Forbidden, InvalidInput, NotFound
 from ims.einstein.journal import RecoveryContext, Tx
-from ims.einstein.ops.steps import Step, start_step
+from ims.einstein.ops.background import settled, start_step
+from ims.einstein.ops.steps import Step
+
+__all__ = ["settled"]  # re-exported: the HIL steps' callers join them with it
 
 
 # --- HIL -------------------------------------------------------------------------
@@ -38,25 +38,6 @@ class _HilStep(Step):
         net = params.pop("net")
         undo = (self.undo_name, params) if self.undo_name else None
         return start_step(tx, self.name, undo, lambda: self.execute(net, **params))
-
-
-@contextlib.contextmanager
-def settled(call: Future[Any] | None) -> Iterator[None]:
-    """Run the block while ``call`` (from :meth:`Step.start`; None = none) proceeds; then wait for it.
-
-    The block's error wins (after the call has ended); otherwise the call's error is raised.
-    Either way the journal rolls back every recorded step, the call's included.  Start the next
-    background step INSIDE this block: its own start can fail, and this call must end first.
-    """
-    if call is None:
-        yield
-        return
-    try:
-        yield
-    except BaseException:
-        wait_futures([call])
-        raise
-    call.result()
 
 
 class Connect(_HilStep):

@@ -29,9 +29,9 @@ from ims.common.errors import (
 from ims.database.models import Image, Provision
 from ims.einstein import hosts
 from ims.einstein.journal import RecoveryContext, Tx
+from ims.einstein.ops.background import in_background, settled
 from ims.einstein.ops.core import Auth, Core
-from ims.einstein.ops.hil_steps import settled
-from ims.einstein.ops.steps import Steps, chap_of, in_background
+from ims.einstein.ops.steps import Steps, chap_of
 
 
 def node_mac(net: Any, project: str, node: str, nic: str) -> str:

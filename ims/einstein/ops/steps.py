@@ -14,12 +14,9 @@ disarm covers the race with anything that does not take BMI's locks.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_futures
+from concurrent.futures import Future
 from typing import Any
 
 from sqlalchemy import select
@@ -29,7 +26,6 @@ from sqlalchemy.orm import Session
 from ims.common import names
 from ims.common.errors import (
     ImageExists,
-    NotFound,
     SnapshotExists,
     SnapshotNotFound,
     TargetExists,
@@ -39,44 +35,12 @@ from ims.database.models import Image, Operation, Provision
 from ims.einstein import flatten
 from ims.einstein.iscsi import chap
 from ims.einstein.journal import RecoveryContext, Tx
+from ims.einstein.ops.background import start_step
 from ims.einstein.ops.core import Core
+from ims.einstein.ops.purge import purge
+from ims.einstein.ops.purge import quietly as _quietly
 
 LOG = logging.getLogger(__name__)
-
-
-def _quietly(fn: Callable[[], Any]) -> None:
-    """Run ``fn``; an object that is already gone is what an undo wants."""
-    with contextlib.suppress(NotFound, TargetNotFound):
-        fn()
-
-
-# Steps running while their operation goes on with its next ones (Step.start); one or two per operation.
-_BACKGROUND = ThreadPoolExecutor(max_workers=64, thread_name_prefix="bg-step")
-
-
-def in_background(fn: Callable[..., Any], *args: Any) -> Future[Any]:
-    """Run ``fn(*args)`` in the step pool: a read an operation needs later (see RecoveryContext.described)."""
-    return _BACKGROUND.submit(fn, *args)
-
-
-def start_step(tx: Tx, name: str, undo: tuple[str, dict[str, Any]] | None, fn: Callable[[], Any]) -> Future[Any]:
-    """Record step ``name`` (with ``undo``), then run ``fn`` in the background; see :meth:`Step.start`."""
-    started: list[Future[Any]] = []
-
-    def work() -> Any:
-        result = fn()
-        tx.journal.fault(name, "after")  # the step's "after" point: its work is done
-        return result
-
-    def submit() -> Future[Any]:
-        started.append(_BACKGROUND.submit(work))
-        return started[0]
-
-    try:
-        return tx.step(name, submit, undo=undo, background=True)
-    except BaseException:  # e.g. an injected fault after the submit: let the call end first
-        wait_futures(started)
-        raise
 
 
 class Step:
@@ -107,7 +71,7 @@ class Step:
         """Like :meth:`run`, but ``execute`` runs in a background thread once its journal record is
         written, so it overlaps the operation's next steps (for work independent of them: a HIL
         call, boot files).  The caller waits for the future before the operation ends
-        (ims/einstein/ops/hil_steps.py ``settled``): its error then rolls the operation back like any
+        (ims/einstein/ops/background.py ``settled``): its error then rolls the operation back like any
         step's, and a roll-back starts only after it has ended, so the undo sees what it did."""
         undo = (self.undo_name, params) if self.undo_name else None
         return start_step(tx, self.name, undo, lambda: self.execute(**params))
@@ -151,57 +115,6 @@ class Clone(Step):
 
     def revert(self, params: dict[str, Any], ctx: RecoveryContext) -> None:
         purge(self.core, params["image"])
-
-
-def purge(core: Core, image: str, described: Future[Any] | None = None) -> bool:
-    """Remove ``image`` with its target and snapshots (idempotent); True once it is gone.
-
-    Its pending flatten is cancelled first.  A snapshot something is still cloned from (a copy
-    awaiting its flatten, a node provisioned from it) is left, and so is the image (False): once
-    its row is gone it is *doomed* and :func:`flatten.collect` removes it when its last clone leaves.
-    """
-    st = core.storage
-    flatten.cancel(core, image)
-    try:
-        return _purge_storage(core, image, described)
-    except NotFound as exc:
-        # A removal cut short (a SIGKILLed worker) can leave an image that still opens but whose
-        # snapshots, children or parent link no longer read back; `rbd remove` finishes such a
-        # removal.  Only if the image is then really gone is the purge done.
-        LOG.warning("purge of %s met %s; finishing its removal", image, exc)
-        _quietly(lambda: st.remove_image(image))
-        if st.image_exists(image):
-            raise
-        return True
-
-
-def _purge_storage(core: Core, image: str, described: Future[Any] | None = None) -> bool:
-    st = core.storage
-    # perf: existence, snapshots and parent from one image open, maybe started earlier by the
-    # operation (``described``: read while it held the image's lock, so nothing could add a snapshot
-    # since; one removed meanwhile by a flatten's collect is NotFound below, handled like any)
-    info = described.result() if described is not None else st.describe(image)
-    if info is None:
-        st.finish_removal(image)  # a removal cut short may leave it listed though it no longer opens
-        return True
-    snaps, parent = info
-    with contextlib.suppress(TargetNotFound):
-        if core.iscsi.target_exists(image):
-            core.iscsi.remove_target(image)
-    kept = []
-    for snap in snaps:
-        if st.list_children(image, snap):
-            kept.append(snap)
-            continue
-        _quietly(lambda s=snap: st.unprotect_snapshot(image, s))
-        _quietly(lambda s=snap: st.remove_snapshot(image, s))
-    if kept:
-        LOG.info("%s still has clones of %s: removed once they are gone", image, ", ".join(kept))
-        return False
-    _quietly(lambda: st.remove_image(image))  # raises unless it is gone (NotFound: gone already)
-    if parent is not None:
-        flatten.collect(core, parent[0], parent[1])
-    return True
 
 
 class Flatten(Step):
