@@ -73,6 +73,14 @@ class Tx:
         entry["state"] = "done"
         return result
 
+    def disarm(self, name: str, state: str) -> None:
+        """The last step named ``name`` made nothing: recovery must not undo it."""
+        entry = next(e for e in reversed(self.steps) if e["name"] == name)
+        entry["undo"] = None
+        entry["state"] = state
+        with self.journal.connection() as conn:
+            self._save(conn)
+
     def db_step(self, name: str, do: Callable[[Session], T],
                 undo: Callable[[T], tuple[str, dict[str, Any]] | None]) -> T:
         """Run a database change and record it (and its undo) in the same transaction."""

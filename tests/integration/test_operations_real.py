@@ -284,6 +284,7 @@ else:
     ("import", ("storage.clone", "after"), False),
     ("import", ("commit", "after"), True),
     ("provision", ("storage.clone", "after"), False),
+    ("provision", ("db.insert_provision", "after"), False),
     ("provision", ("iscsi.add_target", "after"), False),
     ("provision", ("boot.write", "after"), False),
     ("snapshot", ("storage.flatten", "after"), False),

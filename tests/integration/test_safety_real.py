@@ -10,8 +10,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 from ims.common.errors import BMIError
+from ims.database.models import Image
 from tests.integration.test_operations_real import ADMIN, MAC, NET, NIC, NODE, NODE_INITIATOR, USER, RealEnv
 from tests.support import iscsi_rw
 
@@ -84,6 +86,56 @@ def test_a_nic_attached_before_pro_stays_attached_after_dpro(env):
     assert env.hil.nic_networks(NODE, NIC) == {"vlan/native": NET}
     ops.deprovision(USER, "bmi_infra", NODE, NET, NIC)
     assert env.hil.nic_networks(NODE, NIC) == {}
+
+
+def test_pro_of_a_node_we_do_not_own_is_refused_and_leaves_nothing(env):
+    """The HIL read of the node runs while BMI clones the project's own image: a node the project
+    does not own (free in HIL, or unknown) gets HIL's answer, and the clone made meanwhile is gone."""
+    ops = env.ops
+    ops.import_image(USER, "bmi_infra", "bmi-test-image")
+    before, images = env.state(), sorted(ops.storage.list_images())
+    refused(lambda: ops.provision(USER, "bmi_infra", "cisco-03", "bmi-test-image", NET, "enp130s0f0"), 403,
+            "cisco-03")
+    refused(lambda: ops.provision(USER, "bmi_infra", "no-such-node", "bmi-test-image", NET, NIC), 404,
+            "no-such-node")
+    # HIL's answer wins over what BMI's own checks find meanwhile (here: no such image)
+    refused(lambda: ops.provision(USER, "bmi_infra", "cisco-03", "no-such-image", NET, "enp130s0f0"), 403)
+    assert env.state() == before and sorted(ops.storage.list_images()) == images
+    assert env.hil.nic_networks("cisco-03", "enp130s0f0") == {}
+    ops.provision(USER, "bmi_infra", NODE, "bmi-test-image", NET, NIC)  # no lock or row left behind
+    assert env.hil.nic_networks(NODE, NIC) == {"vlan/native": NET}
+
+
+def test_dpro_of_a_nic_detached_by_hand(env):
+    """Deprovision sends the detach without reading the NIC first: a network someone detached by
+    hand is "nothing to detach", and a deprovision that then fails must not connect it again."""
+    ops = env.ops
+    ops.import_image(USER, "bmi_infra", "bmi-test-image")
+
+    def fail_at_remove_target(name: str, phase: str) -> None:
+        if (name, phase) == ("iscsi.remove_target", "before"):
+            raise BMIError("injected: the target removal failed")
+
+    # 1. connected by pro, detached by dpro; a dpro that fails reconnects it (it did detach)
+    ops.provision(USER, "bmi_infra", NODE, "bmi-test-image", NET, NIC)
+    with ops.journal.session() as s:
+        clone = env.ceph(max(r.id for r in s.scalars(select(Image)).all()))
+    ops.journal.fault_hook = fail_at_remove_target
+    refused(lambda: ops.deprovision(USER, "bmi_infra", NODE, NET, NIC), 500, "injected")
+    ops.journal.fault_hook = None
+    assert env.hil.nic_networks(NODE, NIC) == {"vlan/native": NET}
+    assert node_reads_golden(env, clone)
+    # 2. detached by hand: the failing dpro leaves it detached, and the provision whole
+    env.hil.detach_network(NODE, NIC, NET)
+    before = env.state()
+    ops.journal.fault_hook = fail_at_remove_target
+    refused(lambda: ops.deprovision(USER, "bmi_infra", NODE, NET, NIC), 500, "injected")
+    ops.journal.fault_hook = None
+    assert env.state() == before and env.hil.nic_networks(NODE, NIC) == {}
+    assert node_reads_golden(env, clone)
+    # 3. and the dpro that succeeds leaves it detached too
+    ops.deprovision(USER, "bmi_infra", NODE, NET, NIC)
+    assert env.hil.nic_networks(NODE, NIC) == {} and env.tgt_targets() == []
 
 
 def test_iscsi_create_twice_keeps_the_live_target(env):

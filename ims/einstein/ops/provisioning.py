@@ -8,6 +8,9 @@ already on the network before provision stays attached.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 from typing import Any
 
 from sqlalchemy import select
@@ -31,6 +34,7 @@ from ims.einstein import hosts
 from ims.einstein.journal import RecoveryContext, Tx
 from ims.einstein.ops.background import in_background, settled
 from ims.einstein.ops.core import Auth, Core
+from ims.einstein.ops.hil_steps import settled_detach
 from ims.einstein.ops.steps import Steps, chap_of
 
 
@@ -49,6 +53,35 @@ def node_nic(net: Any, project: str, node: str, nic: str) -> tuple[str, list[str
             networks = entry.get("networks") or {}
             return names.normalize_mac(entry.get("macaddr", "")), [str(n) for n in networks.values()]
     raise NicNotFound(f"node {node} has no NIC named {nic}")
+
+
+@contextlib.contextmanager
+def hil_first(reading: Future[Any]) -> Iterator[Future[Any]]:
+    """Run the block while ``reading`` (a HIL read in the background) proceeds.  If the block fails,
+    the read's own error (403 not ours, 404, 401, HIL unavailable) is raised instead when it has one:
+    the caller gets the answer it would have got had the read come first.  The read has always
+    ended when this returns."""
+    try:
+        yield reading
+    except Exception:
+        try:
+            reading.result()
+        except Exception as hil_error:  # noqa: BLE001 - re-raised as is
+            raise hil_error from None
+        raise
+    except BaseException:  # e.g. an injected crash: it stays what it is, once the read has ended
+        wait_futures([reading])
+        raise
+    reading.result()
+
+
+def still_attached(net: Any, node: str, nic: str, network: str) -> bool:
+    """Is ``network`` still on the NIC (one HIL read)?  A node HIL took back has nothing to detach:
+    BMI's side is cleaned up anyway."""
+    try:
+        return network in net.nic_networks(node, nic).values()
+    except (NodeNotFound, NicNotFound, AuthenticationFailed, Forbidden):
+        return False
 
 
 def recovery_ctx(core: Core, net: Any) -> RecoveryContext:
@@ -111,10 +144,14 @@ class Provisioning:
         core, steps = self.core, self.steps
         names.validate_names(project=project, node=node, image=img, network=network, nic=nic)
         net = core.access(auth, project)
-        with core.journal.lock([f"node:{node}", f"image:{project}/{node}"], "provision", recovery_ctx(core, net)):
-            # perf: one HIL read of the node, under the lock: its owner (403 unless ours), the NIC's
-            # MAC, and whether the network is already attached (then deprovision must leave it).
-            mac, nic_networks = node_nic(net, project, node, nic)
+        with core.journal.lock([f"node:{node}", f"image:{project}/{node}"], "provision", recovery_ctx(core, net)), \
+                hil_first(in_background(node_nic, net, project, node, nic)) as reading:
+            # perf: ONE HIL read of the node (its owner: 403 unless ours; the NIC's MAC; whether the
+            # network is already attached, then deprovision must leave it) runs while BMI makes the
+            # clone of the project's OWN image, which nothing outside BMI sees.  Everything that
+            # concerns the node (its provision record, target, boot files, NIC) comes after the read
+            # says the node is ours; if it is not, the clone and its row are rolled back, and the
+            # read's error is the answer, as if it had come first (hil_first).
             with core.session() as session:
                 proj = core.project(session, project)
                 if session.get(Provision, node) is not None:
@@ -126,25 +163,28 @@ class Provisioning:
                     raise ImageExists(f"project {project} already has an image named {node}; a node's clone is "
                                       "named after the node")
                 project_id, parent_id, parent_ceph = proj.id, parent.id, core.ceph_name(parent.id)
-            attached = network in nic_networks
-            args = {"project": project, "node": node, "image": img, "network": network, "nic": nic, "mac": mac}
+            args = {"project": project, "node": node, "image": img, "network": network, "nic": nic}
             with core.journal.operation("provision", args, RecoveryContext(net=net)) as tx:
-                image_id = steps.insert_image.run(
-                    tx, "db.insert_clone", name=node, project_id=project_id, parent_id=parent_id, kind="node",
-                    provision={"node": node, "nic": nic, "mac": mac, "network": network, "connected": not attached})
+                image_id = steps.insert_image.run(tx, "db.insert_clone", name=node, project_id=project_id,
+                                                  parent_id=parent_id, kind="node")
                 clone = core.ceph_name(image_id)
-                # perf: the HIL connect (recorded first) runs while the clone, target and boot files
-                # are made; a failure of either side rolls back both, after the connect has ended.
-                connecting = None if attached else steps.connect.start(tx, net=net, node=node, nic=nic,
-                                                                        network=network)
-                with settled(connecting):
-                    # perf: the boot files (recorded next) are written and synced meanwhile too: they only
-                    # name the target; a node that boots before the target is live just fails to attach.
-                    booting = None if core.cfg.tftp.boot_mode == "http" else \
-                        steps.write_boot.start(tx, **boot_params(core, node, mac, img, clone, node))
-                    with settled(booting), core.bmi_names({clone: node, parent_ceph: img}):
-                        steps.clone.run(tx, parent=parent_ceph, snap=core.snap, image=clone)
-                        export_and_boot(core, steps, tx, node, mac, img, clone, node, boot_files=False)
+                with core.bmi_names({clone: node, parent_ceph: img}):
+                    steps.clone.run(tx, parent=parent_ceph, snap=core.snap, image=clone)
+                    mac, nic_networks = reading.result()
+                    attached = network in nic_networks
+                    steps.insert_provision.run(tx, node=node, project_id=project_id, image_id=image_id, nic=nic,
+                                               mac=mac, network=network, connected=not attached)
+                    # perf: the HIL connect (recorded first) runs while the target and boot files are
+                    # made; a failure of either side rolls back both, after the connect has ended.
+                    connecting = None if attached else steps.connect.start(tx, net=net, node=node, nic=nic,
+                                                                            network=network)
+                    with settled(connecting):
+                        # perf: the boot files (recorded next) are written and synced meanwhile too: they
+                        # only name the target; a node that boots before it is live just fails to attach.
+                        booting = None if core.cfg.tftp.boot_mode == "http" else \
+                            steps.write_boot.start(tx, **boot_params(core, node, mac, img, clone, node))
+                        with settled(booting):
+                            export_and_boot(core, steps, tx, node, mac, img, clone, node, boot_files=False)
 
     def deprovision(self, auth: Auth, project: str, node: str, network: str, nic: str) -> None:
         """Undo a provision: detach the NIC (if provision attached it), remove boot files, target, clone, rows."""
@@ -158,12 +198,11 @@ class Provisioning:
             network = prov.network or network
             clone = core.ceph_name(row.id)
             parent_name = row.parent.name if row.parent else node
-            attached = False
-            if prov.connected is not False:  # True, or None for a row older than the record
-                try:
-                    attached = network in net.nic_networks(node, nic).values()
-                except (NodeNotFound, NicNotFound, AuthenticationFailed, Forbidden):
-                    attached = False  # HIL took the node back: nothing to detach, clean up BMI's side anyway
+            # perf: no HIL read first when provision connected the NIC: the detach is sent directly and
+            # an answer "not attached" (someone detached it by hand; HIL took the node back) means
+            # nothing to detach (hil_steps.Detach).  A row older than that record (connected None)
+            # asks HIL whether the network is still on the NIC.
+            detach = bool(prov.connected) or (prov.connected is None and still_attached(net, node, nic, network))
             args = {"project": project, "node": node, "mac": prov.mac, "image": clone, "image_id": row.id}
             with core.journal.operation("deprovision", args, RecoveryContext(net=net)) as tx:
                 # perf: the clone's snapshots and parent, read while the boot files and target go, for
@@ -171,9 +210,9 @@ class Provisioning:
                 tx.ctx.described[clone] = in_background(core.storage.describe, clone)
                 # perf: the HIL detach (recorded first) runs while the boot files and the target go;
                 # all of it ends before the commit point, after which the clone is removed for good.
-                detaching = steps.detach.start(tx, net=net, node=node, nic=nic, network=network) if attached \
+                detaching = steps.detach.start(tx, net=net, node=node, nic=nic, network=network) if detach \
                     else None
-                with settled(detaching):
+                with settled_detach(tx, detaching):
                     steps.remove_boot.run(tx, **boot_params(core, node, prov.mac, parent_name, clone, node))
                     # perf: no target_exists show first: the remove does its own show (TargetNotFound:
                     # already gone, and the step is disarmed so a roll-back does not re-add it)

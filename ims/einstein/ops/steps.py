@@ -14,7 +14,6 @@ disarm covers the race with anything that does not take BMI's locks.
 """
 from __future__ import annotations
 
-import json
 import logging
 from concurrent.futures import Future
 from typing import Any
@@ -31,7 +30,7 @@ from ims.common.errors import (
     TargetExists,
     TargetNotFound,
 )
-from ims.database.models import Image, Operation, Provision
+from ims.database.models import Image, Provision
 from ims.einstein import flatten
 from ims.einstein.iscsi import chap
 from ims.einstein.journal import RecoveryContext, Tx
@@ -78,13 +77,7 @@ class Step:
 
     def _disarm(self, tx: Tx) -> None:
         """The step failed because its object was already there: it made nothing, so undo nothing."""
-        entry = tx.steps[-1]
-        entry["undo"] = None
-        entry["state"] = "failed: already existed"
-        with self.core.journal.session() as session:
-            op = session.get(Operation, tx.op_id)
-            if op is not None:
-                op.steps = json.dumps(tx.steps)
+        tx.disarm(tx.steps[-1]["name"], "failed: already existed")
 
 
 # --- storage ---------------------------------------------------------------------
