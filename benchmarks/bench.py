@@ -93,15 +93,20 @@ class Rest:
             if rec["state"] == "failed":
                 raise RuntimeError(f"operation {op_id} failed: {rec.get('error')}")
 
-    def submit(self, method: str, path: str, body: dict[str, Any]) -> Any:
-        r = self.s.request(method, f"{self.url}/v1{path}", json=body, timeout=60)
+    def submit(self, method: str, path: str, body: dict[str, Any], prefer_wait: float | None = None) -> Any:
+        headers = {"Prefer": f"wait={prefer_wait:g}"} if prefer_wait is not None else None
+        r = self.s.request(method, f"{self.url}/v1{path}", json=body, timeout=60, headers=headers)
         if r.status_code != 202:
             raise RuntimeError(f"{method} {path}: {r.status_code} {r.text[:300]}")
         return r.json()["result"]
 
     def do(self, method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        """Submit and wait: the time a user waits for a /v1 mutation."""
-        return self.wait_op(int(self.submit(method, path, body)["id"]))
+        """Submit and wait, as the CLI does: the time a user waits for a /v1 mutation (the POST asks
+        to be answered once the operation has finished, for at most 1 s: ``Prefer: wait=1``)."""
+        rec = self.submit(method, path, body, prefer_wait=1)
+        if rec["state"] == "done":
+            return dict(rec)
+        return self.wait_op(int(rec["id"]))
 
     def legacy(self, method: str, path: str, form: dict[str, str]) -> None:
         r = self.s.request(method, f"{self.url}{path}", data=form, timeout=600)

@@ -88,10 +88,10 @@ class Api:
         self.verify: str | bool = ca or ca_bundle() or True
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None,
-                params: dict[str, Any] | None = None) -> Any:
+                params: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> Any:
         try:
             resp = self.session.request(method, f"{self.url}/v1{path}", json=body, params=params, auth=self.auth,
-                                        timeout=TIMEOUT_SECONDS, verify=self.verify)
+                                        timeout=TIMEOUT_SECONDS, verify=self.verify, headers=headers)
         except requests.exceptions.SSLError as exc:
             raise click.ClickException(_tls_message(self.url, exc)) from None
         except requests.ConnectionError as exc:
@@ -116,11 +116,11 @@ class Api:
     def get(self, path: str, params: dict[str, Any] | None = None) -> Any:
         return self.request("GET", path, params=params)
 
-    def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
-        return self.request("POST", path, body=body or {})
+    def post(self, path: str, body: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> Any:
+        return self.request("POST", path, body=body or {}, headers=headers)
 
-    def delete(self, path: str) -> Any:
-        return self.request("DELETE", path)
+    def delete(self, path: str, headers: dict[str, str] | None = None) -> Any:
+        return self.request("DELETE", path, headers=headers)
 
 
 def failure(resp: requests.Response, url: str, data: Any = None,

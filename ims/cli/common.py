@@ -72,8 +72,17 @@ def change(c: Ctx, method: str, path: str, body: dict[str, Any] | None = None) -
 
 def queue(c: Ctx, method: str, path: str, body: dict[str, Any] | None, no_wait_: bool,
           show_result: bool = False) -> None:
-    """A change Picasso queues as an operation: call, then :func:`finish` it (wait, print, exit status)."""
-    finish(c, call(c, method, path, body), no_wait_, show_result)
+    """A change Picasso queues as an operation: call, then :func:`finish` it (wait, print, exit status).
+
+    Unless ``--no-wait``, the call asks Picasso to answer once the operation has finished, for at most
+    ``ops.POLL_SECONDS`` (RFC 7240 ``Prefer: wait``): a quick operation then needs no second request,
+    and a longer one is followed with its progress shown as before."""
+    if method == "GET" or no_wait_:
+        record = call(c, method, path, body)
+    else:
+        prefer = {"Prefer": f"wait={ops.POLL_SECONDS}"}
+        record = c.api.post(path, body, prefer) if method == "POST" else c.api.delete(path, prefer)
+    finish(c, record, no_wait_, show_result)
 
 
 def finish(c: Ctx, record: dict[str, Any], no_wait_: bool, show_result: bool = False) -> None:

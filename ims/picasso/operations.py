@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Response, jsonify
+from flask import Response, jsonify, request
 
 from ims.common.errors import BMIError, from_wire
-from ims.picasso.auth import client
+from ims.picasso.auth import client, credentials
 from ims.picasso.openapi import MAX_BATCH, MAX_POLL_SECONDS
 from ims.picasso.openapi import OPERATION_STATES as STATES
 
@@ -33,11 +33,37 @@ def location(record: dict[str, Any]) -> str:
     return f"/v1/operations/{int(record['id'])}"
 
 
+def preferred_wait() -> float | None:
+    """The seconds of an RFC 7240 ``Prefer: wait=N`` request header (None: not asked)."""
+    for header in request.headers.getlist("Prefer"):
+        for pref in header.split(","):
+            name, _, value = pref.split(";")[0].strip().partition("=")
+            if name.strip().lower() == "wait":
+                try:
+                    return max(0.0, min(float(value.strip().strip('"')), WAIT_SECONDS))
+                except ValueError:
+                    return None  # an unusable preference is ignored (RFC 7240 section 2)
+    return None
+
+
 def accepted(record: dict[str, Any] | list[dict[str, Any]]) -> tuple[Response, int]:
-    """202 with the record(s); one operation also gets ``Location: /v1/operations/<id>``."""
+    """202 with the record(s); one operation also gets ``Location: /v1/operations/<id>``.
+
+    ``Prefer: wait=N`` (RFC 7240; N capped at ``WAIT_SECONDS``): the answer for ONE operation comes
+    when it has finished, or after N seconds, with its record as it is then (still 202: the
+    operation's own outcome is in the record) and ``Preference-Applied: wait=N``.  A client that
+    waits anyway saves the request that would follow it."""
+    seconds = preferred_wait()
+    applied = None
+    if seconds is not None and isinstance(record, dict) and record.get("state") not in FINISHED:
+        record = client().operation_wait(credentials(), int(record["id"]), seconds)
+        applied = f"wait={seconds:g}"
     resp = jsonify({"result": record})
     if isinstance(record, dict):
         resp.headers["Location"] = location(record)
+    if applied:
+        resp.headers["Preference-Applied"] = applied
+    resp.headers.add("Vary", "Prefer")
     return resp, 202
 
 

@@ -108,6 +108,33 @@ def test_v1_answers_202_with_location_then_done(stack: Stack) -> None:
             requests.get(f"{stack.url}/v1/operations", auth=TENANT2, timeout=30).json()["result"])
 
 
+def test_prefer_wait_answers_once_the_operation_has_finished(stack: Stack) -> None:
+    """RFC 7240 ``Prefer: wait=N``: the 202 comes when the operation is done (or failed), with the
+    final record and ``Preference-Applied``; without it the 202 comes at once (queued or running)."""
+    url = f"{stack.url}/v1/projects/bmi_infra/nodes/cisco-02"
+    body = {"image": "async-img", "network": "bmi_network", "nic": "enp130s0f0"}
+    r = requests.post(f"{url}/provision", json=body, auth=TENANT, timeout=60, headers={"Prefer": "wait=20"})
+    assert r.status_code == 202, r.text
+    record = r.json()["result"]
+    assert record["state"] == "done" and record["progress"] == 100, record
+    assert r.headers["Preference-Applied"] == "wait=20" and r.headers["Location"] == f"/v1/operations/{record['id']}"
+    assert targets_of(stack, "cisco-02")
+    # a failure is the record's, still a 202: the same node again
+    again = requests.post(f"{url}/provision", json=body, auth=TENANT, timeout=60,
+                          headers={"Prefer": "respond-async, wait=20"})
+    if again.status_code == 202:
+        failed = again.json()["result"]
+        assert failed["state"] == "failed" and failed["error"]["type"] == "NodeAlreadyProvisioned", failed
+    else:
+        assert again.status_code == 409, again.text
+    # an unusable preference is ignored (RFC 7240 section 2): answered at once, no Preference-Applied
+    r = requests.post(f"{url}/deprovision", json={"network": "bmi_network", "nic": "enp130s0f0"}, auth=TENANT,
+                      timeout=60, headers={"Prefer": "wait=soon"})
+    assert r.status_code == 202 and "Preference-Applied" not in r.headers, r.headers
+    assert follow(stack, r.headers["Location"])["state"] == "done"
+    assert not targets_of(stack, "cisco-02")
+
+
 def test_legacy_form_api_still_answers_success(stack: Stack) -> None:
     form = {"project": "bmi_infra", "node": "bmi_node", "img": "async-img", "network": "bmi_network",
             "nic": "bmi_port"}

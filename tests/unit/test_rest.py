@@ -650,3 +650,21 @@ def test_openapi_documents_202_with_location_for_every_queued_mutation() -> None
         schema = responses["202"]["content"]["application/json"]["schema"]["properties"]["result"]
         record = schema.get("items", schema)
         assert {"id", "state", "progress"} <= set(record["properties"]) and "error" in record["properties"]
+
+
+@pytest.mark.parametrize("headers,expected", [
+    ({}, None),
+    ({"Prefer": "wait=5"}, 5.0),
+    ({"Prefer": "respond-async, wait=2.5"}, 2.5),
+    ({"Prefer": 'handling=lenient; x=1, WAIT = "3"'}, 3.0),
+    ({"Prefer": "wait=3600"}, 20.0),   # capped: no answer waits longer than one operation_wait call
+    ({"Prefer": "wait=-1"}, 0.0),
+    ({"Prefer": "wait=soon"}, None),   # unusable: ignored (RFC 7240 section 2)
+    ({"Prefer": "return=minimal"}, None),
+])
+def test_prefer_wait_is_parsed_as_rfc_7240_says(headers: dict[str, str], expected: float | None) -> None:
+    from ims.picasso.operations import preferred_wait
+
+    app = create_app(bmi_config.parse("bmi.cfg", cfg_text(0)), client=InProcessClient(World()))
+    with app.test_request_context("/v1/projects/p/nodes/n/provision", method="POST", headers=headers):
+        assert preferred_wait() == expected
