@@ -236,6 +236,15 @@ def test_parse_show() -> None:
         "iqn.2017-10.org.moc.bmi:4242img4": LiveTarget(2, "iqn.2017-10.org.moc.bmi:4242img4", {}, ["ALL"]),
     }
     assert parse_show("") == {}
+    # lazily parsed: each target's lines are read when it is looked up, and only its own lines
+    img4 = "iqn.2017-10.org.moc.bmi:4242img4"
+    assert live.get(img4) == LiveTarget(2, img4, {}, ["ALL"])
+    assert "iqn.nope" not in live and live.get("iqn.nope") is None and len(live) == 2
+    assert sorted(live) == ["iqn.2017-10.org.moc.bmi:4242img3", "iqn.2017-10.org.moc.bmi:4242img4"]
+    # only column-0 "Target N: iqn" lines start a target; text before the first one is not a target's
+    noisy = "Target 9 is not a head line\n    Target 8: iqn.indented\n" + SHOW.replace("bmi/4242img3", "bmi/x")
+    assert sorted(parse_show(noisy)) == sorted(live)
+    assert parse_show(noisy)["iqn.2017-10.org.moc.bmi:4242img3"].backing_stores == {1: "bmi/x"}
 
 
 # A stand-in for tgtadm that keeps tgtd's state in a JSON file, so the driver's decisions can

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import string
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,7 @@ _BSOPTS_RE = re.compile(r"^[A-Za-z0-9._/=;:,@+-]{1,1024}$")
 _INITIATOR_NAME_RE = re.compile(
     r"^(iqn\.\d{4}-\d{2}\.[A-Za-z0-9.-]+(:[A-Za-z0-9._:-]+)?|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16,32})$")
 _TID_LINE_RE = re.compile(r"^# bmi: tid=(\d+) lun=(\d+)\s*$", re.M)
-_SHOW_TARGET_RE = re.compile(r"^Target (\d+): (\S+)\s*$")
+_SHOW_TARGET_LINE_RE = re.compile(r"Target (\d+): (\S+)[ \t]*$", re.M)  # matched at a line start
 _SHOW_LUN_RE = re.compile(r"^LUN: (\d+)$")
 
 # Logical blocks per physical block, as a power of two (SCSI READ CAPACITY(16) LBPPBE): 3 = 4 KiB
@@ -62,26 +63,58 @@ class LiveTarget:
     accounts: list[str] = field(default_factory=list)              # incoming CHAP users bound (names only)
 
 
-def parse_show(text: str) -> dict[str, LiveTarget]:
-    """Parse a full ``tgtadm --op show --mode target``: ``{iqn: LiveTarget}``.
+class LiveTargets(Mapping[str, LiveTarget]):
+    """A parsed full show, ``{iqn: LiveTarget}``, parsed lazily: one regular-expression scan finds
+    every ``Target N: <iqn>`` line (column 0); a target's own lines are read the first time it is
+    looked up.  Most callers want ONE target of a show that lists every target on the gateway (a
+    few ms of Python per show at a hundred targets, for each add and remove of a batch)."""
+
+    def __init__(self, text: str) -> None:
+        self._text = text
+        # perf: str.find for the line starts (C speed), the expression only where one begins
+        starts = [0] if text.startswith("Target ") else []
+        at = text.find("\nTarget ")
+        while at != -1:
+            starts.append(at + 1)
+            at = text.find("\nTarget ", at + 1)
+        heads = [(m.start(), m.end(), int(m.group(1)), m.group(2))
+                 for m in (_SHOW_TARGET_LINE_RE.match(text, start) for start in starts) if m]
+        self._spans: dict[str, tuple[int, int, int]] = {}
+        for i, (_start, end, tid, iqn) in enumerate(heads):
+            self._spans[iqn] = (tid, end, heads[i + 1][0] if i + 1 < len(heads) else len(text))
+        self._parsed: dict[str, LiveTarget] = {}
+
+    def __getitem__(self, iqn: str) -> LiveTarget:
+        target = self._parsed.get(iqn)
+        if target is None:
+            tid, start, end = self._spans[iqn]
+            target = self._parsed[iqn] = _parse_target(LiveTarget(tid=tid, iqn=iqn), self._text[start:end])
+        return target
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._spans)
+
+    def __len__(self) -> int:
+        return len(self._spans)
+
+
+def parse_show(text: str) -> LiveTargets:
+    """Parse a full ``tgtadm --op show --mode target``: ``{iqn: LiveTarget}`` (a read-only mapping).
 
     Only the lines BMI relies on are read: ``Target N: <iqn>`` (column 0), ``LUN: k`` and
     ``Backing store path: p`` inside it, and the entries under ``ACL information:`` and
     ``Account information:`` (tgt shows user names only, never a secret; outgoing users end
     in `` (outgoing)`` and are left out).
     """
-    targets: dict[str, LiveTarget] = {}
-    current: LiveTarget | None = None
+    return LiveTargets(text)
+
+
+def _parse_target(current: LiveTarget, block: str) -> LiveTarget:
+    """Fill ``current`` from the lines of its block (the lines after its ``Target N:`` line)."""
     section = ""
     lun: int | None = None
-    for line in text.splitlines():
-        match = _SHOW_TARGET_RE.match(line)
-        if match:
-            current = LiveTarget(tid=int(match.group(1)), iqn=match.group(2))
-            targets[current.iqn] = current
-            section, lun = "", None
-            continue
-        if current is None or not line.strip():
+    for line in block.splitlines():
+        if not line.strip():
             continue
         stripped = line.strip()
         indent = len(line) - len(line.lstrip(" "))
@@ -99,7 +132,7 @@ def parse_show(text: str) -> dict[str, LiveTarget]:
                 lun = int(lun_match.group(1))
             elif stripped.startswith("Backing store path:") and lun:
                 current.backing_stores[lun] = stripped.split(":", 1)[1].strip()
-    return targets
+    return current
 
 
 def check_backing(backing: Backing) -> Backing:

@@ -191,7 +191,7 @@ class TgtSync:
         """
         self._wait_ready()
         self.resync()
-        live = self._show_all()
+        live = dict(self._show_all())  # a copy: the targets made here are added to it
         restored = 0
         for name in self.list_targets():
             spec = self._read_spec_quietly(name)
