@@ -199,16 +199,24 @@ class TaskRecords:
     def wait(self, auth: Auth, op_id: Any, timeout: Any = 20.0) -> dict[str, Any]:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
             raise InvalidInput("invalid timeout")
-        record = self.show(auth, op_id)
+        task_id = self._op_id(op_id)
+        user_of(auth)
+        # perf: the record (its steps, and a queued one's position among every queued task) is built
+        # once, when the wait ends; meanwhile only the state is read.  Visibility is checked first,
+        # exactly as show() does: another tenant's operation is "not found" without waiting.
+        state = self._state(task_id)
+        if state is None or not self._visible(auth, state[1], [None]):
+            if state is None:
+                self.core.net(auth).authenticate()
+            raise OperationNotFound(f"operation {task_id} not found")
         deadline = time.monotonic() + max(0.0, min(float(timeout), self.wait_cap()))
         pause = 0.005
-        while record["state"] not in ("done", "failed"):
+        while state is not None and state[0] not in ("done", "failed"):
             left = deadline - time.monotonic()
             if left <= 0:
                 break
             # This worker's own tasks wake it the moment they end; another worker's are polled,
             # soon at first (most operations take tens of ms), then every 0.1 s.
-            task_id = record["id"]
             with self._cond:
                 if task_id in self._running or task_id in self._pending:
                     # perf: wake for THIS task's end only; every task's end (and every submit) notifies
@@ -218,5 +226,14 @@ class TaskRecords:
                 else:
                     self._cond.wait(min(left, pause))
             pause = min(0.1, pause * 2)
-            record = self.records([record["id"]])[0]
-        return record
+            state = self._state(task_id)
+        records = self.records([task_id])
+        if not records:  # removed meanwhile (kept days, so only by an administrator)
+            raise OperationNotFound(f"operation {task_id} not found")
+        return records[0]
+
+    def _state(self, task_id: int) -> tuple[str, str] | None:
+        """``(state, project)`` of a task, None if there is none: one narrow read."""
+        with self.core.session() as session:
+            row = session.execute(select(Task.state, Task.project).where(Task.id == task_id)).first()
+        return (str(row[0]), str(row[1])) if row is not None else None
