@@ -30,6 +30,9 @@ class RecoveryContext:
     # Storage reads an operation started early (image name -> Future of Storage.describe), for its
     # forward step to use instead of reading again (deprovision; a recovery has none and reads).
     described: dict[str, Any] = field(default_factory=dict)
+    # A take-over's recovery only (ims/einstein/takeover.py): blocklist the other Ceph clients of a
+    # clone a dead host left half-made, so its removal need not wait for their watches to expire.
+    fence: Callable[[str], Any] | None = None
 
 
 class Tx:

@@ -12,6 +12,7 @@ Storage names are ``<uid>img<id>``; users only ever see BMI names.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from ims.common.config import BMIConfig
@@ -91,13 +92,15 @@ class Operations:
     def ceph_name(self, image_id: int) -> str:
         return self.core.ceph_name(image_id)
 
-    def recover(self, auth: Auth | None = None) -> dict[str, Any]:
+    def recover(self, auth: Auth | None = None, fence: Callable[[str], Any] | None = None) -> dict[str, Any]:
         """Roll back (or forward) every operation a dead process left behind.
 
         HIL changes are undone with ``auth``'s client if given, else with the service account
-        (``[net_isolator] service_username``), else they are left as notes.
+        (``[net_isolator] service_username``), else they are left as notes.  ``fence``: a take-over's
+        (RecoveryContext.fence).
         """
         ctx = RecoveryContext(net=self.core.net(auth)) if auth else self.core.service_context()
+        ctx.fence = fence
         summary = self.journal.recover(ctx)
         # After the journal: a dead worker's running tasks take the outcome of their journal rows.
         summary["tasks"] = self._tasks.recover()

@@ -139,7 +139,9 @@ class HostAgent:
         LOG.warning("host %s missed its heartbeats for %.0f s: taken over by %s; its %d node(s) move to %s",
                     dead, self.hosts.dead_after, self.hosts.name, len(nodes), ", ".join(ring.hosts))
         try:
-            summary = self.ops.recover()  # its owners are dead now: finish its operations under their locks
+            # Its owners are dead now: finish its operations under their locks.  A clone its tgtd had
+            # exported for a half-made provision is fenced before it is removed (RecoveryContext.fence).
+            summary = self.ops.recover(fence=self.fence)
             LOG.info("operations of host %s finished: %s", dead,
                      {k: len(v) for k, v in summary.items() if isinstance(v, list) and v})
         except Exception:  # noqa: BLE001 - every host's periodic recovery retries it

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from ims.common import names
 from ims.common.errors import (
+    ImageBusy,
     ImageExists,
     SnapshotExists,
     SnapshotNotFound,
@@ -107,7 +108,17 @@ class Clone(Step):
         st.clone(parent, snap, image)
 
     def revert(self, params: dict[str, Any], ctx: RecoveryContext) -> None:
-        purge(self.core, params["image"])
+        try:
+            purge(self.core, params["image"])
+        except ImageBusy:
+            if ctx.fence is None:
+                raise
+            # A take-over finishing a dead host's half-made provision: that host's tgtd had made the
+            # LUN, and its watch on the clone lingers (~30 s after a crash; for ever if it hangs) and
+            # blocks the removal.  We hold the operation's locks: no BMI operation has the clone open,
+            # so its other clients are gateways' LUNs (HostAgent.fence blocklists them), then remove.
+            ctx.fence(params["image"])
+            purge(self.core, params["image"])
 
 
 class Flatten(Step):
