@@ -170,13 +170,17 @@ class Tasks(TaskRecords):
             for task_id, args in zip(ids, checked, strict=True):
                 self._pending[task_id] = (verb, dict(auth), args)
         LOG.info("%s by %s queued as operation(s) %s", verb, user, ",".join(map(str, ids)))
-        claimed = self._claim()
+        # The rows are queued: from here on the call is accepted whatever happens.
         try:
-            records = self.records(ids)  # as accepted: queued or running, never already finished
-        finally:
-            self._start(claimed)
-            self._ensure_scheduler()
-        return records
+            claimed = self._claim()
+        except Exception:  # noqa: BLE001 - e.g. the database briefly locked: the scheduler admits them
+            LOG.exception("admitting operation(s) %s at once failed; the scheduler will", ",".join(map(str, ids)))
+            claimed = []
+        # perf: the tasks that may start now start before their records are read for the answer
+        # (queued or running; a very quick one may even be done already)
+        self._start(claimed)
+        self._ensure_scheduler()
+        return self.records(ids)
 
     # --- scheduling --------------------------------------------------------------
     def _ensure_scheduler(self) -> None:
