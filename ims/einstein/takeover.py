@@ -141,7 +141,7 @@ class HostAgent:
         try:
             # Its owners are dead now: finish its operations under their locks.  A clone its tgtd had
             # exported for a half-made provision is fenced before it is removed (RecoveryContext.fence).
-            summary = self.ops.recover(fence=self.fence)
+            summary = self.ops.recover(fence=lambda clone: self.fence(clone, "removing it"))
             LOG.info("operations of host %s finished: %s", dead,
                      {k: len(v) for k, v in summary.items() if isinstance(v, list) and v})
         except Exception:  # noqa: BLE001 - every host's periodic recovery retries it
@@ -237,7 +237,7 @@ class HostAgent:
         return True
 
     # --- fencing ---------------------------------------------------------------------
-    def fence(self, clone: str) -> list[str]:
+    def fence(self, clone: str, doing: str = "exporting it here") -> list[str]:
         """Blocklist every other Ceph client that has ``clone`` open, before it goes live here.
 
         Run under the node's locks, so no BMI operation of any host has the clone open: its only
@@ -258,12 +258,11 @@ class HostAgent:
         try:
             fenced = multipath.fence_image_clients(storage, clone)
         except BMIError as exc:
-            LOG.error("not exporting %s here yet: fencing its old gateway's Ceph client failed (%s); "
-                      "retried next round", clone, exc)
+            LOG.error("not %s yet: fencing the old gateway's Ceph client of %s failed (%s); retried next round",
+                      doing, clone, exc)
             raise
         if fenced:
-            LOG.warning("fenced %d old client(s) of %s before exporting it here: %s", len(fenced), clone,
-                        ", ".join(fenced))
+            LOG.warning("fenced %d old client(s) of %s before %s: %s", len(fenced), clone, doing, ", ".join(fenced))
         return fenced
 
     def _local_clone_targets(self) -> dict[int, str]:
