@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -32,6 +31,7 @@ from ims.database import make_engine, make_session_factory
 from ims.database.models import Operation
 from ims.rpc.client import EinsteinClient
 from ims.rpc.methods import NAME_PREFIX
+from tests.support.multihost import wait_for
 from tests.support.procs import alive as _alive
 from tests.support.procs import children as _children
 from tests.support.procs import free_port as _free_port
@@ -43,13 +43,7 @@ ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 
 
 def wait_until(what: str, check: Any, timeout: float = 60.0, log: Any = None) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}" + (f"; log:\n{log()}" if log else ""))
+    return wait_for(what, check, timeout, interval=0.1, log=log)
 
 
 class Einstein:

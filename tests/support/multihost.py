@@ -297,12 +297,13 @@ def purge_test_images(storage: Any) -> None:
             time.sleep(2)
 
 
-def wait_for(what: str, check: Any, timeout: float = 120.0) -> Any:
-    """``check()``'s first truthy value within ``timeout`` s; FAILS the test naming ``what`` otherwise."""
+def wait_for(what: str, check: Any, timeout: float = 120.0, interval: float = 0.25, log: Any = None) -> Any:
+    """``check()``'s first truthy value within ``timeout`` s (tried every ``interval`` s); FAILS the test
+    naming ``what`` otherwise, with ``log()`` (e.g. a daemon's log) appended if given."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = check()
         if value:
             return value
-        time.sleep(0.25)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}" + (f"; log:\n{log()}" if log else ""))
