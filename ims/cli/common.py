@@ -51,12 +51,13 @@ def command(*arguments: str, wait: bool = False) -> Callable[[F], F]:
     return decorate
 
 
-def call(c: Ctx, method: str, path: str, data: dict[str, Any] | None = None) -> Any:
+def call(c: Ctx, method: str, path: str, data: dict[str, Any] | None = None,
+         headers: dict[str, str] | None = None) -> Any:
     """One request to Picasso (an error answer is a ClickException: the message, exit 1); ``data`` is the
-    query of a GET, the JSON body of a POST (a DELETE has none)."""
+    query of a GET, the JSON body of a POST (a DELETE has none); ``headers`` go with a POST or DELETE."""
     if method == "GET":
         return c.api.get(path, data)
-    return c.api.post(path, data) if method == "POST" else c.api.delete(path)
+    return c.api.post(path, data, headers) if method == "POST" else c.api.delete(path, headers)
 
 
 def table(c: Ctx, columns: list[str], path: str, params: dict[str, Any] | None = None) -> None:
@@ -77,12 +78,8 @@ def queue(c: Ctx, method: str, path: str, body: dict[str, Any] | None, no_wait_:
     Unless ``--no-wait``, the call asks Picasso to answer once the operation has finished, for at most
     ``ops.POLL_SECONDS`` (RFC 7240 ``Prefer: wait``): a quick operation then needs no second request,
     and a longer one is followed with its progress shown as before."""
-    if method == "GET" or no_wait_:
-        record = call(c, method, path, body)
-    else:
-        prefer = {"Prefer": f"wait={ops.POLL_SECONDS}"}
-        record = c.api.post(path, body, prefer) if method == "POST" else c.api.delete(path, prefer)
-    finish(c, record, no_wait_, show_result)
+    prefer = None if no_wait_ else {"Prefer": f"wait={ops.POLL_SECONDS}"}
+    finish(c, call(c, method, path, body, prefer), no_wait_, show_result)
 
 
 def finish(c: Ctx, record: dict[str, Any], no_wait_: bool, show_result: bool = False) -> None:

@@ -76,13 +76,9 @@ class Detach(_HilStep):
         except (AuthenticationFailed, Forbidden, NotFound):
             return False  # HIL took the node back: nothing to detach, BMI's side is cleaned up anyway
         except (Conflict, InvalidInput) as exc:
-            text = exc.message.lower()
-            if isinstance(exc, InvalidInput) and "not attached" in text:
-                return False
-            if "already active" in text:
+            if "already active" in exc.message.lower():
                 raise  # an action is pending on the NIC: what it leaves is unknown yet
-            # Some other answer (an older HIL's wording): decide from what the NIC shows.
-            if network not in net.nic_networks(node, nic).values():
+            if already_so(net, exc, node, nic, network, attached=False):
                 return False
             raise
 
@@ -139,13 +135,21 @@ def settle_nic(net: Any, node: str, nic: str, network: str, attached: bool) -> N
                     time.sleep(0.2)
                     continue
                 raise  # still pending: the undo fails and is retried by a later recovery
-            if attached and isinstance(exc, Conflict) and "already attached" in text:
-                return
-            if not attached and isinstance(exc, InvalidInput) and "not attached" in text:
-                return
-            # Some other answer (an older HIL's wording): decide from what the NIC shows.
-            if (network in net.nic_networks(node, nic).values()) == attached:
+            if already_so(net, exc, node, nic, network, attached):
                 return
             raise
+
+
+def already_so(net: Any, exc: Conflict | InvalidInput, node: str, nic: str, network: str, attached: bool) -> bool:
+    """Does HIL's refusal ``exc`` of a connect (``attached``) or detach mean the NIC is already so?
+    409 "The network is already attached to the nic." for a connect, 400 "The network is not
+    attached to the nic." for a detach (reference/hil-api.md); another wording (an older HIL's) is
+    decided from what the NIC shows."""
+    text = exc.message.lower()
+    if attached and isinstance(exc, Conflict) and "already attached" in text:
+        return True
+    if not attached and isinstance(exc, InvalidInput) and "not attached" in text:
+        return True
+    return (network in net.nic_networks(node, nic).values()) == attached
 
 
