@@ -49,7 +49,9 @@ class Image(Base):
     is_public: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     is_snapshot: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     project_id: Mapped[int] = mapped_column(ForeignKey("project.id"), nullable=False)
-    parent_id: Mapped[int | None] = mapped_column(ForeignKey("image.id", ondelete="SET NULL"), nullable=True)
+    # indexed: removing an image, a deprovision and a snapshot ask for its children
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("image.id", ondelete="SET NULL"), nullable=True,
+                                                  index=True)
     # "golden" (import/copy), "node" (guide's provision clone), "disk" (split API clone), "snapshot"
     # The server default keeps rows valid that the original BMI's own tools insert (they know no kind).
     kind: Mapped[str] = mapped_column(String(16), nullable=False, default="golden", server_default="golden")
@@ -70,7 +72,8 @@ class Provision(Base):
 
     node: Mapped[str] = mapped_column(String(64), primary_key=True)
     project_id: Mapped[int] = mapped_column(ForeignKey("project.id"), nullable=False)
-    image_id: Mapped[int] = mapped_column(ForeignKey("image.id"), nullable=False)
+    # indexed: removing or snapshotting an image asks which node boots from it
+    image_id: Mapped[int] = mapped_column(ForeignKey("image.id"), nullable=False, index=True)
     nic: Mapped[str] = mapped_column(String(64), nullable=False)
     mac: Mapped[str] = mapped_column(String(17), nullable=False)
     network: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -87,7 +90,11 @@ class Operation(Base):
     """Journal of a multi-step operation: its completed steps and how to undo them."""
 
     __tablename__ = "operation"
-    __table_args__ = {"sqlite_autoincrement": True}
+    # (state, updated_at): every lock taken looks for the unfinished rows under it (state running or
+    # failed), recovery reaps idle uploads and forgets old rows by (state, updated_at); without it
+    # each of those reads every row kept (30 days of operations, ~1 KiB each) while it holds the
+    # database's write lock.
+    __table_args__ = (Index("ix_operation_state_updated_at", "state", "updated_at"), {"sqlite_autoincrement": True})
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     kind: Mapped[str] = mapped_column(String(32), nullable=False)
