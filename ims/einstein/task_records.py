@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, literal, select, union_all
 from sqlalchemy.orm import Session
 
 from ims.common import names
@@ -84,8 +84,14 @@ class TaskRecords:
         projects = sorted({p for _i, p in queued})
         if not projects:
             return {}
-        rows = session.execute(select(Task.project, func.max(Task.started_at)).where(Task.project.in_(projects))
-                               .group_by(Task.project)).all()
+        # perf: one max() per project, which the (project, started_at) index answers with one seek; a
+        # GROUP BY over the projects walks every task each one has kept (30 days of them), and this
+        # runs in every admission pass, under the database's write lock
+        parts = [select(literal(project).label("project"),
+                        select(func.max(Task.started_at)).where(Task.project == project).scalar_subquery()
+                        .label("last"))
+                 for project in projects]
+        rows = session.execute(union_all(*parts) if len(parts) > 1 else parts[0]).all()
         return {project: last for project, last in rows if last is not None}
 
     def _alive(self, owners: set[str]) -> dict[str, bool]:

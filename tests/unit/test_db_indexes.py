@@ -10,12 +10,13 @@ migrations, as Einstein makes it) is asked for its query plan: none may scan a t
 """
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
 from sqlalchemy import event
 
-from tests.unit.test_operations import ADMIN, USER, Env
+from tests.unit.test_operations import ADMIN, UID, USER, Env
 
 # Tables that grow with use (history kept for days, one row per image or node).
 GROWING = ("operation", "task", "image", "provision")
@@ -66,3 +67,101 @@ def test_no_statement_of_an_operation_scans_a_table_that_grows(tmp_path: Any) ->
     finally:
         env.ops.close()
 
+
+
+class _VmSteps:
+    """Counts SQLite virtual-machine instructions (in hundreds) run on ``engine``'s connections: the
+    work a statement does, the same on every run and machine (no timing)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.count = 0
+        self.engine = engine
+        event.listen(engine, "checkout", self._install)
+
+    def _tick(self) -> int:
+        self.count += 1
+        return 0  # 0: go on
+
+    def _install(self, dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
+        dbapi_conn.set_progress_handler(self._tick, 100)
+
+    def close(self) -> None:
+        event.remove(self.engine, "checkout", self._install)
+
+
+def _workflow(env: Env, node: str) -> None:
+    ops = env.ops
+    ops.provision(USER, "bmi_infra", node, "bmi-test-image", "bmi_network", "bmi_port")
+    ops.deprovision(USER, "bmi_infra", node, "bmi_network", "bmi_port")
+    for verb, args in (("provision", {"img": "bmi-test-image"}), ("deprovision", {})):
+        task = ops.submit(USER, verb, {"project": "bmi_infra", "node": node, "network": "bmi_network",
+                                       "nic": "bmi_port", **args})
+        assert ops.operation_wait(USER, task["id"], 20.0)["state"] == "done"
+
+
+def _add_history(env: Env, rows: int) -> None:
+    """``rows`` finished journal rows and tasks, as weeks of use leave them (steps ~1 KiB each)."""
+    steps = json.dumps([{"name": f"step{i}", "params": {"image": UID + "img1", "node": "n" * 40}}
+                        for i in range(10)])
+    engine = env.ops.journal._sessions.kw["bind"]
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO operation (kind, args, steps, state, committed, owner, started_at, updated_at) "
+            "VALUES (?, ?, ?, 'done', 1, 'old:1:1', ?, ?)",
+            [("provision", '{"_locks": ["node:x"]}', steps, f"2026-11-{i % 28 + 1:02d} 10:00:00.{i:06d}",
+              f"2026-11-{i % 28 + 1:02d} 10:00:00.{i:06d}") for i in range(rows)])
+        conn.exec_driver_sql(
+            "INSERT INTO task (verb, project, user, args, state, owner, cluster, journal_ops, created_at, started_at, "
+            "finished_at) VALUES ('provision', 'bmi_infra', 'haas', '{}', 'done', 'old:1:1', 'fake:x', '[]', ?, ?, ?)",
+            [(f"2026-11-{i % 28 + 1:02d} 10:00:00.{i:06d}",) * 3 for i in range(rows)])
+
+
+def test_the_work_of_an_operation_does_not_grow_with_the_history_kept(tmp_path: Any) -> None:
+    env = Env(tmp_path)
+    try:
+        env.ops.import_image(USER, "bmi_infra", "bmi-test-image")
+        engine = env.ops.journal._sessions.kw["bind"]
+        _workflow(env, "bmi_node")  # warm: first-use statements out of the way
+        steps = _VmSteps(engine)
+        _workflow(env, "bmi_node")
+        fresh = steps.count
+        _add_history(env, 20_000)
+        steps.count = 0
+        _workflow(env, "bmi_node")
+        aged = steps.count
+        steps.close()
+        assert fresh > 0
+        # The same statements on 20,000 more finished rows: allowed, 20,000 more instructions in all (one
+        # per row kept); a statement that reads every row kept runs tens per row (a run before the
+        # indexes: ~4,000 hundreds more; with them, equal within background noise of ~10 hundreds).
+        assert aged < fresh + 200, f"{fresh}00 SQLite instructions on a new database, {aged}00 with history"
+    finally:
+        env.ops.close()
+
+
+def test_the_fair_order_reads_each_projects_latest_start(db_url: str) -> None:
+    """The scheduler's one-max-per-project read, on SQLite and PostgreSQL: the latest start of each
+    project asked about, none for a project never started, and only those asked about."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy.orm import sessionmaker
+
+    from ims.database import make_engine
+    from ims.database.models import Task
+    from ims.einstein.task_records import TaskRecords
+
+    engine = make_engine(db_url)
+    try:
+        when = [datetime(2026, 11, d, 10, tzinfo=UTC) for d in (1, 2, 3, 4)]
+        with sessionmaker(bind=engine).begin() as session:
+            for project, started in (("a", when[0]), ("a", when[2]), ("b", when[1]), ("c", when[3]),
+                                     ("b", None)):
+                session.add(Task(verb="provision", project=project, user="u", args="{}", owner="o:1:1",
+                                 cluster="x", state="done" if started else "queued", started_at=started))
+        with sessionmaker(bind=engine).begin() as session:
+            last = TaskRecords._last_started(session, [(1, "a"), (2, "b"), (3, "new")])
+            one = TaskRecords._last_started(session, [(1, "b")])
+        assert {p: v.replace(tzinfo=v.tzinfo or UTC) for p, v in last.items()} == {"a": when[2], "b": when[1]}
+        assert list(one) == ["b"]
+    finally:
+        engine.dispose()
