@@ -20,6 +20,8 @@ with no action delay), then measures and prints a table (operation, p50, p95, x 
   import at N GiB     POST .../images of an rbd image with N GiB written -> done
   batch of 100        POST /v1/provisions {project, nodes} with 100 nodes -> all done (x floor = / 100 floor p50)
   50 concurrent       50 legacy PUT /provision/ at once: all must answer Success
+  ..., 60,000 kept    provision/deprovision /v1 again once the database holds 60,000 finished
+                      operations and tasks (a month of a busy rack): the same floor, the same ratio
 
 and writes docs/performance.md with the table and two PNG plots (latency vs concurrency; snapshot
 time vs written GiB, BMI vs synchronous flatten).  No thresholds: numbers, not a test.
@@ -27,7 +29,7 @@ time vs written GiB, BMI vs synchronous flatten).  No thresholds: numbers, not a
 Environment: BENCH_RUNS (default 20), BENCH_WRITTEN_GIB (default "1 20": ~60 GiB written in all; a size
 whose data cannot fit on the disk is lowered to the largest that fits, and the table says so),
 BENCH_STACK_DIR (default <repo>/run/bench), BENCH_KEEP=1 leaves the stack up, BENCH_PARTS (default
-"rest conc batch snap"; docs/performance.md is only written when all run; e.g. BENCH_PARTS="rest batch"
+"rest conc batch snap history"; docs/performance.md is only written when all run; e.g. BENCH_PARTS="rest batch"
 for the provision/deprovision rows and the batch alone, ~3 min), BENCH_SCHEDULER (e.g.
 "max_per_gateway=16 max_per_cluster=32": [scheduler] bounds other than the defaults).
 """
@@ -186,7 +188,7 @@ def nodes_of(d: Path) -> list[tuple[str, str]]:
     return [(n["name"], n["nics"][0]["label"]) for n in inv["nodes"] if n["project"] == PROJECT]
 
 
-ALL_PARTS = ("rest", "conc", "batch", "snap")
+ALL_PARTS = ("rest", "conc", "batch", "snap", "history")
 
 
 def fitting_sizes(sizes: list[float], d: Path) -> tuple[list[float], str]:
@@ -386,9 +388,46 @@ def measure(d: Path, env: dict[str, str], runs: int, sizes: list[float], parts: 
         rows[f"import, {gib:g} GiB written"] = samples
         st.remove_image(src)
         res["snap"][gib] = (statistics.median(rows[f"snapshot, {gib:g} GiB written"]), sync)
+    if "history" in parts:
+        # Last: it leaves HISTORY_ROWS finished operations and tasks in the stack's database.
+        log(f"provision/deprovision /v1 with {HISTORY_ROWS:,} finished operations and tasks kept")
+        add_history(cfg.db.path, HISTORY_ROWS)
+        kept = f"{HISTORY_ROWS:,} operations kept"
+        rows[f"provision /v1, {kept}"], rows[f"deprovision /v1, {kept}"] = [], []
+        for _ in range(runs):
+            rows[f"provision /v1, {kept}"].append(timed(lambda: user.do(
+                "POST", f"/projects/{PROJECT}/nodes/{node}/provision",
+                {"image": "bench-golden", "network": NETWORK, "nic": nic})))
+            rows[f"deprovision /v1, {kept}"].append(timed(lambda: user.do(
+                "POST", f"/projects/{PROJECT}/nodes/{node}/deprovision", {"network": NETWORK, "nic": nic})))
     user.do("DELETE", f"/projects/{PROJECT}/images/bench-golden", {})
     ops.close()
     return res
+
+
+# A month of a busy rack: ~2,000 operations a day kept for [journal]'s 30 days.
+HISTORY_ROWS = 60_000
+
+
+def add_history(db_path: str, count: int) -> None:
+    """``count`` finished journal rows (steps ~1 KiB, as a provision's) and tasks, as weeks of use
+    leave them, written straight into the stack's SQLite database."""
+    import sqlite3
+
+    steps = json.dumps([{"name": f"step{i}", "params": {"image": "x" * 26, "node": "n" * 40}} for i in range(10)])
+    from datetime import UTC, datetime, timedelta
+
+    now = datetime.now(UTC).replace(tzinfo=None)  # within the 30 days kept: recovery does not prune them
+    stamps = [(now - timedelta(days=1 + i % 28, seconds=i)).isoformat(sep=" ") for i in range(count)]
+    with sqlite3.connect(db_path, timeout=60) as conn:
+        conn.executemany(
+            "INSERT INTO operation (kind, args, steps, state, committed, owner, started_at, updated_at) "
+            "VALUES ('provision', '{\"_locks\": [\"node:old\"]}', ?, 'done', 1, 'old:1:1', ?, ?)",
+            [(steps, t, t) for t in stamps])
+        conn.executemany(
+            "INSERT INTO task (verb, project, user, args, state, owner, cluster, journal_ops, created_at, "
+            "started_at, finished_at) VALUES ('provision', ?, 'old', '{}', 'done', 'old:1:1', 'old', '[]', ?, ?, ?)",
+            [(PROJECT, t, t, t) for t in stamps])
 
 
 def ceph_of(ops: Operations, name: str) -> str:

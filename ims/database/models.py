@@ -129,8 +129,10 @@ class Task(Base):
 
     __tablename__ = "task"
     # (project, started_at): the scheduler's fair order reads each queued project's latest start on
-    # every pass; without it that is a scan of every task kept (30 days of them).
-    __table_args__ = (Index("ix_task_project_started_at", "project", "started_at"), {"sqlite_autoincrement": True})
+    # every pass; without it that is a scan of every task kept (30 days of them).  (state,
+    # finished_at): admission reads the queued and running ones, recovery forgets old finished ones.
+    __table_args__ = (Index("ix_task_project_started_at", "project", "started_at"),
+                      Index("ix_task_state_finished_at", "state", "finished_at"), {"sqlite_autoincrement": True})
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     verb: Mapped[str] = mapped_column(String(32), nullable=False)
@@ -138,7 +140,7 @@ class Task(Base):
     user: Mapped[str] = mapped_column(String(64), nullable=False)
     args: Mapped[str] = mapped_column(Text, nullable=False, default="{}")          # JSON, never a secret
     # queued -> running -> done | failed
-    state: Mapped[str] = mapped_column(String(16), nullable=False, default="queued", index=True)
+    state: Mapped[str] = mapped_column(String(16), nullable=False, default="queued")
     owner: Mapped[str] = mapped_column(String(128), nullable=False)
     gateway: Mapped[str | None] = mapped_column(String(160), nullable=True)       # iSCSI gateway it uses
     cluster: Mapped[str] = mapped_column(String(160), nullable=False)             # storage cluster it uses

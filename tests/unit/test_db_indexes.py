@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import event
@@ -97,6 +98,7 @@ def _workflow(env: Env, node: str) -> None:
         task = ops.submit(USER, verb, {"project": "bmi_infra", "node": node, "network": "bmi_network",
                                        "nic": "bmi_port", **args})
         assert ops.operation_wait(USER, task["id"], 20.0)["state"] == "done"
+    ops.recover()  # what worker 0 runs every [journal] retry_seconds: reaps, forgets rows past 30 days
 
 
 def _add_history(env: Env, rows: int) -> None:
@@ -104,16 +106,17 @@ def _add_history(env: Env, rows: int) -> None:
     steps = json.dumps([{"name": f"step{i}", "params": {"image": UID + "img1", "node": "n" * 40}}
                         for i in range(10)])
     engine = env.ops.journal._sessions.kw["bind"]
+    now = datetime.now(UTC).replace(tzinfo=None)  # within the 30 days kept
+    stamps = [(now - timedelta(days=1 + i % 28, seconds=i)).isoformat(sep=" ") for i in range(rows)]
     with engine.begin() as conn:
         conn.exec_driver_sql(
             "INSERT INTO operation (kind, args, steps, state, committed, owner, started_at, updated_at) "
             "VALUES (?, ?, ?, 'done', 1, 'old:1:1', ?, ?)",
-            [("provision", '{"_locks": ["node:x"]}', steps, f"2026-11-{i % 28 + 1:02d} 10:00:00.{i:06d}",
-              f"2026-11-{i % 28 + 1:02d} 10:00:00.{i:06d}") for i in range(rows)])
+            [("provision", '{"_locks": ["node:x"]}', steps, t, t) for t in stamps])
         conn.exec_driver_sql(
             "INSERT INTO task (verb, project, user, args, state, owner, cluster, journal_ops, created_at, started_at, "
             "finished_at) VALUES ('provision', 'bmi_infra', 'haas', '{}', 'done', 'old:1:1', 'fake:x', '[]', ?, ?, ?)",
-            [(f"2026-11-{i % 28 + 1:02d} 10:00:00.{i:06d}",) * 3 for i in range(rows)])
+            [(t, t, t) for t in stamps])
 
 
 def test_the_work_of_an_operation_does_not_grow_with_the_history_kept(tmp_path: Any) -> None:
