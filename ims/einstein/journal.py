@@ -128,9 +128,9 @@ class Journal(JournalRecovery):
         """
         owner = current_owner()
         names = sorted(set(names))
-        self._acquire(names, owner, purpose, ctx)
+        unfinished = self._acquire(names, owner, purpose, ctx)
         try:
-            self._finish_pending_under(names, owner, ctx)
+            self._finish_pending_under(names, owner, ctx, unfinished)
         except BaseException:
             self._release(names, owner)
             raise
@@ -146,23 +146,33 @@ class Journal(JournalRecovery):
         with self.connection() as session:
             session.execute(delete(Lock).where(Lock.name.in_(names), Lock.owner == owner))
 
-    def _insert(self, names: list[str], owner: str, purpose: str) -> bool:
-        """Take every lock in ``names`` in one transaction; False (nothing taken) if one is held."""
+    def _insert(self, names: list[str], owner: str, purpose: str, unfinished: list[Any] | None = None) -> bool:
+        """Take every lock in ``names`` in one transaction; False (nothing taken) if one is held.
+
+        ``unfinished``: a list that gets, read in the same transaction once the locks are in, the
+        journal rows that may need finishing (:meth:`_unfinished`)."""
         try:
             with self.connection() as session:
                 # perf: one Core INSERT of every row (no ORM unit of work); the primary key still
                 # decides, all or none
                 session.execute(insert(Lock), [{"name": name, "owner": owner, "purpose": purpose[:64]}
                                                for name in names])
+                if unfinished is not None:
+                    # perf: read here, not in a transaction of its own right after (one fewer per lock)
+                    unfinished.extend(self._unfinished(session))
         except IntegrityError:
             return False
         return True
 
-    def _acquire(self, names: list[str], owner: str, purpose: str, ctx: RecoveryContext | None = None) -> None:
+    def _acquire(self, names: list[str], owner: str, purpose: str,
+                 ctx: RecoveryContext | None = None) -> list[Any]:
+        """Take ``names`` (waiting out a recovery of a dead owner's); returns the unfinished journal rows
+        read in the transaction that took them."""
         deadline = time.monotonic() + self.recovery_wait_seconds
         while True:
-            if self._insert(names, owner, purpose):
-                return
+            unfinished: list[Any] = []
+            if self._insert(names, owner, purpose, unfinished):
+                return unfinished
             with self.session() as session:
                 held = session.scalars(select(Lock).where(Lock.name.in_(names))).all()
                 holders = [(lk.name, lk.owner, lk.purpose) for lk in held]
@@ -241,9 +251,9 @@ class Journal(JournalRecovery):
         over and its running operations finished exactly like a dead worker's.
         """
         names = sorted(set(names))
-        self._acquire(names, owner, purpose)
+        unfinished = self._acquire(names, owner, purpose)
         try:
-            self._finish_pending_under(names, owner)
+            self._finish_pending_under(names, owner, rows=unfinished)
         except BaseException:
             self._release(names, owner)
             raise

@@ -112,7 +112,8 @@ class JournalRecovery:
         forward_delays: tuple[float, ...]
 
         def session(self) -> contextlib.AbstractContextManager[Session]: ...
-        def _insert(self, names: list[str], owner: str, purpose: str) -> bool: ...
+        def _insert(self, names: list[str], owner: str, purpose: str,
+                    unfinished: list[Any] | None = None) -> bool: ...
         def _release(self, names: list[str], owner: str) -> None: ...
 
     def _take_over_and_recover(self, dead: str, owner: str,
@@ -148,12 +149,21 @@ class JournalRecovery:
                 session.execute(delete(Lock).where(Lock.purpose == marker))
         return summary
 
-    def _finish_pending_under(self, names: list[str], owner: str, ctx: RecoveryContext | None = None) -> None:
-        """Finish ``failed`` operations (and running ones of dead owners) that ran under any of ``names``."""
+    @staticmethod
+    def _unfinished(session: Any) -> list[Any]:
+        """``(id, args, state, owner)`` of every journal row that is running or failed."""
+        return list(session.execute(select(Operation.id, Operation.args, Operation.state, Operation.owner)
+                                    .where(Operation.state.in_(("running", "failed")))).all())
+
+    def _finish_pending_under(self, names: list[str], owner: str, ctx: RecoveryContext | None = None,
+                              rows: list[Any] | None = None) -> None:
+        """Finish ``failed`` operations (and running ones of dead owners) that ran under any of ``names``.
+
+        ``rows``: :meth:`_unfinished` as read once ``names`` were taken (else read now)."""
         wanted = set(names)
-        with self.session() as session:
-            rows = session.execute(select(Operation.id, Operation.args, Operation.state, Operation.owner)
-                                   .where(Operation.state.in_(("running", "failed")))).all()
+        if rows is None:
+            with self.session() as session:
+                rows = self._unfinished(session)
         pending = []
         # perf: under a batch every lock taken meets the batch's other running rows: judge each
         # owner once (a /proc read) and parse a row's locks only when it is one to finish
