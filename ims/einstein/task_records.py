@@ -223,14 +223,19 @@ class TaskRecords:
                 break
             # This worker's own tasks wake it the moment they end; another worker's are polled,
             # soon at first (most operations take tens of ms), then every 0.1 s.
+            ended = False
             with self._cond:
                 if task_id in self._running or task_id in self._pending:
                     # perf: wake for THIS task's end only; every task's end (and every submit) notifies
                     # the condition, and 50 waiters re-reading the database each time contend for it
-                    self._cond.wait_for(lambda t=task_id: t not in self._running and t not in self._pending,
-                                        min(left, 1.0))
+                    ended = self._cond.wait_for(lambda t=task_id: t not in self._running and t not in self._pending,
+                                                min(left, 1.0))
                 else:
                     self._cond.wait(min(left, pause))
+            if ended:
+                # perf: this worker's own task ended; its row was written before it left _running: the
+                # record below reads it (no state read first)
+                break
             pause = min(0.1, pause * 2)
             state = self._state(task_id)
         records = self.records([task_id])
