@@ -316,6 +316,20 @@ def measure(d: Path, env: dict[str, str], runs: int, sizes: list[float], parts: 
         dform = {"project": PROJECT, "node": node, "network": NETWORK, "nic": nic}
         rows["deprovision legacy"].append(timed(lambda f=dform: user.legacy("DELETE", "/deprovision/", f)))
 
+    if "history" in parts:
+        # Right after the plain rows, in the same conditions (before the batch's and the snapshots' load on
+        # Ceph); it leaves HISTORY_ROWS finished operations and tasks in the database for the parts after it.
+        log(f"provision/deprovision /v1 with {HISTORY_ROWS:,} finished operations and tasks kept")
+        add_history(cfg.db.path, HISTORY_ROWS)
+        kept = f"{HISTORY_ROWS:,} operations kept"
+        rows[f"provision /v1, {kept}"], rows[f"deprovision /v1, {kept}"] = [], []
+        for _ in range(runs):
+            rows[f"provision /v1, {kept}"].append(timed(lambda: user.do(
+                "POST", f"/projects/{PROJECT}/nodes/{node}/provision",
+                {"image": "bench-golden", "network": NETWORK, "nic": nic})))
+            rows[f"deprovision /v1, {kept}"].append(timed(lambda: user.do(
+                "POST", f"/projects/{PROJECT}/nodes/{node}/deprovision", {"network": NETWORK, "nic": nic})))
+
     if "conc" in parts:
         log("legacy provisions at concurrency " + ", ".join(map(str, CONCURRENCY)))
         conc: dict[int, list[float]] = {}
@@ -388,18 +402,6 @@ def measure(d: Path, env: dict[str, str], runs: int, sizes: list[float], parts: 
         rows[f"import, {gib:g} GiB written"] = samples
         st.remove_image(src)
         res["snap"][gib] = (statistics.median(rows[f"snapshot, {gib:g} GiB written"]), sync)
-    if "history" in parts:
-        # Last: it leaves HISTORY_ROWS finished operations and tasks in the stack's database.
-        log(f"provision/deprovision /v1 with {HISTORY_ROWS:,} finished operations and tasks kept")
-        add_history(cfg.db.path, HISTORY_ROWS)
-        kept = f"{HISTORY_ROWS:,} operations kept"
-        rows[f"provision /v1, {kept}"], rows[f"deprovision /v1, {kept}"] = [], []
-        for _ in range(runs):
-            rows[f"provision /v1, {kept}"].append(timed(lambda: user.do(
-                "POST", f"/projects/{PROJECT}/nodes/{node}/provision",
-                {"image": "bench-golden", "network": NETWORK, "nic": nic})))
-            rows[f"deprovision /v1, {kept}"].append(timed(lambda: user.do(
-                "POST", f"/projects/{PROJECT}/nodes/{node}/deprovision", {"network": NETWORK, "nic": nic})))
     user.do("DELETE", f"/projects/{PROJECT}/images/bench-golden", {})
     ops.close()
     return res

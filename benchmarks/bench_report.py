@@ -89,8 +89,9 @@ the `POST` that answers `202 Accepted` until its operation is `done`.  **legacy*
 synchronous form API (`PUT /provision/` answering `Success`).  × floor compares the p50 with the
 floor's p50 (provision rows with the provision floor, deprovision rows with the deprovision floor;
 the batch with {res['batch_n']} × the provision floor, i.e. doing the bare work serially).
-The "operations kept" rows run last, once 60,000 finished operations and tasks (a month of a busy
-rack, kept for `[journal]`'s 30 days) have been written into the stack's database: what an
+The "operations kept" rows run right after the plain provision/deprovision rows, once 60,000
+finished operations and tasks (a month of a busy rack, kept for `[journal]`'s 30 days) have been
+written into the stack's database (the rows after them run with that history too): what an
 operation reads does not grow with the history (indexed reads; tests/unit/test_db_indexes.py).
 
 <!-- bench:table -->
