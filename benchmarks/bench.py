@@ -250,9 +250,11 @@ def measure(d: Path, env: dict[str, str], runs: int, sizes: list[float], parts: 
     golden_ceph = ceph_of(ops, "bench-golden")
     snap = cfg.bmi.snapshot
     deadline = time.monotonic() + 120
-    while snap not in st.list_snapshots(golden_ceph):  # its background flatten takes its snapshot
+    # its background flatten takes its snapshot, then protects it (a format-1 clone needs that: the
+    # floor's first clone failed with EINVAL once, between the two)
+    while snap not in st.list_snapshots(golden_ceph) or not st.is_protected(golden_ceph, snap):
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{golden_ceph}@{snap} did not appear (background flatten)")
+            raise RuntimeError(f"{golden_ceph}@{snap} did not appear protected (background flatten)")
         time.sleep(0.2)
     tftp = Path(cfg.tftp.pxelinux_path)
 
