@@ -59,6 +59,15 @@ def config(stack: Stack) -> configparser.ConfigParser:
     return cfg
 
 
+def set_config(stack: Stack, section: str, key: str, value: str) -> None:
+    cfg = config(stack)
+    if not cfg.has_section(section):
+        cfg.add_section(section)
+    cfg.set(section, key, value)
+    with open(stack.env["BMI_CONFIG"], "w") as fh:
+        cfg.write(fh)
+
+
 def query(stack: Stack, sql: str, *params: object) -> list[tuple]:
     with sqlite3.connect(config(stack).get("db", "path"), timeout=30) as conn:
         return conn.execute(sql, params).fetchall()
@@ -277,15 +286,6 @@ def _kill_while_storing(stack: Stack, tmp_path: Path, name: str, victim: str) ->
     return proc
 
 
-def set_config(stack: Stack, section: str, key: str, value: str) -> None:
-    cfg = config(stack)
-    if not cfg.has_section(section):
-        cfg.add_section(section)
-    cfg.set(section, key, value)
-    with open(stack.env["BMI_CONFIG"], "w") as fh:
-        cfg.write(fh)
-
-
 def test_killing_picasso_mid_upload_is_rolled_back(stack: Stack, tmp_path: Path) -> None:
     # Einstein's periodic recovery ([journal] retry_seconds) would roll the dead Picasso's upload back at
     # some moment of its own; off here, so this test sees the next user of the name do it (and the test
@@ -340,10 +340,7 @@ def test_killing_einstein_mid_upload_is_rolled_back_once_idle(stack: Stack, tmp_
 
 # --- size limit (changes the stack's config: last) -----------------------------------------------------------
 def test_uploads_larger_than_max_upload_bytes_are_refused(stack: Stack, tmp_path: Path) -> None:
-    cfg = config(stack)
-    cfg.set("rest_api", "max_upload_bytes", str(MiB))
-    with open(stack.env["BMI_CONFIG"], "w") as fh:
-        cfg.write(fh)
+    set_config(stack, "rest_api", "max_upload_bytes", str(MiB))
     stack.restart("picasso")
     src = tmp_path / "over.raw"
     make_image(src, MiB + 1, [(0, 100)])

@@ -16,7 +16,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import event
+from sqlalchemy.orm import sessionmaker
 
+from ims.database import make_engine
+from ims.database.models import Task
+from ims.einstein.task_records import TaskRecords
 from tests.unit.test_operations import ADMIN, UID, USER, Env
 
 # Tables that grow with use (history kept for days, one row per image or node).
@@ -24,7 +28,7 @@ GROWING = ("operation", "task", "image", "provision")
 
 
 def _statements(env: Env) -> list[str]:
-    engine = env.ops.journal._sessions.kw["bind"]
+    engine = env.ops.engine
     seen: list[str] = []
 
     @event.listens_for(engine, "before_cursor_execute")
@@ -52,7 +56,7 @@ def test_no_statement_of_an_operation_scans_a_table_that_grows(tmp_path: Any) ->
     env = Env(tmp_path)
     try:
         statements = _statements(env)
-        engine = env.ops.journal._sessions.kw["bind"]
+        engine = env.ops.engine
         scans = []
         with engine.connect() as conn:
             for sql in statements:
@@ -105,7 +109,7 @@ def _add_history(env: Env, rows: int) -> None:
     """``rows`` finished journal rows and tasks, as weeks of use leave them (steps ~1 KiB each)."""
     steps = json.dumps([{"name": f"step{i}", "params": {"image": UID + "img1", "node": "n" * 40}}
                         for i in range(10)])
-    engine = env.ops.journal._sessions.kw["bind"]
+    engine = env.ops.engine
     now = datetime.now(UTC).replace(tzinfo=None)  # within the 30 days kept
     stamps = [(now - timedelta(days=1 + i % 28, seconds=i)).isoformat(sep=" ") for i in range(rows)]
     with engine.begin() as conn:
@@ -123,7 +127,7 @@ def test_the_work_of_an_operation_does_not_grow_with_the_history_kept(tmp_path: 
     env = Env(tmp_path)
     try:
         env.ops.import_image(USER, "bmi_infra", "bmi-test-image")
-        engine = env.ops.journal._sessions.kw["bind"]
+        engine = env.ops.engine
         _workflow(env, "bmi_node")  # warm: first-use statements out of the way
         steps = _VmSteps(engine)
         _workflow(env, "bmi_node")
@@ -145,14 +149,6 @@ def test_the_work_of_an_operation_does_not_grow_with_the_history_kept(tmp_path: 
 def test_the_fair_order_reads_each_projects_latest_start(db_url: str) -> None:
     """The scheduler's one-max-per-project read, on SQLite and PostgreSQL: the latest start of each
     project asked about, none for a project never started, and only those asked about."""
-    from datetime import UTC, datetime
-
-    from sqlalchemy.orm import sessionmaker
-
-    from ims.database import make_engine
-    from ims.database.models import Task
-    from ims.einstein.task_records import TaskRecords
-
     engine = make_engine(db_url)
     try:
         when = [datetime(2026, 11, d, 10, tzinfo=UTC) for d in (1, 2, 3, 4)]
