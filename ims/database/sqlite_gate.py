@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from typing import Any
 
 from sqlalchemy import Engine, event
@@ -37,6 +38,33 @@ def gate_for(path: str) -> threading.Lock:
     key = os.path.realpath(path)
     with _GATES_LOCK:
         return _GATES.setdefault(key, threading.Lock())
+
+
+# engine -> (its gate, the busy timeout in s), for transactions run on its raw connections
+# (ims/database/plain.py)
+_ENGINES: weakref.WeakKeyDictionary[Engine, tuple[threading.Lock, float]] = weakref.WeakKeyDictionary()
+
+
+def gate_of(engine: Engine) -> tuple[threading.Lock, float] | None:
+    """The gate :func:`install` put on ``engine`` and its timeout; None if it has none."""
+    return _ENGINES.get(engine)
+
+
+def hold(info: dict[str, Any], gate: threading.Lock, timeout_s: float) -> None:
+    """Take ``gate`` for the pooled connection whose record's ``info`` this is (as ``BEGIN`` does
+    here); its COMMIT/ROLLBACK or its return to the pool hands it back (or :func:`release`)."""
+    if _HELD in info:
+        return
+    if gate.acquire(timeout=timeout_s):
+        info[_HELD] = gate
+    else:
+        LOG.warning("a transaction of this process held the database for more than %.0f s; "
+                    "going on without waiting for it (SQLite's own lock decides)", timeout_s)
+
+
+def release(info: Any) -> None:
+    """Hand back the gate the connection with this ``info`` holds, if any."""
+    _release(info)
 
 
 def _release(info: Any) -> None:
@@ -65,15 +93,12 @@ def install(engine: Engine, path: str, timeout_s: float) -> None:
     dialect = engine.dialect
     do_commit, do_rollback = dialect.do_commit, dialect.do_rollback
 
+    _ENGINES[engine] = (gate, timeout_s)
+
     @event.listens_for(engine, "begin")
     def _begin_immediate(conn):  # type: ignore[no-untyped-def]
         info = conn.connection.info
-        if _HELD not in info:
-            if gate.acquire(timeout=timeout_s):
-                info[_HELD] = gate
-            else:
-                LOG.warning("a transaction of this process held the database for more than %.0f s; "
-                            "going on without waiting for it (SQLite's own lock decides)", timeout_s)
+        hold(info, gate, timeout_s)
         try:
             # Take the write lock at BEGIN so two processes never deadlock upgrading read locks.
             conn.exec_driver_sql("BEGIN IMMEDIATE")

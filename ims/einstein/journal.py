@@ -34,12 +34,13 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ims.common.errors import BMIError, NodeBusy, ServiceUnavailable
-from ims.database.models import Lock, Operation
+from ims.database.models import Lock, utcnow
+from ims.database.plain import Plain, PlainTx
 from ims.einstein.journal_recovery import (
     HOST,
     LOCKS_KEY,
@@ -60,13 +61,17 @@ LOG = logging.getLogger(__name__)
 
 # Called (session, operation id) in the transaction that opens each journal row of this context:
 # ims/einstein/tasks.py links an asynchronous operation to the rows its call opens.
-OPERATION_STARTED: contextvars.ContextVar[Callable[[Session, int], None] | None] = contextvars.ContextVar(
+OPERATION_STARTED: contextvars.ContextVar[Callable[[PlainTx, int], None] | None] = contextvars.ContextVar(
     "bmi_operation_started", default=None)
 
 
 class Journal(JournalRecovery):
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self._sessions = sessions
+        engine = sessions.kw.get("bind")
+        if engine is None:
+            raise TypeError("the journal needs a session factory bound to one engine")
+        self.plain = Plain(engine)
         self.undo_registry: dict[str, UndoFn] = {}
         self.forward_registry: dict[str, ForwardFn] = {}
         # Tests set this to inject failures: hook(step_name, "before"|"after").
@@ -90,16 +95,12 @@ class Journal(JournalRecovery):
             session.close()
 
     @contextlib.contextmanager
-    def connection(self) -> Iterator[Any]:
-        """One transaction on a bare connection, for Core statements only (step records, locks):
-        the same BEGIN / statements / COMMIT as :meth:`session` without an ORM session's cost."""
-        engine = self._sessions.kw.get("bind")
-        if engine is None:  # a session factory without one engine: keep to sessions
-            with self.session() as session:
-                yield session
-            return
-        with engine.begin() as conn:
-            yield conn
+    def connection(self) -> Iterator[PlainTx]:
+        """One plain-SQL transaction (ims/database/plain.py) for the journal's own hot writes (step
+        records, locks, journal rows): the same BEGIN / statements / COMMIT as :meth:`session`
+        without SQLAlchemy's statement machinery."""
+        with self.plain.transaction() as tx:
+            yield tx
 
     def fault(self, name: str, phase: str) -> None:
         if self.fault_hook is not None:
@@ -143,8 +144,8 @@ class Journal(JournalRecovery):
             self._release(names, owner)
 
     def _release(self, names: list[str], owner: str) -> None:
-        with self.connection() as session:
-            session.execute(delete(Lock).where(Lock.name.in_(names), Lock.owner == owner))
+        with self.connection() as tx:
+            tx.run(f"DELETE FROM lock WHERE name IN ({', '.join('?' * len(names))}) AND owner = ?", [*names, owner])
 
     def _insert(self, names: list[str], owner: str, purpose: str, unfinished: list[Any] | None = None) -> bool:
         """Take every lock in ``names`` in one transaction; False (nothing taken) if one is held.
@@ -152,14 +153,14 @@ class Journal(JournalRecovery):
         ``unfinished``: a list that gets, read in the same transaction once the locks are in, the
         journal rows that may need finishing (:meth:`_unfinished`)."""
         try:
-            with self.connection() as session:
-                # perf: one Core INSERT of every row (no ORM unit of work); the primary key still
-                # decides, all or none
-                session.execute(insert(Lock), [{"name": name, "owner": owner, "purpose": purpose[:64]}
-                                               for name in names])
+            with self.connection() as tx:
+                # one INSERT of every row: the primary key still decides, all or none
+                now = tx.when(utcnow())
+                tx.many("INSERT INTO lock (name, owner, purpose, acquired_at) VALUES (?, ?, ?, ?)",
+                        [(name, owner, purpose[:64], now) for name in names])
                 if unfinished is not None:
                     # perf: read here, not in a transaction of its own right after (one fewer per lock)
-                    unfinished.extend(self._unfinished(session))
+                    unfinished.extend(self._unfinished(tx))
         except IntegrityError:
             return False
         return True
@@ -209,14 +210,14 @@ class Journal(JournalRecovery):
         ctx = ctx or RecoveryContext()
         held = sorted({name for names in self._held_stack() for name in names})
         stored = dict(args, **{LOCKS_KEY: held})
-        with self.session() as session:
-            # perf: a Core INSERT (no ORM unit of work); the row's id is its primary key
-            inserted = session.execute(insert(Operation).values(kind=kind, args=json.dumps(stored),
-                                                                owner=current_owner(), state="running"))
-            op_id = int(inserted.inserted_primary_key[0])
+        with self.connection() as conn:
+            now = conn.when(utcnow())
+            op_id = conn.insert("INSERT INTO operation (kind, args, steps, state, committed, owner, started_at, "
+                                "updated_at) VALUES (?, ?, '[]', 'running', ?, ?, ?, ?) RETURNING id",
+                                (kind, json.dumps(stored), False, current_owner(), now, now))
             hook = OPERATION_STARTED.get()
             if hook is not None:
-                hook(session, op_id)
+                hook(conn, op_id)
         tx = Tx(self, op_id, kind, args, ctx)
         try:
             yield tx
@@ -240,8 +241,8 @@ class Journal(JournalRecovery):
         if error:
             reason = f"{reason}; recovery failed: {error}"
         tx.final_state = state
-        with self.session() as session:
-            tx._save(session, state=state, error=reason[:2000])
+        with self.connection() as conn:
+            tx._save(conn, state=state, error=reason[:2000])
 
     # --- operations spanning several calls (uploads: ims/einstein/ops/transfer.py) ----------
     def hold(self, names: list[str], owner: str, purpose: str) -> None:

@@ -112,6 +112,7 @@ class JournalRecovery:
         forward_delays: tuple[float, ...]
 
         def session(self) -> contextlib.AbstractContextManager[Session]: ...
+        def connection(self) -> contextlib.AbstractContextManager[Any]: ...
         def _insert(self, names: list[str], owner: str, purpose: str,
                     unfinished: list[Any] | None = None) -> bool: ...
         def _release(self, names: list[str], owner: str) -> None: ...
@@ -150,10 +151,10 @@ class JournalRecovery:
         return summary
 
     @staticmethod
-    def _unfinished(session: Any) -> list[Any]:
-        """``(id, args, state, owner)`` of every journal row that is running or failed."""
-        return list(session.execute(select(Operation.id, Operation.args, Operation.state, Operation.owner)
-                                    .where(Operation.state.in_(("running", "failed")))).all())
+    def _unfinished(tx: Any) -> list[Any]:
+        """``(id, args, state, owner)`` of every journal row that is running or failed (``tx``: a
+        plain-SQL transaction, ims/database/plain.py)."""
+        return tx.rows("SELECT id, args, state, owner FROM operation WHERE state IN ('running', 'failed')")
 
     def _finish_pending_under(self, names: list[str], owner: str, ctx: RecoveryContext | None = None,
                               rows: list[Any] | None = None) -> None:
@@ -162,8 +163,8 @@ class JournalRecovery:
         ``rows``: :meth:`_unfinished` as read once ``names`` were taken (else read now)."""
         wanted = set(names)
         if rows is None:
-            with self.session() as session:
-                rows = self._unfinished(session)
+            with self.connection() as tx:
+                rows = self._unfinished(tx)
         pending = []
         # perf: under a batch every lock taken meets the batch's other running rows: judge each
         # owner once (a /proc read) and parse a row's locks only when it is one to finish

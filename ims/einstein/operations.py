@@ -122,8 +122,8 @@ class Operations:
 
     # --- asynchronous operations (ims/einstein/tasks.py) -------------------------------
     @rpc()
-    def submit(self, auth: Auth, verb: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-        return self._tasks.submit(auth, verb, kwargs)
+    def submit(self, auth: Auth, verb: str, kwargs: dict[str, Any], wait: float | None = None) -> dict[str, Any]:
+        return self._tasks.submit(auth, verb, kwargs, wait)
 
     @rpc()
     def submit_batch(self, auth: Auth, verb: str, items: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -223,15 +223,7 @@ class TaskRecords:
                 break
             # This worker's own tasks wake it the moment they end; another worker's are polled,
             # soon at first (most operations take tens of ms), then every 0.1 s.
-            ended = False
-            with self._cond:
-                if task_id in self._running or task_id in self._pending:
-                    # perf: wake for THIS task's end only; every task's end (and every submit) notifies
-                    # the condition, and 50 waiters re-reading the database each time contend for it
-                    ended = self._cond.wait_for(lambda t=task_id: t not in self._running and t not in self._pending,
-                                                min(left, 1.0))
-                else:
-                    self._cond.wait(min(left, pause))
+            ended = self._await_own(task_id, min(left, 1.0), otherwise=min(left, pause))
             if ended:
                 # perf: this worker's own task ended; its row was written before it left _running: the
                 # record below reads it (no state read first)
@@ -242,6 +234,20 @@ class TaskRecords:
         if not records:  # removed meanwhile (kept days, so only by an administrator)
             raise OperationNotFound(f"operation {task_id} not found")
         return records[0]
+
+    def _await_own(self, task_id: int, seconds: float, otherwise: float = 0.0) -> bool:
+        """Wait up to ``seconds`` for this worker's task ``task_id`` to end (True once it has: its row
+        is written before it leaves ``_running``).  Another worker's task: False after ``otherwise``
+        seconds (the caller polls its row)."""
+        with self._cond:
+            if task_id in self._running or task_id in self._pending:
+                # perf: wake for THIS task's end only; every task's end (and every submit) notifies
+                # the condition, and 50 waiters re-reading the database each time contend for it
+                return self._cond.wait_for(lambda: task_id not in self._running and task_id not in self._pending,
+                                           seconds)
+            if otherwise > 0:
+                self._cond.wait(otherwise)
+            return False
 
     def _state(self, task_id: int) -> tuple[str, str] | None:
         """``(state, project)`` of a task, None if there is none: one narrow read."""

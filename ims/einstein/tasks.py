@@ -36,7 +36,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, select, update
-from sqlalchemy.orm import Session
 
 from ims.common import names
 from ims.common.errors import (
@@ -47,6 +46,7 @@ from ims.common.errors import (
 )
 from ims.database import exclusive
 from ims.database.models import Operation, Task
+from ims.database.plain import PlainTx
 from ims.einstein.journal import OPERATION_STARTED, current_owner, owner_alive
 from ims.einstein.ops.core import Auth, Core, user_of
 from ims.einstein.task_records import STATES, TaskRecords, fair_order
@@ -131,11 +131,16 @@ class Tasks(TaskRecords):
                 seen.add(value)
         return str(project)
 
-    def submit(self, auth: Auth, verb: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-        return self.submit_batch(auth, verb, [kwargs], batch=False)[0]
+    def submit(self, auth: Auth, verb: str, kwargs: dict[str, Any], wait: Any = None) -> dict[str, Any]:
+        """Queue one operation; its record.  ``wait`` (seconds, capped like :meth:`wait`'s): answer once
+        it has finished, or after that long with the record as it is then (Picasso's ``Prefer: wait``
+        and the legacy API: one call instead of a submit and an ``operation_wait``)."""
+        return self.submit_batch(auth, verb, [kwargs], batch=False, wait=wait)[0]
 
     def submit_batch(self, auth: Auth, verb: str, items: list[dict[str, Any]],
-                     batch: bool = True) -> list[dict[str, Any]]:
+                     batch: bool = True, wait: Any = None) -> list[dict[str, Any]]:
+        if wait is not None and (isinstance(wait, bool) or not isinstance(wait, (int, float))):
+            raise InvalidInput("invalid wait")
         if not isinstance(items, list) or not items:
             raise InvalidInput("a batch is a non-empty list of operations")
         if len(items) > MAX_BATCH:
@@ -159,13 +164,13 @@ class Tasks(TaskRecords):
             checked.append(args)
         user = user_of(auth)[0][:64]
         gateway = self.gateway if verb in GATEWAY_VERBS else None
-        with self.core.session() as session:
-            rows = [Task(verb=verb, project=project, user=user, args=json.dumps(args), state="queued",
-                         owner=self.owner, gateway=gateway, cluster=self.cluster)
-                    for args, project in zip(checked, projects, strict=True)]
-            session.add_all(rows)
-            session.flush()
-            ids = [row.id for row in rows]
+        with self.core.journal.connection() as tx:  # perf: plain SQL (ims/database/plain.py)
+            now = tx.when(datetime.now(UTC))
+            # ("user" is quoted: a reserved word in PostgreSQL)
+            ids = [tx.insert('INSERT INTO task (verb, project, "user", args, state, owner, gateway, cluster, '
+                             "journal_ops, created_at) VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, '[]', ?) RETURNING id",
+                             (verb, project, user, json.dumps(args), self.owner, gateway, self.cluster, now))
+                   for args, project in zip(checked, projects, strict=True)]
         with self._cond:
             for task_id, args in zip(ids, checked, strict=True):
                 self._pending[task_id] = (verb, dict(auth), args)
@@ -180,6 +185,10 @@ class Tasks(TaskRecords):
         # (queued or running; a very quick one may even be done already)
         self._start(claimed)
         self._ensure_scheduler()
+        if wait is not None and len(ids) == 1:
+            # perf: no record is read (under the database lock the task's own writes need) until the
+            # task ends or the wait does
+            self._await_own(ids[0], max(0.0, min(float(wait), self.wait_cap())))
         return self.records(ids)
 
     # --- scheduling --------------------------------------------------------------
@@ -282,13 +291,12 @@ class Tasks(TaskRecords):
                              daemon=True).start()
         return len(claimed)
 
-    def _link(self, task_id: int, session: Session, op_id: int) -> None:
+    def _link(self, task_id: int, tx: PlainTx, op_id: int) -> None:
         """Record that the call of task ``task_id`` opened journal row ``op_id`` (same transaction)."""
-        # perf: Core statements (no ORM load and flush of the whole row), the same SQL effect
-        linked = session.execute(select(Task.journal_ops).where(Task.id == task_id)).first()
-        if linked is not None:
-            session.execute(update(Task).where(Task.id == task_id).values(
-                journal_ops=json.dumps([*json.loads(linked[0] or "[]"), op_id])))
+        linked = tx.rows("SELECT journal_ops FROM task WHERE id = ?", (task_id,))
+        if linked:
+            tx.run("UPDATE task SET journal_ops = ? WHERE id = ?",
+                   (json.dumps([*json.loads(linked[0][0] or "[]"), op_id]), task_id))
 
     def _run(self, task_id: int, verb: str, auth: Auth, kwargs: dict[str, Any]) -> None:
         token = OPERATION_STARTED.set(lambda session, op_id: self._link(task_id, session, op_id))
@@ -320,10 +328,10 @@ class Tasks(TaskRecords):
             result_json = json.dumps(result)
         except (TypeError, ValueError):
             result_json = json.dumps(str(result))
-        with self.core.session() as session:
-            session.execute(update(Task).where(Task.id == task_id).values(
-                state="failed" if error else "done", result=None if error else result_json,
-                error=json.dumps(error) if error else None, finished_at=datetime.now(UTC)))
+        with self.core.journal.connection() as tx:  # plain SQL (ims/database/plain.py): once per operation
+            tx.run("UPDATE task SET state = ?, result = ?, error = ?, finished_at = ? WHERE id = ?",
+                   ("failed" if error else "done", None if error else result_json,
+                    json.dumps(error) if error else None, tx.when(datetime.now(UTC)), task_id))
 
     # --- crash safety ----------------------------------------------------------------
     def recover(self, keep_days: float = 30.0) -> dict[str, list[int]]:

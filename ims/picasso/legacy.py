@@ -5,7 +5,7 @@ decides by :func:`is_legacy_path`), with our corrected status codes; ``X-BMI-Err
 error class for scripts that want it.
 
 They keep their synchronous contract: each mutation is submitted as an operation and waited on
-(ims/picasso/operations.py ``wait``) in calls that each return within seconds, so however long the
+(ims/picasso/operations.py ``run``) in calls that each return within seconds, so however long the
 work takes the answer is ``Success`` (or the verb's error with its status), never an RPC timeout.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from flask import Blueprint, Response, request
 from ims.common.errors import InvalidInput
 from ims.common.names import validate_name
 from ims.picasso.auth import client, credentials, project_access
-from ims.picasso.operations import submit, wait
+from ims.picasso.operations import run
 
 bp = Blueprint("legacy", __name__)
 
@@ -67,12 +67,10 @@ def json_body(value: object) -> Response:
 def provision() -> Response:
     auth, project = _project()
     if "disk_name" in request.form:  # split API: project, node, disk_name, nic
-        record = submit(auth, "provision_disk", project=project, node=_form("node"), disk=_form("disk_name"),
-                        nic=_form("nic"))
+        run(auth, "provision_disk", project=project, node=_form("node"), disk=_form("disk_name"), nic=_form("nic"))
     else:
-        record = submit(auth, "provision", project=project, node=_form("node"), img=_form("img"),
-                        network=_form("network"), nic=_form("nic"))
-    wait(auth, record)
+        run(auth, "provision", project=project, node=_form("node"), img=_form("img"), network=_form("network"),
+            nic=_form("nic"))
     return success()
 
 
@@ -80,11 +78,9 @@ def provision() -> Response:
 def deprovision() -> Response:
     auth, project = _project()
     if "network" in request.form:
-        record = submit(auth, "deprovision", project=project, node=_form("node"), network=_form("network"),
-                        nic=_form("nic"))
+        run(auth, "deprovision", project=project, node=_form("node"), network=_form("network"), nic=_form("nic"))
     else:  # split API: project, node, nic
-        record = submit(auth, "deprovision_disk", project=project, node=_form("node"), nic=_form("nic"))
-    wait(auth, record)
+        run(auth, "deprovision_disk", project=project, node=_form("node"), nic=_form("nic"))
     return success()
 
 
@@ -92,7 +88,7 @@ def deprovision() -> Response:
 def create_snapshot() -> Response:
     auth, project = _project()
     node = _form("disk_name") if "disk_name" in request.form and "node" not in request.form else _form("node")
-    wait(auth, submit(auth, "create_snapshot", project=project, node=node, snap_name=_form("snap_name")))
+    run(auth, "create_snapshot", project=project, node=node, snap_name=_form("snap_name"))
     return success()
 
 
@@ -111,19 +107,18 @@ def list_images() -> Response:
 @_route("/remove_image/", "DELETE")
 def remove_image() -> Response:
     auth, project = _project()
-    wait(auth, submit(auth, "remove_image", project=project, img=_form("img")))
+    run(auth, "remove_image", project=project, img=_form("img"))
     return success()
 
 
 @_route("/create_disk", "PUT")
 def create_disk() -> Response:
     auth, project = _project()
-    return json_body(wait(auth, submit(auth, "create_disk", project=project, disk=_form("disk_name"),
-                                       img=_form("img"))))
+    return json_body(run(auth, "create_disk", project=project, disk=_form("disk_name"), img=_form("img")))
 
 
 @_route("/delete_disk", "DELETE")
 def delete_disk() -> Response:
     auth, project = _project()
-    wait(auth, submit(auth, "delete_disk", project=project, disk=_form("disk_name")))
+    run(auth, "delete_disk", project=project, disk=_form("disk_name"))
     return success()

@@ -10,23 +10,41 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Response, jsonify, request
+from flask import Response, g, jsonify, request
 
-from ims.common.errors import BMIError, from_wire
+from ims.common.errors import BMIError, InvalidInput, from_wire
 from ims.picasso.auth import client, credentials
 from ims.picasso.openapi import MAX_BATCH, MAX_POLL_SECONDS
 from ims.picasso.openapi import OPERATION_STATES as STATES
 
-__all__ = ["MAX_BATCH", "MAX_POLL_SECONDS", "STATES", "accepted", "failure", "submit", "wait"]
+__all__ = ["MAX_BATCH", "MAX_POLL_SECONDS", "STATES", "accepted", "failure", "run", "submit", "wait"]
 
 FINISHED = frozenset({"done", "failed"})
 # One operation_wait call waits at most this long (Einstein caps it at 30 s, far under the RPC timeout).
 WAIT_SECONDS = 20.0
 
 
-def submit(auth: dict[str, str], verb: str, **kwargs: Any) -> dict[str, Any]:
-    """Queue one call of ``verb``; errors found at submit time (400/401/403/404/409) raise here."""
-    return client().submit(auth, verb, kwargs)
+def submit(auth: dict[str, str], verb: str, waiting: float | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Queue one call of ``verb``; errors found at submit time (400/401/403/404/409) raise here.
+
+    ``waiting`` (seconds; default: the request's ``Prefer: wait=N``, else none) lets Einstein answer
+    this same call once the operation has finished, or after that long with the record as it is then:
+    a client that waits anyway saves the ``operation_wait`` call (an RPC round trip, and a read of the
+    task while the operation runs) that would follow."""
+    if waiting is None:
+        waiting = preferred_wait()
+    if waiting is None:
+        return client().submit(auth, verb, kwargs)
+    try:
+        record = client().submit(auth, verb, kwargs, wait=waiting)
+    except InvalidInput as exc:
+        if exc.message != "wrong arguments for submit":
+            raise
+        # An Einstein from before ``wait`` (a rolling upgrade) refused the call unstarted, having
+        # checked its arity first: submit without it; accepted()/wait() then wait as they did.
+        return client().submit(auth, verb, kwargs)
+    g.bmi_waited = True
+    return record
 
 
 def location(record: dict[str, Any]) -> str:
@@ -55,8 +73,9 @@ def accepted(record: dict[str, Any] | list[dict[str, Any]]) -> tuple[Response, i
     waits anyway saves the request that would follow it."""
     seconds = preferred_wait()
     applied = None
-    if seconds is not None and isinstance(record, dict) and record.get("state") not in FINISHED:
-        record = client().operation_wait(credentials(), int(record["id"]), seconds)
+    if seconds is not None and isinstance(record, dict):
+        if record.get("state") not in FINISHED and not g.get("bmi_waited"):
+            record = client().operation_wait(credentials(), int(record["id"]), seconds)
         applied = f"wait={seconds:g}"
     resp = jsonify({"result": record})
     if isinstance(record, dict):
@@ -78,6 +97,11 @@ def wait(auth: dict[str, str], record: dict[str, Any]) -> Any:
     if record["state"] == "failed":
         raise failure(record)
     return record.get("result")
+
+
+def run(auth: dict[str, str], verb: str, **kwargs: Any) -> Any:
+    """Submit ``verb`` and wait for it (the legacy form API): its result, or its error raised."""
+    return wait(auth, submit(auth, verb, waiting=WAIT_SECONDS, **kwargs))
 
 
 def failure(record: dict[str, Any]) -> BMIError:

@@ -23,6 +23,7 @@ calls go through Einstein's RPC endpoint and the errors' wire round-trip, as ove
 from __future__ import annotations
 
 import collections
+import inspect
 import json
 import shutil
 import tempfile
@@ -143,13 +144,18 @@ class InProcessClient:
             return partial(self.call, name)
         raise AttributeError(name)
 
-    def _standin_call(self, method: str, *args: Any) -> Any:
+    def _standin_call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         assert self.standin is not None
-        wire_args = json.loads(json.dumps(list(args)))
+        wire_args, wire_kwargs = json.loads(json.dumps([list(args), kwargs]))
         with self._lock:
             self.calls.append((method, tuple(wire_args[1:])))
+        func = getattr(self.standin, method)
+        try:  # the endpoint's arity check (ims/rpc/dispatch.py): a wrong call is refused unstarted
+            inspect.signature(func).bind(*wire_args, **wire_kwargs)
+        except TypeError:
+            raise InvalidInput(f"wrong arguments for {method}") from None
         try:
-            result = getattr(self.standin, method)(*wire_args)
+            result = func(*wire_args, **wire_kwargs)
         except BMIError as exc:
             raise from_wire(json.loads(json.dumps(exc.to_dict()))) from None
         return json.loads(json.dumps(result))
@@ -206,11 +212,15 @@ class AsyncStandIn:
             record["queue_position"] = list(self._queue).index(op_id) + 1
         return record
 
-    def submit(self, auth: dict[str, str], verb: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def submit(self, auth: dict[str, str], verb: str, kwargs: dict[str, Any],
+               wait: float | None = None) -> dict[str, Any]:
         project = self._check(auth, verb, kwargs)
         with self._cond:
             op_id = self._new(auth, verb, kwargs, project)["id"]
             self._cond.notify_all()
+            if wait is not None:  # as Einstein: answer once it has finished, or after ``wait`` seconds
+                self._cond.wait_for(lambda: self._records[op_id]["state"] in ("done", "failed"),
+                                    min(float(wait), 30.0))
             return self._view(op_id)
 
     def submit_batch(self, auth: dict[str, str], verb: str, items: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -143,7 +143,7 @@ cfg = config.parse("t.cfg", f"[bmi]\\nuid = t\\n[db]\\nurl = {url}\\n[iscsi]\\ni
                    "[net_isolator]\\nurl = http://127.0.0.1:1\\n"
                    "[fs]\\ndriver = file\\npath = /nonexistent\\n[scheduler]\\nmax_per_gateway = 1\\n")
 journal = make_journal(url, files)
-tasks = Tasks(None, SimpleNamespace(cfg=cfg, session=journal.session))
+tasks = Tasks(None, SimpleNamespace(cfg=cfg, session=journal.session, journal=journal))
 with journal.session() as s:
     rows = [Task(verb="provision", project=f"p{os.getpid()}", user="u", args="{}", state="queued",
                  owner=tasks.owner, gateway=tasks.gateway, cluster=tasks.cluster) for _ in range(count)]

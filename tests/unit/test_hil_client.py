@@ -374,3 +374,24 @@ def test_simulator_drives_vm_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
     assert json.loads(web.get("/v0/node/plain/power_status", headers=auth).data) == {"power_status": "on"}
     app.extensions["hilsim"].close()
     assert vm.calls == ["power_cycle", "power_off", "stop"]
+
+
+def test_proxy_settings_of_the_environment_are_honoured(hil: ScriptedHIL, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The environment's proxy settings (read once per HTTP session) still apply: through the proxy
+    they name, unless ``no_proxy`` lists HIL's host."""
+    monkeypatch.setenv("http_proxy", hil.url)  # the scripted server stands in for the proxy
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    hil.route("GET", "http://hil.invalid:7000/v0/node/n1", (200, NODE))
+    proxied = HILClient("http://hil.invalid:7000", "alice", "s3cret-pw")  # never resolved: the proxy is asked
+    assert proxied.show_node("n1")["name"] == "n1"
+    assert proxied.show_node("n1")["name"] == "n1"
+    assert [r["path"] for r in hil.requests] == ["http://hil.invalid:7000/v0/node/n1"] * 2
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{closed.getsockname()[1]}")  # nothing listens there
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    hil.route("GET", "/v0/node/n1", (200, NODE))
+    direct = HILClient(hil.url + "/", "alice", "s3cret-pw")
+    assert direct.show_node("n1")["name"] == "n1" and hil.requests[-1]["path"] == "/v0/node/n1"
+    closed.close()

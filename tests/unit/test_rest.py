@@ -630,6 +630,45 @@ def test_legacy_waits_on_the_operation_in_short_calls(web: Any, rpc: InProcessCl
     assert world.iscsi.targets
 
 
+def test_prefer_wait_is_one_submit_call_that_answers_when_done(web: Any, rpc: InProcessClient, world: World) -> None:
+    """``Prefer: wait=N``: Picasso asks Einstein to answer the submit itself once the operation has
+    finished (no operation_wait call after it); without the header the submit answers at once."""
+    standin = _standin(rpc)
+    body = {"image": "golden", "network": "prov-net", "nic": "eno1"}
+    resp = web.post("/v1/projects/proj1/nodes/node2/provision", json=body, headers={**ALICE, "Prefer": "wait=5"})
+    assert resp.status_code == 202 and resp.headers["Preference-Applied"] == "wait=5"
+    record = resp.get_json()["result"]
+    assert record["state"] == "done" and resp.headers["Location"] == f"/v1/operations/{record['id']}"
+    assert [c[0] for c in rpc.calls if c[0] in ("submit", "operation_wait")] == ["submit"]
+    assert world.iscsi.targets
+    standin.gate.clear()  # held: the wait ends after N seconds with the record as it is then
+    rpc.calls.clear()
+    resp = web.post("/v1/projects/proj1/nodes/node3/deprovision", json={"network": "prov-net", "nic": "eno1"},
+                    headers={**ALICE, "Prefer": "wait=0"})
+    assert resp.status_code == 202 and resp.get_json()["result"]["state"] == "queued"
+    assert [c[0] for c in rpc.calls if c[0] in ("submit", "operation_wait")] == ["submit"]
+    standin.gate.set()
+
+
+def test_prefer_wait_with_an_einstein_without_submit_wait(web: Any, rpc: InProcessClient, world: World,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """An Einstein from before ``submit(..., wait)`` refuses it unstarted (the arity check): Picasso submits
+    without it and waits with operation_wait, once — nothing is queued twice."""
+    standin = _standin(rpc)
+    plain = standin.submit
+
+    def old_submit(auth: dict[str, str], verb: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+        return plain(auth, verb, kwargs)
+
+    monkeypatch.setattr(standin, "submit", old_submit)
+    body = {"image": "golden", "network": "prov-net", "nic": "eno1"}
+    resp = web.post("/v1/projects/proj1/nodes/node2/provision", json=body, headers={**ALICE, "Prefer": "wait=5"})
+    assert resp.status_code == 202 and resp.get_json()["result"]["state"] == "done"
+    assert [c[0] for c in rpc.calls if c[0] in ("submit", "operation_wait")] == ["submit", "submit",
+                                                                               "operation_wait"]
+    assert len(web.get("/v1/operations", headers=ALICE).get_json()["result"]) == 1
+
+
 def test_openapi_documents_202_with_location_for_every_queued_mutation() -> None:
     doc = document()
     accepted = {(p, m) for p, ops in doc["paths"].items() for m, op in ops.items() if "202" in op["responses"]}

@@ -363,6 +363,22 @@ def test_wait_is_capped_below_the_rpc_timeout(world: World) -> None:
     assert wait_all(world, [rec])[0]["state"] == "done"
 
 
+def test_submit_with_wait_answers_when_done_or_after_the_wait(world: World) -> None:
+    rpc = client(world)
+    done = rpc.submit(ALICE, "provision", provision("a1"), wait=10)
+    assert done["state"] == "done" and done["progress"] == 100 and done["finished_at"]
+    failed = rpc.submit(ALICE, "provision", provision("a2", img="no-such-image"), wait=10)
+    assert failed["state"] == "failed" and failed["error"]["type"] == "ImageNotFound"
+    gate = Gate(world)
+    held = rpc.submit(ALICE, "provision", provision("a3"), wait=0.2)  # the wait ends first: as it is then
+    assert held["state"] == "running"
+    gate.open.set()
+    assert wait_all(world, [held])[0]["state"] == "done"
+    with pytest.raises(InvalidInput):
+        rpc.submit(ALICE, "provision", provision("a4"), wait="soon")
+    assert count(world) == 3
+
+
 def test_fair_order() -> None:
     from datetime import UTC, datetime
 

@@ -139,8 +139,11 @@ class Core:
         user_of(auth)
         return self.net_factory(auth)
 
-    def access(self, auth: Auth, project: str) -> Any:
-        """Check with HIL that the caller may use ``project``; returns the HIL client."""
+    def access(self, auth: Auth, project: str, registered: bool = True) -> Any:
+        """Check with HIL that the caller may use ``project``; returns the HIL client.
+
+        ``registered=False``: the caller reads the project's row itself, first thing under its locks
+        (ProjectNotFound from there): no transaction here for it."""
         names.validate_name(project, "project")
         user, password = user_of(auth)
         net = self.net(auth)
@@ -149,8 +152,9 @@ class Core:
         if self._auth_cache.get(key, 0.0) < now:
             net.check_project_access(project)
             self._auth_cache[key] = now + float(self.cfg.net_isolator.auth_cache_seconds)
-        with self.session() as session:
-            self.project(session, project)
+        if registered:
+            with self.session() as session:
+                self.project(session, project)
         return net
 
     def admin(self, auth: Auth) -> Any:

@@ -143,7 +143,7 @@ class Provisioning:
         """Clone ``img`` for ``node``, export it over iSCSI, write its boot files, connect its NIC."""
         core, steps = self.core, self.steps
         names.validate_names(project=project, node=node, image=img, network=network, nic=nic)
-        net = core.access(auth, project)
+        net = core.access(auth, project, registered=False)  # the checks below read the project's row
         with core.journal.lock([f"node:{node}", f"image:{project}/{node}"], "provision", recovery_ctx(core, net)), \
                 hil_first(in_background(node_nic, net, project, node, nic)) as reading:
             # perf: ONE HIL read of the node (its owner: 403 unless ours; the NIC's MAC; whether the
@@ -165,32 +165,48 @@ class Provisioning:
                 project_id, parent_id, parent_ceph = proj.id, parent.id, core.ceph_name(parent.id)
             args = {"project": project, "node": node, "image": img, "network": network, "nic": nic}
             with core.journal.operation("provision", args, RecoveryContext(net=net)) as tx:
-                image_id = steps.insert_image.run(tx, "db.insert_clone", name=node, project_id=project_id,
-                                                  parent_id=parent_id, kind="node")
+                # perf: the image row's own transaction also records the clone step (Tx.ahead)
+                image_id = steps.insert_image.run(
+                    tx, "db.insert_clone", name=node, project_id=project_id, parent_id=parent_id, kind="node",
+                    then=lambda row_id: steps.clone.ahead(tx, parent=parent_ceph, snap=core.snap,
+                                                          image=core.ceph_name(row_id)))
                 clone = core.ceph_name(image_id)
                 with core.bmi_names({clone: node, parent_ceph: img}):
                     steps.clone.run(tx, parent=parent_ceph, snap=core.snap, image=clone)
                     mac, nic_networks = reading.result()
                     attached = network in nic_networks
-                    steps.insert_provision.run(tx, node=node, project_id=project_id, image_id=image_id, nic=nic,
-                                               mac=mac, network=network, connected=not attached)
-                    # perf: the HIL connect (recorded first) runs while the target and boot files are
-                    # made; a failure of either side rolls back both, after the connect has ended.
+                    boot = None if core.cfg.tftp.boot_mode == "http" else boot_params(core, node, mac, img, clone,
+                                                                                     node)
+                    target = core.target_params(clone, node)
+
+                    def record_next(_node: str) -> None:
+                        # perf: the provision record's transaction also records the steps that follow
+                        # it (connect, boot files, target): one journal write instead of four
+                        if not attached:
+                            steps.connect.ahead(tx, node=node, nic=nic, network=network)
+                        if boot is not None:
+                            steps.write_boot.ahead(tx, **boot)
+                        steps.add_target.ahead(tx, **target)
+
+                    steps.insert_provision.run(tx, then=record_next, node=node, project_id=project_id,
+                                               image_id=image_id, nic=nic, mac=mac, network=network,
+                                               connected=not attached)
+                    # perf: the HIL connect runs while the target and boot files are made; a failure of
+                    # either side rolls back both, after the connect has ended.
                     connecting = None if attached else steps.connect.start(tx, net=net, node=node, nic=nic,
                                                                             network=network)
                     with settled(connecting):
-                        # perf: the boot files (recorded next) are written and synced meanwhile too: they
-                        # only name the target; a node that boots before it is live just fails to attach.
-                        booting = None if core.cfg.tftp.boot_mode == "http" else \
-                            steps.write_boot.start(tx, **boot_params(core, node, mac, img, clone, node))
+                        # perf: the boot files are written and synced meanwhile too: they only name the
+                        # target; a node that boots before it is live just fails to attach.
+                        booting = None if boot is None else steps.write_boot.start(tx, **boot)
                         with settled(booting):
-                            export_and_boot(core, steps, tx, node, mac, img, clone, node, boot_files=False)
+                            steps.add_target.run(tx, **target)
 
     def deprovision(self, auth: Auth, project: str, node: str, network: str, nic: str) -> None:
         """Undo a provision: detach the NIC (if provision attached it), remove boot files, target, clone, rows."""
         core, steps = self.core, self.steps
         names.validate_names(project=project, node=node, network=network, nic=nic)
-        net = core.access(auth, project)
+        net = core.access(auth, project, registered=False)  # provisioned() reads the project's row
         with core.journal.lock([f"node:{node}", f"image:{project}/{node}"], "deprovision",
                                recovery_ctx(core, net)):
             prov, row = provisioned(core, project, node, kind="node")

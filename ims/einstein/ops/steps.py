@@ -15,6 +15,7 @@ disarm covers the race with anything that does not take BMI's locks.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -64,8 +65,14 @@ class Step:
         try:
             return tx.step(name or self.name, lambda: self.execute(**params), undo=undo)
         except self.made_nothing:
-            self._disarm(tx)
+            self._disarm(tx, name or self.name)
             raise
+
+    def ahead(self, tx: Tx, /, **params: Any) -> None:
+        """Record this step (the same record :meth:`run` / :meth:`start` with ``params`` writes) with the
+        operation's next journal write (:meth:`Tx.ahead`); its run then writes nothing first."""
+        params = {k: v for k, v in params.items() if k != "net"}  # a HIL client is never a parameter
+        tx.ahead(self.name, (self.undo_name, params) if self.undo_name else None)
 
     def start(self, tx: Tx, /, **params: Any) -> Future[Any]:
         """Like :meth:`run`, but ``execute`` runs in a background thread once its journal record is
@@ -76,9 +83,9 @@ class Step:
         undo = (self.undo_name, params) if self.undo_name else None
         return start_step(tx, self.name, undo, lambda: self.execute(**params))
 
-    def _disarm(self, tx: Tx) -> None:
+    def _disarm(self, tx: Tx, name: str) -> None:
         """The step failed because its object was already there: it made nothing, so undo nothing."""
-        tx.disarm(tx.steps[-1]["name"], "failed: already existed")
+        tx.disarm(name, "failed: already existed")
 
 
 # --- storage ---------------------------------------------------------------------
@@ -189,10 +196,9 @@ def chap_of(core: Core, target: str | None) -> tuple[str, str] | None:
     prefix = names.internal_prefix(core.uid)
     if not target or not target.startswith(prefix) or not target[len(prefix):].isdigit():
         return None
-    with core.session() as session:
-        row = session.get(Image, int(target[len(prefix):]))
-        secret = row.chap_secret if row is not None else None
-    return chap.account(target, secret)
+    with core.journal.connection() as tx:  # perf: plain SQL (ims/database/plain.py), twice per provision
+        rows = tx.rows("SELECT chap_secret FROM image WHERE id = ?", (int(target[len(prefix):]),))
+    return chap.account(target, rows[0][0] if rows else None)
 
 
 def add_target(core: Core, target: str, image: str, initiators: list[str] | None,
@@ -283,11 +289,13 @@ class DbStep(Step):
     def undo_params(self, result: Any) -> dict[str, Any]:
         raise NotImplementedError
 
-    def run(self, tx: Tx, name: str | None = None, /, **params: Any) -> Any:
+    def run(self, tx: Tx, name: str | None = None, /, then: Callable[[Any], None] | None = None,
+            **params: Any) -> Any:
+        """``then(result)``: record the steps that follow ahead, in this step's own write (Tx.db_step)."""
         assert self.undo_name
         undo_name = self.undo_name
         return tx.db_step(name or self.name, lambda s: self.insert(s, **params),
-                          lambda result: (undo_name, self.undo_params(result)))
+                          lambda result: (undo_name, self.undo_params(result)), then)
 
 
 class InsertImage(DbStep):
