@@ -71,6 +71,8 @@ NETWORK = "bmi_network"
 TENANT = ("haas", "secret")
 ADMIN = ("haasadmin", "admin1234")
 CONCURRENCY = (1, 5, 10, 25, 50)
+# Idle before each measured single operation (rest and history rows): see settled().
+GAP_S = float(os.environ.get("BENCH_GAP_S", "0.2"))
 
 
 def log(msg: str) -> None:
@@ -114,6 +116,14 @@ class Rest:
         r = self.s.request(method, f"{self.url}{path}", data=form, timeout=600)
         if r.status_code != 200 or r.text != "Success":
             raise RuntimeError(f"legacy {method} {path}: {r.status_code} {r.text[:300]}")
+
+
+def settled(fn: Callable[[], object]) -> float:
+    """:func:`timed`, after ``BENCH_GAP_S`` (0.2 s) of idle: one at a time, each measured operation (the
+    floor's and BMI's alike) starts on a stack that has finished the work of the one before, e.g. the
+    OSD deleting the objects of the image the previous deprovision removed."""
+    time.sleep(GAP_S)
+    return timed(fn)
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -304,19 +314,19 @@ def measure(d: Path, env: dict[str, str], runs: int, sizes: list[float], parts: 
             (tftp.parent / f"{raw}.ipxe").unlink()
 
         suffix = " (tgtd socket)" if via_socket else ""
-        rows["floor provision" + suffix].append(timed(floor_up))
-        rows["floor deprovision" + suffix].append(timed(floor_down))
+        rows["floor provision" + suffix].append(settled(floor_up))
+        rows["floor deprovision" + suffix].append(settled(floor_down))
         if via_socket:
             continue
         prov = {"image": "bench-golden", "network": NETWORK, "nic": nic}
-        rows["provision /v1"].append(timed(lambda b=prov: user.do(
+        rows["provision /v1"].append(settled(lambda b=prov: user.do(
             "POST", f"/projects/{PROJECT}/nodes/{node}/provision", b)))
-        rows["deprovision /v1"].append(timed(lambda: user.do(
+        rows["deprovision /v1"].append(settled(lambda: user.do(
             "POST", f"/projects/{PROJECT}/nodes/{node}/deprovision", {"network": NETWORK, "nic": nic})))
         form = {"project": PROJECT, "node": node, "img": "bench-golden", "network": NETWORK, "nic": nic}
-        rows["provision legacy"].append(timed(lambda f=form: user.legacy("PUT", "/provision/", f)))
+        rows["provision legacy"].append(settled(lambda f=form: user.legacy("PUT", "/provision/", f)))
         dform = {"project": PROJECT, "node": node, "network": NETWORK, "nic": nic}
-        rows["deprovision legacy"].append(timed(lambda f=dform: user.legacy("DELETE", "/deprovision/", f)))
+        rows["deprovision legacy"].append(settled(lambda f=dform: user.legacy("DELETE", "/deprovision/", f)))
 
     if "history" in parts:
         # Right after the plain rows, in the same conditions (before the batch's and the snapshots' load on
@@ -326,10 +336,10 @@ def measure(d: Path, env: dict[str, str], runs: int, sizes: list[float], parts: 
         kept = f"{HISTORY_ROWS:,} operations kept"
         rows[f"provision /v1, {kept}"], rows[f"deprovision /v1, {kept}"] = [], []
         for _ in range(runs):
-            rows[f"provision /v1, {kept}"].append(timed(lambda: user.do(
+            rows[f"provision /v1, {kept}"].append(settled(lambda: user.do(
                 "POST", f"/projects/{PROJECT}/nodes/{node}/provision",
                 {"image": "bench-golden", "network": NETWORK, "nic": nic})))
-            rows[f"deprovision /v1, {kept}"].append(timed(lambda: user.do(
+            rows[f"deprovision /v1, {kept}"].append(settled(lambda: user.do(
                 "POST", f"/projects/{PROJECT}/nodes/{node}/deprovision", {"network": NETWORK, "nic": nic})))
 
     if "conc" in parts:

@@ -71,6 +71,18 @@ class PlainTx:
         """A datetime as the dialect stores it (SQLAlchemy's own bind processor)."""
         return self._plain.when(value)
 
+    def datetime(self, value: Any) -> datetime | None:
+        """A datetime column's value as read, as a datetime (SQLAlchemy's own result processor)."""
+        return self._plain.datetime(value)
+
+    def exclusive(self, name: str) -> None:
+        """``ims.database.exclusive`` in this transaction: SQLite's BEGIN IMMEDIATE serialises it already;
+        PostgreSQL takes the same transaction-level advisory lock."""
+        if not self._plain.sqlite:
+            from ims.database import advisory_key
+
+            self.rows("SELECT pg_advisory_xact_lock(?)", (advisory_key(name),))
+
 
 class Plain:
     """Plain-SQL transactions on ``engine``'s pool (one per engine, shared by its threads)."""
@@ -81,8 +93,9 @@ class Plain:
         self.sqlite = dialect.name == "sqlite"
         self._format = dialect.paramstyle in ("format", "pyformat")
         self.dbapi_error: type[BaseException] = dialect.loaded_dbapi.Error
-        processor = DateTime(timezone=True).dialect_impl(dialect).bind_processor(dialect)
-        self._when = processor or (lambda value: value)
+        impl = DateTime(timezone=True).dialect_impl(dialect)
+        self._when = impl.bind_processor(dialect) or (lambda value: value)
+        self._read_when = impl.result_processor(dialect, None) or (lambda value: value)
         self._gate = sqlite_gate.gate_of(engine)
         self._statements: dict[str, str] = {}
 
@@ -94,6 +107,9 @@ class Plain:
 
     def when(self, value: datetime | None) -> Any:
         return None if value is None else self._when(value)
+
+    def datetime(self, value: Any) -> datetime | None:
+        return None if value is None else self._read_when(value)
 
     def within(self, session: Any) -> PlainTx:
         """Statements in the transaction an ORM session (or Core connection) already has open."""

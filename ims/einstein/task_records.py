@@ -12,12 +12,13 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, literal, select, union_all
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from ims.common import names
 from ims.common.errors import BMIError, InvalidInput, OperationNotFound
 from ims.database.models import Operation, Task
+from ims.database.plain import PlainTx
 from ims.einstein.ops.core import Auth, Core, user_of
 
 STATES = ("queued", "running", "done", "failed")
@@ -80,19 +81,17 @@ class TaskRecords:
         return min(WAIT_CAP_SECONDS, float(self.core.cfg.rpc.timeout) / 2)
 
     @staticmethod
-    def _last_started(session: Session, queued: list[tuple[int, str]]) -> dict[str, Any]:
+    def _last_started(tx: PlainTx, queued: list[tuple[int, str]]) -> dict[str, Any]:
+        """When each project of ``queued`` last had a task started (plain SQL, ims/database/plain.py)."""
         projects = sorted({p for _i, p in queued})
         if not projects:
             return {}
         # perf: one max() per project, which the (project, started_at) index answers with one seek; a
         # GROUP BY over the projects walks every task each one has kept (30 days of them), and this
         # runs in every admission pass, under the database's write lock
-        parts = [select(literal(project).label("project"),
-                        select(func.max(Task.started_at)).where(Task.project == project).scalar_subquery()
-                        .label("last"))
-                 for project in projects]
-        rows = session.execute(union_all(*parts) if len(parts) > 1 else parts[0]).all()
-        return {project: last for project, last in rows if last is not None}
+        one = "SELECT ?, (SELECT max(started_at) FROM task WHERE project = ?)"
+        rows = tx.rows(" UNION ALL ".join([one] * len(projects)), [x for p in projects for x in (p, p)])
+        return {str(project): tx.datetime(last) for project, last in rows if last is not None}
 
     def _alive(self, owners: set[str]) -> dict[str, bool]:
         raise NotImplementedError  # Tasks._alive (tasks.py)
@@ -103,7 +102,7 @@ class TaskRecords:
                                .where(Task.state.in_(("queued", "running")))).all()
         alive = self._alive({r.owner for r in rows})
         queued = [(r.id, r.project) for r in rows if r.state == "queued" and alive[r.owner]]
-        order = fair_order(queued, self._last_started(session, queued))
+        order = fair_order(queued, self._last_started(self.core.journal.plain.within(session), queued))
         return {task_id: pos for pos, task_id in enumerate(order, start=1)}
 
     def _record(self, task: Task, positions: dict[int, int], ops: dict[int, Operation]) -> dict[str, Any]:

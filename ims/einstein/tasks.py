@@ -33,7 +33,7 @@ import logging
 import threading
 import time
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import delete, select, update
 
@@ -44,7 +44,6 @@ from ims.common.errors import (
     ServiceUnavailable,
     to_wire,
 )
-from ims.database import exclusive
 from ims.database.models import Operation, Task
 from ims.database.plain import PlainTx
 from ims.einstein.journal import OPERATION_STARTED, current_owner, owner_alive
@@ -73,6 +72,17 @@ POLL_SECONDS = 0.05
 # only a safety net.
 BLOCKED_WAIT_SECONDS = 1.0
 NOT_STARTED = "the back-end stopped before it started; nothing was done"
+
+
+class _Admission(NamedTuple):
+    """A queued or running task, as an admission pass reads it."""
+
+    id: int
+    project: str
+    state: str
+    owner: str
+    gateway: str | None
+    cluster: str
 
 
 class Tasks(TaskRecords):
@@ -244,10 +254,11 @@ class Tasks(TaskRecords):
         max_gw, max_cl = self._limits()
         with self._admit_lock:
             to_start: list[int] = []
-            with self.core.session() as session:
-                exclusive(session, "bmi-task-admission")  # PostgreSQL: one admission at a time, like SQLite
-                rows = session.execute(select(Task.id, Task.project, Task.state, Task.owner, Task.gateway,
-                                              Task.cluster).where(Task.state.in_(("queued", "running")))).all()
+            # perf: plain SQL (ims/database/plain.py): every submit and admission pass runs this
+            with self.core.journal.connection() as tx:
+                tx.exclusive("bmi-task-admission")  # PostgreSQL: one admission at a time, like SQLite
+                rows = [_Admission(*r) for r in tx.rows("SELECT id, project, state, owner, gateway, cluster FROM task "
+                                                        "WHERE state IN ('queued', 'running')")]
                 alive = self._alive({r.owner for r in rows})
                 run_gw: dict[str, int] = {}
                 run_cl: dict[str, int] = {}
@@ -262,7 +273,7 @@ class Tasks(TaskRecords):
                     else:
                         queued.append((r.id, r.project))
                         info[r.id] = r
-                for task_id in fair_order(queued, self._last_started(session, queued)):
+                for task_id in fair_order(queued, self._last_started(tx, queued)):
                     r = info[task_id]
                     if (r.gateway and run_gw.get(r.gateway, 0) >= max_gw) or run_cl.get(r.cluster, 0) >= max_cl:
                         continue
@@ -273,8 +284,9 @@ class Tasks(TaskRecords):
                     if r.owner == self.owner and task_id in self._pending:
                         to_start.append(task_id)
                 if to_start:
-                    session.execute(update(Task).where(Task.id.in_(to_start), Task.state == "queued")
-                                    .values(state="running", started_at=datetime.now(UTC)))
+                    tx.run(f"UPDATE task SET state = 'running', started_at = ? WHERE id IN "
+                           f"({', '.join('?' * len(to_start))}) AND state = 'queued'",
+                           [tx.when(datetime.now(UTC)), *to_start])
             claimed = []
             with self._cond:
                 for task_id in to_start:

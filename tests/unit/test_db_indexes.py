@@ -20,6 +20,7 @@ from sqlalchemy.orm import sessionmaker
 
 from ims.database import make_engine
 from ims.database.models import Task
+from ims.database.plain import Plain
 from ims.einstein.task_records import TaskRecords
 from tests.unit.test_operations import ADMIN, UID, USER, Env
 
@@ -164,9 +165,9 @@ def test_the_fair_order_reads_each_projects_latest_start(db_url: str) -> None:
                                      ("b", None)):
                 session.add(Task(verb="provision", project=project, user="u", args="{}", owner="o:1:1",
                                  cluster="x", state="done" if started else "queued", started_at=started))
-        with sessionmaker(bind=engine).begin() as session:
-            last = TaskRecords._last_started(session, [(1, "a"), (2, "b"), (3, "new")])
-            one = TaskRecords._last_started(session, [(1, "b")])
+        with Plain(engine).transaction() as tx:
+            last = TaskRecords._last_started(tx, [(1, "a"), (2, "b"), (3, "new")])
+            one = TaskRecords._last_started(tx, [(1, "b")])
         assert {p: v.replace(tzinfo=v.tzinfo or UTC) for p, v in last.items()} == {"a": when[2], "b": when[1]}
         assert list(one) == ["b"]
     finally:

@@ -22,6 +22,7 @@ from ims.common.config import BMIConfig
 from ims.common.errors import AuthenticationFailed, BMIError, Forbidden, ImageNotFound, InvalidInput, ProjectNotFound
 from ims.database import make_engine, make_session_factory
 from ims.database.models import Image, Project
+from ims.database.plain import PlainTx
 from ims.einstein.boot import BootFiles
 from ims.einstein.iscsi.base import IscsiTarget
 from ims.einstein.journal import Journal, RecoveryContext
@@ -48,6 +49,10 @@ def _add_missing_columns(engine: Any) -> None:
         if column not in {c["name"] for c in inspect(engine).get_columns(table)}:
             with engine.begin() as conn:
                 conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {sqltype}"))
+
+
+def _no_project(name: str) -> ProjectNotFound:
+    return ProjectNotFound(f"project {name} is not registered in BMI (an admin can add it: bmi project create {name})")
 
 
 class Core:
@@ -119,9 +124,30 @@ class Core:
     def project(session: Session, name: str) -> Project:
         proj = session.scalars(select(Project).where(Project.name == name)).first()
         if proj is None:
-            raise ProjectNotFound(f"project {name} is not registered in BMI (an admin can add it: "
-                                  f"bmi project create {name})")
+            raise _no_project(name)
         return proj
+
+    def require_project(self, name: str) -> None:
+        """ProjectNotFound unless ``name`` is registered (one plain-SQL read: every submit asks)."""
+        with self.journal.connection() as tx:
+            self.project_id(tx, name)
+
+    # The same reads as project() and image() in a plain-SQL transaction (ims/database/plain.py), for
+    # the checks every provision makes: the same errors.
+    @staticmethod
+    def project_id(tx: PlainTx, name: str) -> int:
+        rows = tx.rows("SELECT id FROM project WHERE name = ?", (name,))
+        if not rows:
+            raise _no_project(name)
+        return int(rows[0][0])
+
+    @staticmethod
+    def image_of(tx: PlainTx, project_id: int, project: str, name: str) -> tuple[int, str]:
+        """``(id, kind)`` of image ``name`` of the project; ImageNotFound as :meth:`image` says it."""
+        rows = tx.rows("SELECT id, kind FROM image WHERE project_id = ? AND name = ?", (project_id, name))
+        if not rows:
+            raise ImageNotFound(f"image {name} not found in project {project}")
+        return int(rows[0][0]), str(rows[0][1])
 
     @staticmethod
     def find(session: Session, proj: Project, name: str) -> Image | None:
@@ -153,8 +179,7 @@ class Core:
             net.check_project_access(project)
             self._auth_cache[key] = now + float(self.cfg.net_isolator.auth_cache_seconds)
         if registered:
-            with self.session() as session:
-                self.project(session, project)
+            self.require_project(project)
         return net
 
     def admin(self, auth: Auth) -> Any:

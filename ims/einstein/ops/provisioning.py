@@ -152,17 +152,18 @@ class Provisioning:
             # concerns the node (its provision record, target, boot files, NIC) comes after the read
             # says the node is ours; if it is not, the clone and its row are rolled back, and the
             # read's error is the answer, as if it had come first (hil_first).
-            with core.session() as session:
-                proj = core.project(session, project)
-                if session.get(Provision, node) is not None:
+            # perf: one plain-SQL transaction (ims/database/plain.py) for the checks every provision makes
+            with core.journal.connection() as tx:
+                project_id = core.project_id(tx, project)
+                if tx.rows("SELECT node FROM provision WHERE node = ?", (node,)):
                     raise NodeAlreadyProvisioned(f"node {node} is already provisioned; deprovision it first")
-                parent = core.image(session, proj, img)
-                if parent.kind not in ("golden", "snapshot"):
+                parent_id, kind = core.image_of(tx, project_id, project, img)
+                if kind not in ("golden", "snapshot"):
                     raise WrongKind(f"{img} is a provisioned disk, not an image; snapshot it first")
-                if core.find(session, proj, node) is not None:
+                if tx.rows("SELECT id FROM image WHERE project_id = ? AND name = ?", (project_id, node)):
                     raise ImageExists(f"project {project} already has an image named {node}; a node's clone is "
                                       "named after the node")
-                project_id, parent_id, parent_ceph = proj.id, parent.id, core.ceph_name(parent.id)
+                parent_ceph = core.ceph_name(parent_id)
             args = {"project": project, "node": node, "image": img, "network": network, "nic": nic}
             with core.journal.operation("provision", args, RecoveryContext(net=net)) as tx:
                 # perf: the image row's own transaction also records the clone step (Tx.ahead)
@@ -236,7 +237,8 @@ class Provisioning:
                         steps.remove_target.run(tx, **core.target_params(clone, node))
                 tx.commit_point()
                 with core.bmi_names({clone: node}):
-                    steps.forward["removal"](args, tx.ctx)
+                    # the boot files and the target went in the steps above (a recovery's forward does all)
+                    steps.forward["removal"](args, tx.ctx, exported=False)
 
     def node_ip(self, auth: Auth, project: str, node: str) -> str:
         core = self.core

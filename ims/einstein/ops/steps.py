@@ -19,7 +19,6 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -32,7 +31,7 @@ from ims.common.errors import (
     TargetExists,
     TargetNotFound,
 )
-from ims.database.models import Image, Provision
+from ims.database.models import Provision
 from ims.einstein import flatten
 from ims.einstein.iscsi import chap
 from ims.einstein.journal import RecoveryContext, Tx
@@ -299,24 +298,24 @@ class DbStep(Step):
 
 
 class InsertImage(DbStep):
-    """An image row (and, for a provision, the provision record in the same transaction)."""
+    """An image row."""
 
     name, undo_name = "db.insert_image", "db.delete_image"
+    COLUMNS = ("name", "is_public", "is_snapshot", "project_id", "parent_id", "kind")
 
     def insert(self, session: Session, **params: Any) -> int:
-        prov = params.pop("provision", None)
-        row = Image(**params)
-        if row.kind in ("node", "disk") and self.core.cfg.iscsi.chap:
-            # Made here, in the row's own transaction, so it is never a journal parameter.
-            row.chap_secret = chap.new_secret()
-        session.add(row)
+        values = {"is_public": False, "is_snapshot": False, "parent_id": None, "kind": "golden", **params}
+        if set(values) != set(self.COLUMNS):
+            raise TypeError(f"an image row has the columns {', '.join(self.COLUMNS)}")
+        # Made here, in the row's own transaction, so it is never a journal parameter.
+        secret = chap.new_secret() if values["kind"] in ("node", "disk") and self.core.cfg.iscsi.chap else None
+        tx = self.core.journal.plain.within(session)  # perf: plain SQL in the step's own transaction
         try:
-            session.flush()
+            return tx.insert(f"INSERT INTO image ({', '.join(self.COLUMNS)}, chap_secret) VALUES "
+                             f"({', '.join('?' * (len(self.COLUMNS) + 1))}) RETURNING id",
+                             [*(values[c] for c in self.COLUMNS), secret])
         except IntegrityError:
             raise ImageExists(f"image {params['name']} already exists") from None
-        if prov is not None:
-            session.add(Provision(image_id=row.id, project_id=row.project_id, **prov))
-        return row.id
 
     def undo_params(self, result: Any) -> dict[str, Any]:
         return {"id": result}
@@ -326,13 +325,12 @@ class InsertImage(DbStep):
 
 
 def delete_image_row(core: Core, image_id: int) -> None:
-    with core.session() as session:
-        for prov in session.scalars(select(Provision).where(Provision.image_id == image_id)).all():
-            session.delete(prov)
-        session.flush()
-        img = session.get(Image, image_id)
-        if img is not None:
-            session.delete(img)
+    """Delete an image's row and the provision rows that use it; its children's ``parent_id`` become
+    NULL first (what the ORM's delete did, statement for statement; plain SQL, ims/database/plain.py)."""
+    with core.journal.connection() as tx:
+        tx.run("DELETE FROM provision WHERE image_id = ?", (image_id,))
+        tx.run("UPDATE image SET parent_id = NULL WHERE parent_id = ?", (image_id,))
+        tx.run("DELETE FROM image WHERE id = ?", (image_id,))
 
 
 class InsertProvision(DbStep):
@@ -399,10 +397,13 @@ class Steps:
                 return  # something is still cloned from it; flatten.collect removes it later
             remove_snapshot(core, src, snap)
 
-        def finish_removal(args: dict[str, Any], ctx: RecoveryContext) -> None:
-            if args.get("node"):
-                core.boot.remove(args["node"], args["mac"])
-            _quietly(lambda: core.iscsi.remove_target(args["image"]))
+        def finish_removal(args: dict[str, Any], ctx: RecoveryContext, exported: bool = True) -> None:
+            """``exported=False``: the operation's own steps removed the boot files and the target (under
+            its locks, so nothing made them again): only the storage and the rows are left."""
+            if exported:
+                if args.get("node"):
+                    core.boot.remove(args["node"], args["mac"])
+                _quietly(lambda: core.iscsi.remove_target(args["image"]))
             gone = purge(core, args["image"], ctx.described.pop(args["image"], None))
             delete_image_row(core, args["image_id"])
             if not gone:  # purge had to leave it (clones of its snapshots): they may be gone by now
