@@ -10,18 +10,34 @@ import threading
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Any
-
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from typing import Any, NamedTuple
 
 from ims.common import names
 from ims.common.errors import BMIError, InvalidInput, OperationNotFound
-from ims.database.models import Operation, Task
 from ims.database.plain import PlainTx
 from ims.einstein.ops.core import Auth, Core, user_of
 
 STATES = ("queued", "running", "done", "failed")
+# What a record shows of a task row ("user" quoted: a reserved word in PostgreSQL); the datetimes last.
+_TASK_COLUMNS = ('id, verb, project, args, "user", state, result, error, journal_ops, created_at, started_at, '
+                 "finished_at")
+
+
+class _TaskRow(NamedTuple):
+    id: int
+    verb: str
+    project: str
+    args: str
+    user: str
+    state: str
+    result: str | None
+    error: str | None
+    journal_ops: str | None
+    created_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
 # Roughly how many journal steps each verb records: progress while running (capped below 100).
 EXPECTED_STEPS = {"provision": 5, "deprovision": 5, "create_snapshot": 6, "import_image": 4, "copy_image": 4,
                   "move_image": 2, "export_image": 3, "remove_image": 3, "create_disk": 3, "delete_disk": 3,
@@ -97,20 +113,24 @@ class TaskRecords:
         raise NotImplementedError  # Tasks._alive (tasks.py)
 
     # --- records -----------------------------------------------------------------
-    def _positions(self, session: Session) -> dict[int, int]:
-        rows = session.execute(select(Task.id, Task.project, Task.state, Task.owner)
-                               .where(Task.state.in_(("queued", "running")))).all()
-        alive = self._alive({r.owner for r in rows})
-        queued = [(r.id, r.project) for r in rows if r.state == "queued" and alive[r.owner]]
-        order = fair_order(queued, self._last_started(self.core.journal.plain.within(session), queued))
+    # perf: records are read with plain SQL (ims/database/plain.py): every operation's answer reads one
+    def _positions(self, tx: PlainTx) -> dict[int, int]:
+        rows = tx.rows("SELECT id, project, state, owner FROM task WHERE state IN ('queued', 'running')")
+        alive = self._alive({owner for _i, _p, _s, owner in rows})
+        queued = [(task_id, project) for task_id, project, state, owner in rows if state == "queued" and alive[owner]]
+        order = fair_order(queued, self._last_started(tx, queued))
         return {task_id: pos for pos, task_id in enumerate(order, start=1)}
 
-    def _record(self, task: Task, positions: dict[int, int], ops: dict[int, Operation]) -> dict[str, Any]:
+    @staticmethod
+    def _tasks(tx: PlainTx, where: str, params: Iterable[Any], tail: str = "") -> list[_TaskRow]:
+        rows = tx.rows(f"SELECT {_TASK_COLUMNS} FROM task WHERE {where}{tail}", tuple(params))
+        return [_TaskRow(*r[:9], *(tx.datetime(v) for v in r[9:])) for r in rows]
+
+    def _record(self, task: _TaskRow, positions: dict[int, int], ops: dict[int, str]) -> dict[str, Any]:
         steps: list[dict[str, Any]] = []
         for op_id in json.loads(task.journal_ops or "[]"):
-            op = ops.get(op_id)
-            if op is not None:
-                steps.extend(json.loads(op.steps or "[]"))
+            if op_id in ops:
+                steps.extend(json.loads(ops[op_id] or "[]"))
         done = [s for s in steps if s.get("state") == "done"]
         if task.state == "done":
             progress = 100
@@ -127,17 +147,20 @@ class TaskRecords:
                 "created_at": _iso(task.created_at), "started_at": _iso(task.started_at),
                 "finished_at": _iso(task.finished_at)}
 
-    def _records_of(self, session: Session, tasks: list[Task]) -> list[dict[str, Any]]:
-        positions = self._positions(session) if any(t.state == "queued" for t in tasks) else {}
-        op_ids = {i for t in tasks for i in json.loads(t.journal_ops or "[]")}
-        ops = {op.id: op for op in session.scalars(select(Operation).where(Operation.id.in_(op_ids)))} \
+    def _records_of(self, tx: PlainTx, tasks: list[_TaskRow]) -> list[dict[str, Any]]:
+        positions = self._positions(tx) if any(t.state == "queued" for t in tasks) else {}
+        op_ids = sorted({int(i) for t in tasks for i in json.loads(t.journal_ops or "[]")})
+        ops = {int(op_id): steps for op_id, steps in tx.rows(
+            f"SELECT id, steps FROM operation WHERE id IN ({', '.join('?' * len(op_ids))})", op_ids)} \
             if op_ids else {}
         return [self._record(t, positions, ops) for t in tasks]
 
     def records(self, ids: list[int]) -> list[dict[str, Any]]:
-        with self.core.session() as session:
-            tasks = {t.id: t for t in session.scalars(select(Task).where(Task.id.in_(ids)))}
-            return self._records_of(session, [tasks[i] for i in ids if i in tasks])
+        if not ids:
+            return []
+        with self.core.journal.connection() as tx:
+            tasks = {t.id: t for t in self._tasks(tx, f"id IN ({', '.join('?' * len(ids))})", ids)}
+            return self._records_of(tx, [tasks[i] for i in ids if i in tasks])
 
     # --- reading (tenant-scoped) ---------------------------------------------------
     def _visible(self, auth: Auth, project: str, admin: list[bool | None]) -> bool:
@@ -171,10 +194,10 @@ class TaskRecords:
     def show(self, auth: Auth, op_id: Any) -> dict[str, Any]:
         task_id = self._op_id(op_id)
         user_of(auth)
-        with self.core.session() as session:  # one read: the record is only returned once visible
-            task = session.get(Task, task_id)
-            project = task.project if task is not None else None
-            record = self._records_of(session, [task])[0] if task is not None else None
+        with self.core.journal.connection() as tx:  # one read: the record is only returned once visible
+            found = self._tasks(tx, "id = ?", (task_id,))
+            project = found[0].project if found else None
+            record = self._records_of(tx, found)[0] if found else None
         if project is None or record is None:
             self.core.net(auth).authenticate()
             raise OperationNotFound(f"operation {task_id} not found")
@@ -186,20 +209,20 @@ class TaskRecords:
         if state is not None and state not in STATES:
             raise InvalidInput(f"invalid state {state!r}: use one of {', '.join(STATES)}")
         user_of(auth)
-        query = select(Task).order_by(Task.id.desc()).limit(MAX_LIST)
+        where, params = ["1 = 1"], []
         if state is not None:
-            query = query.where(Task.state == state)
+            where, params = [*where, "state = ?"], [*params, state]
         if project is not None:
             names.validate_name(project, "project")
-            query = query.where(Task.project == project)
-        with self.core.session() as session:
-            tasks = list(session.scalars(query))
+            where, params = [*where, "project = ?"], [*params, project]
+        with self.core.journal.connection() as tx:
+            tasks = self._tasks(tx, " AND ".join(where), [*params, MAX_LIST], " ORDER BY id DESC LIMIT ?")
         admin: list[bool | None] = [None]
         allowed = {p: self._visible(auth, p, admin) for p in sorted({t.project for t in tasks})}
         if not tasks:
             self.core.net(auth).authenticate()
-        with self.core.session() as session:
-            return self._records_of(session, [t for t in tasks if allowed[t.project]])
+        with self.core.journal.connection() as tx:
+            return self._records_of(tx, [t for t in tasks if allowed[t.project]])
 
     def wait(self, auth: Auth, op_id: Any, timeout: Any = 20.0) -> dict[str, Any]:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
@@ -250,6 +273,6 @@ class TaskRecords:
 
     def _state(self, task_id: int) -> tuple[str, str] | None:
         """``(state, project)`` of a task, None if there is none: one narrow read."""
-        with self.core.session() as session:
-            row = session.execute(select(Task.state, Task.project).where(Task.id == task_id)).first()
-        return (str(row[0]), str(row[1])) if row is not None else None
+        with self.core.journal.connection() as tx:
+            rows = tx.rows("SELECT state, project FROM task WHERE id = ?", (task_id,))
+        return (str(rows[0][0]), str(rows[0][1])) if rows else None

@@ -11,7 +11,7 @@ import contextlib
 from collections.abc import Iterator
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import select
 
@@ -111,21 +111,46 @@ def export_and_boot(core: Core, steps: Steps, tx: Tx, node: str, mac: str, label
     steps.write_boot.run(tx, **boot_params(core, node, mac, label, clone, owner))
 
 
-def provisioned(core: Core, project: str, node: str, kind: str) -> tuple[Provision, Image]:
-    with core.session() as session:
-        proj = core.project(session, project)
-        prov = session.get(Provision, node)
-        if prov is None or prov.project_id != proj.id:
+class Provisioned(NamedTuple):
+    """What a deprovision reads of a node's provision record."""
+
+    node: str
+    project_id: int
+    image_id: int
+    nic: str
+    mac: str
+    network: str | None
+    connected: bool | None
+
+
+class ProvisionedImage(NamedTuple):
+    """...and of the image it boots (``parent``: its parent's name, if it has one)."""
+
+    id: int
+    name: str
+    kind: str
+    parent: str | None
+
+
+def provisioned(core: Core, project: str, node: str, kind: str) -> tuple[Provisioned, ProvisionedImage]:
+    # perf: one plain-SQL transaction (ims/database/plain.py): every deprovision reads these
+    with core.journal.connection() as tx:
+        project_id = core.project_id(tx, project)
+        rows = tx.rows("SELECT node, project_id, image_id, nic, mac, network, connected FROM provision "
+                       "WHERE node = ?", (node,))
+        if not rows or rows[0][1] != project_id:
             raise NodeNotProvisioned(f"node {node} is not provisioned in project {project}")
-        row = session.get(Image, prov.image_id)
-        if row is None or row.kind != kind:
+        connected = rows[0][6]
+        prov = Provisioned(*rows[0][:6], None if connected is None else bool(connected))
+        images = tx.rows("SELECT i.id, i.name, i.kind, p.name FROM image i LEFT JOIN image p ON p.id = i.parent_id "
+                         "WHERE i.id = ?", (prov.image_id,))
+        if not images or images[0][2] != kind:
             other = "bmi dpro" if kind == "disk" else "the split API (deprovision by disk)"
             raise WrongKind(f"node {node} was provisioned another way; use {other}")
-        _ = row.parent  # load while the session is open
-        return prov, row
+        return prov, ProvisionedImage(*images[0])
 
 
-def check_recorded(prov: Provision, node: str, nic: str, network: str | None) -> None:
+def check_recorded(prov: Provisioned, node: str, nic: str, network: str | None) -> None:
     """409 unless the request names the network and NIC provision recorded (nothing has changed yet)."""
     if nic != prov.nic or (network is not None and prov.network is not None and network != prov.network):
         on = f"network {prov.network} and " if prov.network else ""
@@ -214,7 +239,7 @@ class Provisioning:
             check_recorded(prov, node, nic, network)
             network = prov.network or network
             clone = core.ceph_name(row.id)
-            parent_name = row.parent.name if row.parent else node
+            parent_name = row.parent or node
             # perf: no HIL read first when provision connected the NIC: the detach is sent directly and
             # an answer "not attached" (someone detached it by hand; HIL took the node back) means
             # nothing to detach (hil_steps.Detach).  A row older than that record (connected None)
