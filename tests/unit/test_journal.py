@@ -231,3 +231,42 @@ def test_recovery_under_the_lock_uses_the_context_factory(env) -> None:
     journal.context_factory = factory
     provision(journal, files, "node1", "new")
     assert len(made) == 1 and seen == ["hil-client"]
+
+
+def test_steps_recorded_ahead_are_in_the_journal_before_they_run_and_undone_if_they_did_not(env) -> None:
+    """Tx.ahead: one journal write records the next steps (in the order they run) before any of them
+    runs, each step's own run writes nothing more first, and a failure rolls back every recorded step —
+    the ones that never ran too (their undos are idempotent)."""
+    journal, _, files = env
+    undone: list[str] = []
+    journal.register_undo("test.unlink", lambda p, _ctx: (undone.append(p["name"]),
+                                                          (files / p["name"]).unlink(missing_ok=True)))
+    seen: dict[str, list[str]] = {}
+    saves: list[int] = []
+
+    def journal_steps() -> list[str]:
+        with journal.session() as s:
+            op = s.scalars(select(Operation).order_by(Operation.id.desc())).first()
+            return [f"{e['name']}:{e['state']}" for e in json.loads(op.steps)]
+
+    def hook(name: str, phase: str) -> None:
+        if phase == "before":
+            seen[name] = journal_steps()
+        if (name, phase) == ("b", "before"):
+            raise StorageError("b failed")
+
+    journal.fault_hook = hook
+    with pytest.raises(StorageError), journal.operation("provision", {"node": "n1"}) as tx:
+        real_save = tx._save
+        tx._save = lambda conn, **kw: (saves.append(1), real_save(conn, **kw))[1]  # type: ignore[method-assign]
+        tx.ahead("a", ("test.unlink", {"name": "a"}))
+        tx.ahead("b", ("test.unlink", {"name": "b"}))
+        tx.db_step("db", lambda _s: 7, lambda _r: None)  # its own transaction writes the two records
+        assert len(saves) == 1
+        tx.step("a", lambda: (files / "a").write_text("x"), undo=("test.unlink", {"name": "a"}))
+        assert len(saves) == 1  # no write of its own: recorded ahead
+        tx.step("b", lambda: (files / "b").write_text("x"), undo=("test.unlink", {"name": "b"}))
+    assert seen["a"] == ["db:done", "a:started", "b:started"]  # in the order they run, before either ran
+    assert seen["b"] == ["db:done", "a:started", "b:started"]  # a's done mark waits for the next write
+    assert undone == ["b", "a"] and not (files / "a").exists() and not (files / "b").exists()
+    assert rows(journal)[-1][1] == "rolled_back"
