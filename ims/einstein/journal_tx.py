@@ -110,7 +110,7 @@ class Tx:
             entry = {"name": name, "undo": spec, "state": "started"}
             self._append(entry)
         if self._index(entry) >= self._written:
-            with self.journal.connection() as conn:  # perf: a bare connection (a Core UPDATE only)
+            with self.journal.connection() as conn:  # perf: plain SQL (ims/database/plain.py)
                 self._save(conn)
         self.journal.fault(name, "before")
         result = do()
