@@ -142,12 +142,18 @@ class Core:
         return int(rows[0][0])
 
     @staticmethod
-    def image_of(tx: PlainTx, project_id: int, project: str, name: str) -> tuple[int, str]:
-        """``(id, kind)`` of image ``name`` of the project; ImageNotFound as :meth:`image` says it."""
+    def image_row(tx: PlainTx, project_id: int, name: str) -> tuple[int, str] | None:
+        """``(id, kind)`` of image ``name`` of the project, None if it has none (as :meth:`find`)."""
         rows = tx.rows("SELECT id, kind FROM image WHERE project_id = ? AND name = ?", (project_id, name))
-        if not rows:
+        return (int(rows[0][0]), str(rows[0][1])) if rows else None
+
+    @classmethod
+    def image_of(cls, tx: PlainTx, project_id: int, project: str, name: str) -> tuple[int, str]:
+        """``(id, kind)`` of image ``name`` of the project; ImageNotFound as :meth:`image` says it."""
+        row = cls.image_row(tx, project_id, name)
+        if row is None:
             raise ImageNotFound(f"image {name} not found in project {project}")
-        return int(rows[0][0]), str(rows[0][1])
+        return row
 
     @staticmethod
     def find(session: Session, proj: Project, name: str) -> Image | None:

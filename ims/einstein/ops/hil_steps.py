@@ -34,6 +34,10 @@ class _HilStep(Step):
         raise NotImplementedError
 
 
+    def ahead(self, tx: Tx, /, **params: Any) -> None:
+        params.pop("net", None)  # as run() and start(): the client is never a journal parameter
+        super().ahead(tx, **params)
+
     def start(self, tx: Tx, /, **params: Any) -> Future[Any]:
         """:meth:`Step.start` for a HIL call (HIL round trips are independent of the storage,
         iSCSI and boot-file work they overlap)."""

@@ -185,7 +185,7 @@ class Provisioning:
                 parent_id, kind = core.image_of(tx, project_id, project, img)
                 if kind not in ("golden", "snapshot"):
                     raise WrongKind(f"{img} is a provisioned disk, not an image; snapshot it first")
-                if tx.rows("SELECT id FROM image WHERE project_id = ? AND name = ?", (project_id, node)):
+                if core.image_row(tx, project_id, node) is not None:
                     raise ImageExists(f"project {project} already has an image named {node}; a node's clone is "
                                       "named after the node")
                 parent_ceph = core.ceph_name(parent_id)

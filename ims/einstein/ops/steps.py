@@ -70,7 +70,6 @@ class Step:
     def ahead(self, tx: Tx, /, **params: Any) -> None:
         """Record this step (the same record :meth:`run` / :meth:`start` with ``params`` writes) with the
         operation's next journal write (:meth:`Tx.ahead`); its run then writes nothing first."""
-        params = {k: v for k, v in params.items() if k != "net"}  # a HIL client is never a parameter
         tx.ahead(self.name, (self.undo_name, params) if self.undo_name else None)
 
     def start(self, tx: Tx, /, **params: Any) -> Future[Any]:
