@@ -16,6 +16,7 @@ a small box). Needs root.
 
     .venv/bin/python benchmarks/boot_time.py --image debian [--runs N] [--modes tftp,tftp-ipxe,http]
                                              [--pxelinux-timeout T] [--memory MB] [--console-dir DIR]
+                                             [--nic e1000|virtio] [--local-disk ide|virtio]
 
 ``--image debian`` boots a real distribution instead: Debian 12 (systemd, open-iscsi's initramfs with
 ISCSI_AUTO logging in from the iBFT, root filesystem on the LUN; ``scripts/build-debian-image``,
@@ -31,7 +32,10 @@ so load from elsewhere on a shared box hits them alike; medians and minima are p
 split into phases read off the console (first line of the disk's syslinux, kernel start = marker
 time - guest uptime, the initramfs' iSCSI login, up); ``--console-dir`` keeps every console with its
 lines stamped. ``--pxelinux-timeout 30`` renders the original 3 s PXELINUX wait, to measure what it
-cost. ``--debian-image`` and ``--linger-until`` are for debugging with an instrumented copy.
+cost. ``--nic`` picks the node's NIC (e1000, the default, or virtio-net; each with qemu's iPXE ROM) and
+``--local-disk`` the local disk's controller for (a) (IDE, the default, or virtio-blk): under TCG an
+emulated device's cost per request is part of what is measured, so compare like with like.
+``--debian-image`` and ``--linger-until`` are for debugging with an instrumented copy.
 """
 from __future__ import annotations
 
@@ -64,14 +68,20 @@ HTTP_BOOT_PORT = 8089
 # sending iPXE ROMs straight to by-mac/<mac>.ipxe (scripts/bootnet BOOTNET_IPXE_DIRECT=1), HTTP mode.
 DEBIAN_MODES = ("tftp", "tftp-ipxe", "http")
 
+# --nic: the node's NIC, in every mode (the local VM has the same one, unused). qemu gives each its
+# iPXE ROM (pxe-e1000.rom, efi-virtio.rom), so the boot path is the same either way. Under TCG the
+# emulated e1000 costs guest and host CPU per packet (register accesses, one frame per 1500 bytes),
+# virtio-net per batch with segmentation offloads; docs/performance.md "Boot time" compares both.
+NIC_MODELS = {"e1000": "e1000", "virtio": "virtio-net-pci"}
+
 NODE_MACS = {"bios": "52:54:00:be:0c:01", "uefi": "52:54:00:be:0c:11"}
 LOCAL_MACS = {"bios": "52:54:00:be:0c:02", "uefi": "52:54:00:be:0c:12"}
 
 
-def _local_disk_args(image: str, firmware: str) -> list[str]:
-    """The image as the VM's local disk, never written (snapshot=on)."""
+def _local_disk_args(image: str, firmware: str, disk: str = "ide") -> list[str]:
+    """The image as the VM's local disk, never written (snapshot=on): IDE, or virtio-blk."""
     path = image.replace(",", ",,")
-    if firmware == "bios":
+    if firmware == "bios" and disk == "ide":
         return ["-drive", f"file={path},format=raw,if=ide,snapshot=on"]  # SeaBIOS boots it by -boot order=c
     # OVMF ignores -boot order: the disk gets bootindex (on its device, so no if=ide shortcut).
     return ["-drive", f"file={path},format=raw,if=none,id=disk0,snapshot=on",
@@ -232,9 +242,10 @@ class _DebianBed:
         node = f"debian-{mode}"
         common = {"netns": net.netns, "bridge": net.bridge, "boot_timeout": args.timeout, "firmware": "bios",
                   "console_log": os.path.join(work, f"{node}-console.log"), "memory_mb": args.memory,
-                  "workdir": os.path.join(work, f"vm-{node}")}
+                  "workdir": os.path.join(work, f"vm-{node}"), "nic_model": NIC_MODELS[args.nic]}
         if mode == "local":
-            self.vm = QemuNode(node, mac, boot_order="c", qemu_args=_local_disk_args(image, "bios"), **common)
+            self.vm = QemuNode(node, mac, boot_order="c", qemu_args=_local_disk_args(image, "bios", args.local_disk),
+                               **common)
             return
         self.tgtd = BootTgtd(net.netns, net.ip, work)
         initiator = f"iqn.2017-10.org.moc.bmi.node:{node}"
@@ -305,7 +316,8 @@ def run_debian(args: argparse.Namespace) -> int:
     med = {k: statistics.median(v) for k, v in results.items()}
     low = {k: min(v) for k, v in results.items()}
     print(f"\nDebian 12, BIOS: seconds to BMI-DEBIAN-UP over {args.runs} run(s) each, modes interleaved "
-          f"(pxelinux_timeout {args.pxelinux_timeout}, {args.memory or 'default'} MiB)")
+          f"(pxelinux_timeout {args.pxelinux_timeout}, {args.memory or 'default'} MiB, NIC {args.nic}, "
+          f"local disk {args.local_disk})")
     # Medians and minima: on a shared box under TCG the minimum is the least disturbed boot.
     print(f"{'':40}{'median':>10}{'min':>10}{'ratio med':>11}{'ratio min':>11}")
     print(f"{'(a) local disk':40}{med['local']:10.2f}{low['local']:10.2f}")
@@ -345,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
                              "matches this regex (e.g. an analysis a debug image prints), then power it off")
     parser.add_argument("--console-dir", default=None,
                         help="--image debian: write each boot's console, lines stamped with seconds since qemu's start")
+    parser.add_argument("--nic", choices=sorted(NIC_MODELS), default="e1000",
+                        help="--image debian: the node's NIC model (default e1000)")
+    parser.add_argument("--local-disk", choices=("ide", "virtio"), default="ide",
+                        help="--image debian: the local disk's controller for (a) (default ide)")
     parser.add_argument("--memory", type=int, default=None, help="guest MiB (default: $BMI_VM_MEMORY or 1024)")
     args = parser.parse_args(argv)
     if args.image == "debian":
