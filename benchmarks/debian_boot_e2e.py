@@ -19,7 +19,7 @@ import time
 from ims.common.process import execute
 from tests.support.stack import Stack, running_stack
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is one level down
 DEBIAN_IMAGE = os.path.join(REPO, "build", "debian12.img")
 BOOT_TIMEOUT = 300
 
