@@ -35,6 +35,7 @@ for the provision/deprovision rows and the batch alone, ~3 min), BENCH_SCHEDULER
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -63,6 +64,7 @@ from ims.einstein.iscsi.tgt import WRITE_CACHE_OFF  # noqa: E402
 from ims.einstein.iscsi.tgt_conf import LUN_LBPPBE, NO_ADDRESS  # noqa: E402
 from ims.einstein.iscsi.tgt_ipc import TgtIpc  # noqa: E402
 from ims.einstein.operations import Operations  # noqa: E402
+from tests.support.procs import sigterm_unwinds  # noqa: E402
 
 GiB = 1 << 30
 CHUNK = 64 << 20
@@ -222,6 +224,9 @@ def fitting_sizes(sizes: list[float], d: Path) -> tuple[list[float], str]:
 
 
 def main() -> int:
+    # No options: the environment variables above. --help prints this module's text.
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    sigterm_unwinds()  # a SIGTERM (timeout, a cancelled job) still brings the stack down
     runs = int(os.environ.get("BENCH_RUNS", "20"))
     parts = tuple(os.environ.get("BENCH_PARTS", " ".join(ALL_PARTS)).split())
     d = Path(os.environ.get("BENCH_STACK_DIR", str(REPO / "run" / "bench")))

@@ -60,6 +60,7 @@ from ims.einstein.boot import BootFiles
 from ims.einstein.iscsi.tgt import WRITE_CACHE_OFF
 from ims.einstein.iscsi.tgt_conf import LUN_LBPPBE
 from tests.support.bootnet import BootNet, BootTgtd, build_test_image
+from tests.support.procs import sigterm_unwinds
 
 DEBIAN_IMAGE = os.path.join(REPO, "build", "debian12.img")
 DEBIAN_MARKER = r"BMI-DEBIAN-UP "
@@ -363,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="--image debian: the local disk's controller for (a) (default ide)")
     parser.add_argument("--memory", type=int, default=None, help="guest MiB (default: $BMI_VM_MEMORY or 1024)")
     args = parser.parse_args(argv)
+    sigterm_unwinds()  # a SIGTERM (timeout, a cancelled job) still runs the teardown
     if args.image == "debian":
         if any(m not in DEBIAN_MODES for m in args.modes.split(",")):
             parser.error(f"--modes: a comma-separated subset of {', '.join(DEBIAN_MODES)}")

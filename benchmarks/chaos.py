@@ -64,6 +64,7 @@ from ims.common.errors import CommandFailed  # noqa: E402
 from ims.common.process import execute  # noqa: E402
 from ims.einstein.journal import owner_alive
 from tests.support import iscsi_rw  # noqa: E402
+from tests.support.procs import sigterm_unwinds  # noqa: E402
 
 STACK = REPO / "scripts" / "bmi-stack"
 TGTD_DEV = REPO / "scripts" / "tgtd-dev"
@@ -1100,10 +1101,6 @@ def run(minutes: float, seed: int, clients: int = 4, nodes: int = 8, workers: in
     return result
 
 
-def _sigterm(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, required=True, help="how long the clients and faults run")
@@ -1112,7 +1109,7 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
-    signal.signal(signal.SIGTERM, _sigterm)  # so the stack is still brought down
+    sigterm_unwinds()  # so the stack is still brought down
     result = run(args.minutes, args.seed, args.clients, args.nodes, args.workers,
                  emit=lambda line: print(line, flush=True))
     return 0 if not result.violations and result.fault_count > 0 else 1

@@ -41,6 +41,7 @@ from ims.einstein.iscsi.tgt import TgtTarget  # noqa: E402
 from ims.einstein.storage.base import Backing  # noqa: E402
 from tests.support.ceph import CephCluster, start_cluster, stop_cluster  # noqa: E402
 from tests.support.iscsi_rw import _Session, parse_address  # noqa: E402
+from tests.support.procs import sigterm_unwinds  # noqa: E402
 from tests.support.tgt import TgtdInstance, start_tgtd, stop_tgtd  # noqa: E402
 
 MiB = 1024 * 1024
@@ -362,6 +363,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=20, help="writes per lock/latency probe")
     args = parser.parse_args()
+    sigterm_unwinds()  # a SIGTERM (timeout, a cancelled job) still runs the teardown
     base = tempfile.mkdtemp(prefix="bmi-mpath-probe-")
     cluster = start_cluster(base)
     started: list[TgtdInstance] = []

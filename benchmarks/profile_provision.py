@@ -17,6 +17,7 @@ keeps only samples of threads holding the GIL, i.e. the Python CPU itself.
 """
 from __future__ import annotations
 
+import argparse
 import collections
 import os
 import signal
@@ -30,6 +31,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import bench  # noqa: E402
 
+from tests.support.procs import sigterm_unwinds  # noqa: E402
+
 
 def einstein_pids() -> list[int]:
     out = subprocess.run(["pgrep", "-f", f"{REPO}/scripts/einstein_server"], capture_output=True, text=True)
@@ -37,7 +40,10 @@ def einstein_pids() -> list[int]:
 
 
 def main() -> int:
-    runs = int(sys.argv[1]) if len(sys.argv) > 1 else 30
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="?", type=int, default=30, help="provision/deprovision pairs (default 30)")
+    runs = parser.parse_args().runs
+    sigterm_unwinds()  # a SIGTERM still brings the stack down
     d = Path(os.environ.get("PROFILE_DIR", str(REPO / "run" / "profile")))
     env = bench.start_stack(d, 1)
     try:

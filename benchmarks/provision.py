@@ -25,6 +25,7 @@ from ims.common import config  # noqa: E402
 from ims.einstein.operations import Operations  # noqa: E402
 from tests.support.ceph import start_cluster, stop_cluster  # noqa: E402
 from tests.support.hil import example_inventory, start_hil_simulator  # noqa: E402
+from tests.support.procs import sigterm_unwinds  # noqa: E402
 from tests.support.tgt import start_tgtd, stop_tgtd  # noqa: E402
 
 USER = {"username": "haas", "password": "secret"}
@@ -40,6 +41,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--size-mib", type=int, default=1024, help="golden image size (sparse)")
     args = parser.parse_args()
+    sigterm_unwinds()  # a SIGTERM (timeout, a cancelled job) still runs the teardown
     base = tempfile.mkdtemp(prefix="bmi-bench-")
     cluster = start_cluster(base)
     tgtd = start_tgtd(os.path.join(base, "tgtd"))

@@ -48,6 +48,7 @@ from ims.database.models import Host, Provision  # noqa: E402
 from tests.support.ceph import purge_images, start_cluster, stop_cluster  # noqa: E402
 from tests.support.hil import start_hil_simulator  # noqa: E402
 from tests.support.multihost import NET, NIC, PROJECT, UID, Cluster, inventory  # noqa: E402
+from tests.support.procs import sigterm_unwinds  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 IN_STACK = "BMI_SCALE_STACK_DIR"  # set when this process runs inside a --netns stack's namespace
@@ -257,6 +258,7 @@ def main() -> int:
     parser.add_argument("--netns", action="store_true",
                         help="hosts in network namespaces with PostgreSQL: scripts/bmi-stack up --hosts H")
     args = parser.parse_args()
+    sigterm_unwinds()  # a SIGTERM (timeout, a cancelled job) still runs the teardown
     if args.hosts < 1 or args.nodes < 1 or (args.kill_host and args.hosts < 2):
         parser.error("--hosts >= 1 (>= 2 with --kill-host) and --nodes >= 1")
     if args.netns and args.hosts < 2:

@@ -33,6 +33,7 @@ from ims.einstein import flatten  # noqa: E402
 from ims.einstein.operations import Operations  # noqa: E402
 from tests.support.ceph import start_cluster, stop_cluster  # noqa: E402
 from tests.support.hil import example_inventory, start_hil_simulator  # noqa: E402
+from tests.support.procs import sigterm_unwinds  # noqa: E402
 from tests.support.tgt import start_tgtd, stop_tgtd  # noqa: E402
 
 USER = {"username": "haas", "password": "secret"}
@@ -88,6 +89,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5, help="samples of BMI's (background) path")
     parser.add_argument("--sync-runs", type=int, default=3, help="samples of the synchronous flatten")
     args = parser.parse_args()
+    sigterm_unwinds()  # a SIGTERM (timeout, a cancelled job) still runs the teardown
     base = tempfile.mkdtemp(prefix="bmi-bench-snap-")
     with mock.patch.dict(os.environ, {"CEPH_OBJECTSTORE": "bluestore"}):
         cluster = start_cluster(base)

@@ -1,6 +1,8 @@
-"""Small helpers the tests that start real daemons share: free local ports and a process's children."""
+"""Small helpers the tests that start real daemons share: free local ports, a process's children, and
+SIGTERM handled like Ctrl-C (for the benchmarks that start stacks)."""
 from __future__ import annotations
 
+import signal
 import socket
 from pathlib import Path
 from typing import Any
@@ -59,3 +61,17 @@ def load_script(filename: str, as_name: str) -> Any:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def sigterm_unwinds() -> None:
+    """Make SIGTERM raise KeyboardInterrupt in the main thread, as Ctrl-C does.
+
+    Python's default SIGTERM ends the process without running ``finally`` blocks. A benchmark
+    stopped by ``timeout`` or a cancelled CI job would then leave Ceph, tgtd, Einstein or VMs running
+    (and their ports and namespaces taken). With this, its teardown runs.
+    """
+    signal.signal(signal.SIGTERM, _interrupt)
