@@ -262,8 +262,9 @@ class Provisioning:
                         steps.remove_target.run(tx, **core.target_params(clone, node))
                 tx.commit_point()
                 with core.bmi_names({clone: node}):
-                    # the boot files and the target went in the steps above (a recovery's forward does all)
-                    steps.forward["removal"](args, tx.ctx, exported=False)
+                    # the boot files and the target went in the steps above (a recovery's forward,
+                    # "removal", does all)
+                    steps.forward["storage_removal"](args, tx.ctx)
 
     def node_ip(self, auth: Auth, project: str, node: str) -> str:
         core = self.core

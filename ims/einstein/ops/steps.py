@@ -396,13 +396,16 @@ class Steps:
                 return  # something is still cloned from it; flatten.collect removes it later
             remove_snapshot(core, src, snap)
 
-        def finish_removal(args: dict[str, Any], ctx: RecoveryContext, exported: bool = True) -> None:
-            """``exported=False``: the operation's own steps removed the boot files and the target (under
-            its locks, so nothing made them again): only the storage and the rows are left."""
-            if exported:
-                if args.get("node"):
-                    core.boot.remove(args["node"], args["mac"])
-                _quietly(lambda: core.iscsi.remove_target(args["image"]))
+        def finish_removal(args: dict[str, Any], ctx: RecoveryContext) -> None:
+            """A recovery's forward: the boot files, the target, then the storage and the rows."""
+            if args.get("node"):
+                core.boot.remove(args["node"], args["mac"])
+            _quietly(lambda: core.iscsi.remove_target(args["image"]))
+            finish_storage_removal(args, ctx)
+
+        def finish_storage_removal(args: dict[str, Any], ctx: RecoveryContext) -> None:
+            """The storage and the rows: all a live deprovision has left after its commit point (its own
+            steps removed the boot files and the target under its locks, so nothing made them again)."""
             gone = purge(core, args["image"], ctx.described.pop(args["image"], None))
             delete_image_row(core, args["image_id"])
             if not gone:  # purge had to leave it (clones of its snapshots): they may be gone by now
@@ -417,4 +420,4 @@ class Steps:
                          "delete_disk": finish_removal, "deprovision_disk": finish_unprovision}.items():
             j.register_forward(kind, fn)
         self.forward = {"source_snapshot": finish_source_snapshot, "removal": finish_removal,
-                        "unprovision": finish_unprovision}
+                        "storage_removal": finish_storage_removal, "unprovision": finish_unprovision}
