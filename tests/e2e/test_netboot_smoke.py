@@ -39,18 +39,27 @@ def _boot_and_expect(vm: QemuNode, shots: str, expect: list[str]) -> list[str]:
     return lines
 
 
+def _node_on_bootnet(test_image: str, bootnet: BootNet, boot_tgtd: BootTgtd, tmp_path, *, node: str, mac: str,
+                     tid: int, target: str, host: int, **vm_extra: str) -> tuple[QemuNode, str]:
+    """A copy of the test image exported as ``target`` (LUN 1 of ``tid``) for ``node``'s initiator name,
+    ``node``'s fixed address and boot files, and its diskless BIOS VM; returns (VM, the copy's path)."""
+    initiator = f"iqn.2017-10.org.moc.bmi.node:{node}"
+    disk = str(tmp_path / f"{node}-disk.img")
+    shutil.copyfile(test_image, disk)
+    boot_tgtd.add_target(tid, target, disk, initiator)
+    bootnet.fixed_address(mac, node, host)
+    bootnet.write_boot_files(node, mac, target, initiator)
+    vm = QemuNode(node, mac, netns=bootnet.netns, bridge=bootnet.bridge,
+                  console_log=str(tmp_path / "console.log"), workdir=str(tmp_path / "vm"),
+                  boot_timeout=BOOT_TIMEOUT, firmware="bios", **vm_extra)
+    return vm, disk
+
+
 def test_pxe_ipxe_iscsi_boot_and_marker_persists(test_image: str, bootnet: BootNet, boot_tgtd: BootTgtd,
                                                   tmp_path) -> None:
-    disk = str(tmp_path / "node1-disk.img")
-    shutil.copyfile(test_image, disk)
-    boot_tgtd.add_target(1, TARGET, disk, INITIATOR)
+    vm, disk = _node_on_bootnet(test_image, bootnet, boot_tgtd, tmp_path, node=NODE, mac=MAC, tid=1,
+                                target=TARGET, host=10)
     assert TARGET in boot_tgtd.show()
-    bootnet.fixed_address(MAC, NODE, 10)
-    bootnet.write_boot_files(NODE, MAC, TARGET, INITIATOR)
-
-    vm = QemuNode(NODE, MAC, netns=bootnet.netns, bridge=bootnet.bridge,
-                  console_log=str(tmp_path / "console.log"), workdir=str(tmp_path / "vm"),
-                  boot_timeout=BOOT_TIMEOUT, firmware="bios")
     try:
         first = _boot_and_expect(vm, str(tmp_path), [
             r"BMI-BOOT-OK ", r"BMI-PREVIOUS-MARKER ", r"BMI-MARKER-WRITTEN "])
@@ -87,17 +96,11 @@ def test_bios_node_with_virtio_nic_boots_over_iscsi(test_image: str, bootnet: Bo
     """A BIOS node whose NIC is virtio-net (qemu's efi-virtio.rom iPXE, not the e1000's) takes the same
     chain: benchmarks/boot_time.py --nic virtio relies on it, and the image's initramfs must then
     find the iBFT's NIC through virtio_net."""
-    mac = "52:54:00:b0:07:02"
     node, target = "node2", "iqn.2017-10.org.moc.bmi:smoke-node2"
     initiator = f"iqn.2017-10.org.moc.bmi.node:{node}"
-    disk = str(tmp_path / "node2-disk.img")
-    shutil.copyfile(test_image, disk)
-    boot_tgtd.add_target(2, target, disk, initiator)
-    bootnet.fixed_address(mac, node, 12)  # 11: test_multipath_boot
-    bootnet.write_boot_files(node, mac, target, initiator)
-    vm = QemuNode(node, mac, netns=bootnet.netns, bridge=bootnet.bridge,
-                  console_log=str(tmp_path / "console.log"), workdir=str(tmp_path / "vm"),
-                  boot_timeout=BOOT_TIMEOUT, firmware="bios", nic_model="virtio-net-pci")
+    vm, disk = _node_on_bootnet(test_image, bootnet, boot_tgtd, tmp_path, node=node, mac="52:54:00:b0:07:02",
+                                tid=2, target=target, host=12,  # host 11: test_multipath_boot's node
+                                nic_model="virtio-net-pci")
     try:
         assert "virtio-net-pci,netdev=n0" in " ".join(vm._qemu_argv())
         lines = _boot_and_expect(vm, str(tmp_path), [r"BMI-BOOT-OK ", r"BMI-MARKER-WRITTEN "])

@@ -33,7 +33,6 @@ class _HilStep(Step):
     def execute(self, net: Any, **params: Any) -> Any:  # type: ignore[override]
         raise NotImplementedError
 
-
     def ahead(self, tx: Tx, /, **params: Any) -> None:
         params.pop("net", None)  # as run() and start(): the client is never a journal parameter
         super().ahead(tx, **params)
